@@ -1,0 +1,52 @@
+"""``python -m efficientdet.convert tf INPUT -c C -o OUT.pth [--num_classes N]``.
+
+INPUT is an ``.npz`` of official variable name → array, or an official checkpoint directory when
+TensorFlow is installed. OUT.pth is a plain state_dict that ``EfficientDetBackbone(num_classes=N,
+compound_coef=C)`` loads strictly with ``torch.load(OUT, weights_only=True)``.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import List, Optional
+
+from ..checkpoint import atomic_save
+from ..errors import UserError, run_cli
+from .tf import ConversionError, read_tf_input, tf_to_state_dict
+
+
+def _cmd_tf(args: argparse.Namespace) -> int:
+    try:
+        sd = tf_to_state_dict(read_tf_input(args.input), args.compound_coef, args.num_classes)
+    except ConversionError as e:
+        raise UserError(f'{args.input}: {e}') from None
+    atomic_save(sd, args.output)
+    n = sum(v.numel() for k, v in sd.items() if not k.endswith(('running_mean', 'running_var', 'num_batches_tracked')))
+    print(f'wrote {args.output}: efficientdet-d{args.compound_coef}, {len(sd)} tensors, {n:,} parameters')
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='python -m efficientdet.convert', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest='cmd', required=True)
+    p = sub.add_parser('tf', help='official TensorFlow variables (.npz or checkpoint dir) → .pth')
+    p.add_argument('input')
+    p.add_argument('-c', '--compound_coef', type=int, required=True, help='0-8 (7 = D7, 8 = D7x)')
+    p.add_argument('-o', '--output', required=True)
+    p.add_argument('--num_classes', type=int, default=None, help='expected class count (checked)')
+    p.set_defaults(func=_cmd_tf)
+    try:
+        from . import effdet as _effdet  # noqa: F401  (registers the effdet/inspect commands)
+        _effdet.register(sub)
+    except ImportError:
+        pass
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == '__main__':
+    run_cli(main)
