@@ -1,6 +1,10 @@
-"""``python -m efficientdet.convert tf INPUT -c C -o OUT.pth [--num_classes N]``.
+"""Convert or inspect EfficientDet weights.
 
-INPUT is an ``.npz`` of official variable name → array, or an official checkpoint directory when
+  python -m efficientdet.convert tf INPUT -c C -o OUT.pth [--num_classes N]
+  python -m efficientdet.convert effdet IN.pth -c C -o OUT.pth
+  python -m efficientdet.convert inspect FILE
+
+For ``tf``, INPUT is an ``.npz`` of official variable name → array, or an official checkpoint directory when
 TensorFlow is installed. OUT.pth is a plain state_dict that ``EfficientDetBackbone(num_classes=N,
 compound_coef=C)`` loads strictly with ``torch.load(OUT, weights_only=True)``.
 """
@@ -11,6 +15,7 @@ from typing import List, Optional
 
 from ..checkpoint import atomic_save
 from ..errors import UserError, run_cli
+from . import effdet
 from .tf import ConversionError, read_tf_input, tf_to_state_dict
 
 
@@ -35,11 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('-o', '--output', required=True)
     p.add_argument('--num_classes', type=int, default=None, help='expected class count (checked)')
     p.set_defaults(func=_cmd_tf)
-    try:
-        from . import effdet as _effdet  # noqa: F401  (registers the effdet/inspect commands)
-        _effdet.register(sub)
-    except ImportError:
-        pass
+    effdet.register(sub)  # the effdet and inspect commands
     return parser
 
 

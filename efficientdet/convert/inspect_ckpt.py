@@ -1,0 +1,107 @@
+"""``python -m efficientdet.convert inspect FILE``: what a checkpoint is.
+
+Reports origin (this project / Yet-Another-EfficientDet-Pytorch / effdet / official TF names),
+compound coefficient (or the candidates: D6 and D7 have identical shapes), class count, parameter
+count, whether it is a full training checkpoint (epoch, step), and how to load or convert it.
+Reads with ``weights_only=True`` (``.npz`` without pickles): inspecting never runs code.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any, Dict, List
+
+from ..checkpoint import (Checkpoint, describe_coef, infer_num_classes, num_parameters, read_checkpoint,
+                          yet_another_fusion_keys)
+from ..config import get_config
+
+
+def _origin(ck: Checkpoint) -> str:
+    if ck.layout == 'ours':
+        cands = ck.candidates
+        fusion = {k: s for c in cands if get_config(c).fusion == 'sum'
+                  for k, s in yet_another_fusion_keys(c).items() if k in ck.state_dict}
+        if fusion:
+            values = sum(math.prod(s) for s in fusion.values())
+            return (f'Yet-Another-EfficientDet-Pytorch (holds {len(fusion)} BiFPN fusion weights, {values} '
+                    'values, that sum fusion never reads; they are dropped when loading)')
+        if ck.training is not None:
+            return 'this project (full training checkpoint)'
+        return 'this project or Yet-Another-EfficientDet-Pytorch (identical key layout)'
+    if ck.layout == 'effdet':
+        bench = ' DetBench' if ck.dropped else ''
+        return f'rwightman efficientdet-pytorch (effdet tf_efficientdet_*{bench} state_dict)'
+    if ck.layout == 'tf':
+        return 'official TensorFlow, google/automl (official variable names)'
+    return 'unknown (not an EfficientDet layout this project knows)'
+
+
+def describe_checkpoint(path: str) -> Dict[str, Any]:
+    """Facts about a checkpoint file as a dict (see module docstring)."""
+    ck = read_checkpoint(path)
+    cands = ck.candidates
+    info: Dict[str, Any] = {
+        'file': path,
+        'origin': _origin(ck),
+        'layout': ck.layout,
+        'weights_under': '/'.join(ck.wrapper) or None,
+        'compound_coef': cands[0] if len(cands) == 1 else None,
+        'candidates': cands,
+        'variant': describe_coef(cands),
+        'num_classes': infer_num_classes(ck.state_dict, 9, ck.layout),
+        'tensors': len(ck.state_dict),
+        'parameters': num_parameters(ck.state_dict),
+        'training': ck.training,
+        'dropped': ck.dropped,
+    }
+    return info
+
+
+def _load_hint(info: Dict[str, Any]) -> str:
+    c = ' or '.join(f'-c {x}' for x in info['candidates']) or '-c C'
+    f = info['file']
+    if info['layout'] == 'effdet':
+        return f'python -m efficientdet.convert effdet {f} {c} -o OUT.pth  (or pass it to -w directly)'
+    if info['layout'] == 'tf':
+        return f'python -m efficientdet.convert tf {f} {c} -o OUT.pth  (or pass it to -w directly)'
+    if info['layout'] == 'ours':
+        return f'-w {f} {c}  (load_weights for inference; load_pretrained to fine-tune on other classes)'
+    return 'not loadable'
+
+
+def format_report(info: Dict[str, Any]) -> str:
+    """Human-readable lines for ``describe_checkpoint``'s dict."""
+    lines: List[str] = [f"file:           {info['file']}", f"origin:         {info['origin']}"]
+    if info['weights_under']:
+        lines.append(f"weights under:  '{info['weights_under']}'")
+    cands = info['candidates']
+    if len(cands) > 1:
+        coef = (f"{info['variant']} (-c {' or -c '.join(map(str, cands))}: identical tensor shapes, "
+                'the file cannot tell them apart)')
+    elif cands:
+        coef = f"{info['variant']} (-c {cands[0]})"
+    else:
+        coef = 'unknown: tensor shapes match no EfficientDet variant'
+    lines.append(f'variant:        {coef}')
+    n = info['num_classes']
+    lines.append(f"num_classes:    {n if n is not None else 'unknown'}")
+    lines.append(f"parameters:     {info['parameters']:,} ({info['tensors']} tensors incl. BN statistics)")
+    t = info['training']
+    if t is not None:
+        ema = ', EMA weights present (used for loading)' if t.get('has_ema') else ''
+        lines.append(f"training ckpt:  yes: epoch {t.get('epoch')}, step {t.get('step')}{ema}; "
+                     f"keys: {', '.join(t.get('keys', []))}")
+    else:
+        lines.append('training ckpt:  no (weights only)')
+    if info['dropped']:
+        lines.append(f"left out:       {', '.join(info['dropped'])} ({'; '.join(sorted(set(info['dropped'].values())))})")
+    lines.append(f'load with:      {_load_hint(info)}')
+    if info['layout'] == 'ours' and info['training'] is None:
+        lines.append("note:           Yet-Another's own weights reproduce its outputs with "
+                     "EfficientDetBackbone(..., compat='zylo117')")
+    return '\n'.join(lines)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    print(format_report(describe_checkpoint(args.input)))
+    return 0

@@ -1,0 +1,133 @@
+"""Training / validation geometry on numpy images (OpenCV), boxes kept consistent with the pixels.
+
+Images are RGB ``uint8`` arrays [H, W, 3]; boxes are float32 [N, 4] **xyxy in pixels**, where a box
+(x1, y1, x2, y2) covers pixel columns x1 … x2-1 and rows y1 … y2-1 (pixel *edges*, so flipping maps
+x to W - x); classes are [N] (int or float, crowd = -2), carried along untouched.
+
+The resize follows the official EfficientDet input pipeline (google/automl ``dataloader.py``):
+``random_horizontal_flip`` first, then "resize_and_crop": pick a factor f (1 for validation,
+uniform in ``scale_range`` for training, official 0.1 … 2.0), scale the image so it fits
+``output_size * f`` keeping its aspect ratio, crop a random ``output_size`` window when the scaled
+image is larger, and leave the rest for bottom/right padding (done after normalisation by the
+dataset). Boxes are scaled by the same factor, shifted by the crop offset, cut to the crop and
+dropped when (nearly) empty.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import cv2
+import numpy as np
+
+Size = Union[int, Tuple[int, int], Sequence[int]]
+
+# Boxes narrower/shorter than this (network pixels) after cutting to the crop are dropped; the
+# official pipeline drops boxes of exactly zero area, this only adds a float tolerance.
+MIN_BOX_SIZE = 1e-2
+
+
+def as_hw(size: Size) -> Tuple[int, int]:
+    """``512`` or ``(H, W)`` → ``(H, W)``."""
+    if isinstance(size, (int, np.integer)):
+        return int(size), int(size)
+    h, w = size
+    return int(h), int(w)
+
+
+def scaled_size(height: int, width: int, scale: float) -> Tuple[int, int]:
+    """Pixel size after resizing by ``scale`` (official: truncation; a tiny epsilon keeps
+    ``512 / 640 * 640`` from truncating to 511). Never below 1 px."""
+    return (max(1, int(math.floor(height * scale + 1e-6))), max(1, int(math.floor(width * scale + 1e-6))))
+
+
+def letterbox_scale(height: int, width: int, output_size: Size, scale_factor: float = 1.0) -> float:
+    """Network pixels per image pixel so the image fits ``output_size * scale_factor`` (aspect kept)."""
+    oh, ow = as_hw(output_size)
+    return min(scale_factor * oh / height, scale_factor * ow / width)
+
+
+def hflip(image: np.ndarray, boxes: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Mirror left-right. image [H, W, C]; boxes [N, 4] xyxy pixels → x' = W - x."""
+    w = image.shape[1]
+    out = np.ascontiguousarray(image[:, ::-1])
+    b = boxes.astype(np.float32, copy=True)
+    b[:, 0] = w - boxes[:, 2]
+    b[:, 2] = w - boxes[:, 0]
+    return out, b
+
+
+def clip_boxes(boxes: np.ndarray, height: float, width: float) -> np.ndarray:
+    """Clip xyxy pixel boxes [N, 4] to [0, width] x [0, height]."""
+    b = boxes.astype(np.float32, copy=True)
+    b[:, 0::2] = np.clip(b[:, 0::2], 0, width)
+    b[:, 1::2] = np.clip(b[:, 1::2], 0, height)
+    return b
+
+
+def resize_and_crop(image: np.ndarray, boxes: np.ndarray, classes: np.ndarray, output_size: Size,
+                    scale_factor: float = 1.0, offset: Tuple[float, float] = (0.0, 0.0),
+                    min_size: float = MIN_BOX_SIZE) -> Tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Official resize-and-crop.
+
+    image [h, w, 3] uint8; boxes [N, 4] xyxy image pixels; classes [N]; ``offset`` = (fy, fx) in
+    [0, 1], the crop position as a fraction of the excess (scaled size − output size).
+    Returns (content [ch, cw, 3] with ch <= H and cw <= W — the unpadded top-left part of the
+    network input —, boxes [M, 4] xyxy network pixels inside the content, classes [M],
+    image_scale = network pixels per image pixel).
+    """
+    oh, ow = as_hw(output_size)
+    h, w = image.shape[:2]
+    image_scale = letterbox_scale(h, w, (oh, ow), scale_factor)
+    sh, sw = scaled_size(h, w, image_scale)
+    off_y = int(max(0, sh - oh) * float(np.clip(offset[0], 0.0, 1.0)))
+    off_x = int(max(0, sw - ow) * float(np.clip(offset[1], 0.0, 1.0)))
+    if (sh, sw) != (h, w):
+        image = cv2.resize(image, (sw, sh), interpolation=cv2.INTER_LINEAR)
+    content = np.ascontiguousarray(image[off_y:off_y + oh, off_x:off_x + ow])
+    ch, cw = content.shape[:2]
+    b = boxes.astype(np.float32).reshape(-1, 4) * np.float32(image_scale)
+    b -= np.array([off_x, off_y, off_x, off_y], dtype=np.float32)
+    b = clip_boxes(b, ch, cw)
+    keep = ((b[:, 2] - b[:, 0]) > min_size) & ((b[:, 3] - b[:, 1]) > min_size)
+    return content, b[keep], np.asarray(classes)[keep], float(image_scale)
+
+
+class DetectionTransform:
+    """Flip + official scale jitter for training; plain letterbox for validation.
+
+    ``__call__(image, boxes, classes, rng)`` → (content uint8 [ch, cw, 3], boxes float32 [M, 4]
+    xyxy network pixels, classes [M], image_scale). With ``augment=False`` the result is
+    deterministic: no flip, factor 1, no crop (pure letterbox: long side = output size).
+    """
+
+    def __init__(self, output_size: Size, augment: bool = False, scale_range: Tuple[float, float] = (0.1, 2.0),
+                 flip_prob: float = 0.5, min_size: float = MIN_BOX_SIZE):
+        lo, hi = float(scale_range[0]), float(scale_range[1])
+        if not (0 < lo <= hi) or not math.isfinite(hi):
+            raise ValueError(f'scale_range must satisfy 0 < min <= max, got {scale_range}')
+        if not 0.0 <= flip_prob <= 1.0:
+            raise ValueError(f'flip_prob must be in [0, 1], got {flip_prob}')
+        self.output_size = as_hw(output_size)
+        self.augment = augment
+        self.scale_range = (lo, hi)
+        self.flip_prob = float(flip_prob)
+        self.min_size = float(min_size)
+
+    def __call__(self, image: np.ndarray, boxes: np.ndarray, classes: np.ndarray,
+                 rng: Optional[np.random.Generator] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        classes = np.asarray(classes)
+        if not self.augment:
+            return resize_and_crop(image, boxes, classes, self.output_size, 1.0, (0.0, 0.0), self.min_size)
+        rng = rng if rng is not None else np.random.default_rng()
+        if self.flip_prob > 0 and rng.random() < self.flip_prob:
+            image, boxes = hflip(image, boxes)
+        lo, hi = self.scale_range
+        factor = float(rng.uniform(lo, hi)) if hi > lo else lo
+        offset = (float(rng.random()), float(rng.random()))
+        return resize_and_crop(image, boxes, classes, self.output_size, factor, offset, self.min_size)
+
+    def __repr__(self) -> str:
+        return (f'DetectionTransform(output_size={self.output_size}, augment={self.augment}, '
+                f'scale_range={self.scale_range}, flip_prob={self.flip_prob})')

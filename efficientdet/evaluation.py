@@ -1,0 +1,623 @@
+"""COCO-style box evaluation with pycocotools, usable from any training loop.
+
+``COCOEvaluator`` collects per-image detections (boxes **xyxy in original-image pixels**, scores,
+0-based contiguous labels), turns them into COCO results (``bbox`` = x, y, w, h; ``category_id`` in
+the annotation file's id space; ``image_id`` as in the annotations) and computes the 12 pycocotools
+numbers plus a per-class AP table. Only numpy, torch and pycocotools are needed here.
+
+``run_coco_eval`` runs a model over a validation ``CocoDataset`` and evaluates it; ``train.py`` and
+``coco_eval.py`` both call it, so validation mAP and offline mAP come from the same code.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import uuid
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from .errors import UserError
+
+__all__ = ['COCOEvaluator', 'STAT_NAMES', 'load_coco', 'resolve_category_ids', 'format_summary',
+           'load_results_file', 'write_results_json', 'format_table', 'run_coco_eval',
+           'to_original_pixels']
+
+#: Names of pycocotools' 12 ``COCOeval.stats`` entries, in order.
+STAT_NAMES: Tuple[str, ...] = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl',
+                               'AR1', 'AR10', 'AR100', 'ARs', 'ARm', 'ARl')
+
+# (AP or AR, IoU label, area, maxDets) for each stat, to print the familiar summary lines.
+_STAT_LAYOUT = (('AP', '0.50:0.95', 'all', 100), ('AP', '0.50', 'all', 100), ('AP', '0.75', 'all', 100),
+                ('AP', '0.50:0.95', 'small', 100), ('AP', '0.50:0.95', 'medium', 100),
+                ('AP', '0.50:0.95', 'large', 100), ('AR', '0.50:0.95', 'all', 1),
+                ('AR', '0.50:0.95', 'all', 10), ('AR', '0.50:0.95', 'all', 100),
+                ('AR', '0.50:0.95', 'small', 100), ('AR', '0.50:0.95', 'medium', 100),
+                ('AR', '0.50:0.95', 'large', 100))
+
+# A result row: image_id, x, y, w, h, score, category_id (float64 holds COCO ids exactly).
+_ROW = 7
+_BOX_DECIMALS = 2     # 0.01 px
+_SCORE_DECIMALS = 5   # enough to keep the ranking of real detector scores
+
+
+# ----------------------------------------------------------------------------- annotations
+def load_coco(path: str, verbose: bool = False) -> COCO:
+    """Read a COCO instances annotation file into a pycocotools ``COCO``, validating it first.
+
+    Raises UserError naming the file when it is missing, not JSON, or not COCO instances format.
+    Missing optional fields are filled the way COCO defines them (``iscrowd`` = 0, ``area`` = w*h).
+    """
+    if not os.path.isfile(path):
+        raise UserError(f'{path}: annotation file not found (expected a COCO instances json, '
+                        'e.g. datasets/<project>/annotations/instances_<set>.json)')
+    try:
+        with open(path, 'r', encoding='utf-8') as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f'{path}: not a JSON file ({e})') from None
+    except OSError as e:
+        raise UserError(f'{path}: cannot read annotation file ({e})') from None
+    _validate_coco_dict(data, path)
+    coco = COCO()
+    coco.dataset = data
+    with _quiet(verbose):
+        coco.createIndex()
+    return coco
+
+
+def _validate_coco_dict(data: Any, path: str) -> None:
+    """Check the COCO instances structure in place (fills ``iscrowd``/``area`` defaults)."""
+    what = 'not a COCO instances annotation file'
+    if not isinstance(data, dict):
+        raise UserError(f'{path}: {what}: the top level must be an object with "images", '
+                        '"annotations" and "categories"')
+    for key in ('images', 'annotations', 'categories'):
+        if not isinstance(data.get(key), list):
+            raise UserError(f'{path}: {what}: missing or non-list field "{key}"')
+    for i, img in enumerate(data['images']):
+        if not isinstance(img, dict) or not isinstance(img.get('id'), int):
+            raise UserError(f'{path}: {what}: images[{i}] has no integer "id"')
+    for i, cat in enumerate(data['categories']):
+        if not isinstance(cat, dict) or not isinstance(cat.get('id'), int):
+            raise UserError(f'{path}: {what}: categories[{i}] has no integer "id"')
+        cat.setdefault('name', str(cat['id']))
+    cat_ids = [c['id'] for c in data['categories']]
+    if len(set(cat_ids)) != len(cat_ids):
+        raise UserError(f'{path}: {what}: duplicate category ids in "categories"')
+    img_ids = {img['id'] for img in data['images']}
+    cat_set = set(cat_ids)
+    for i, ann in enumerate(data['annotations']):
+        if not isinstance(ann, dict):
+            raise UserError(f'{path}: {what}: annotations[{i}] is not an object')
+        bbox = ann.get('bbox')
+        if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
+                or not all(isinstance(v, (int, float)) for v in bbox)):
+            raise UserError(f'{path}: {what}: annotations[{i}] has no "bbox" [x, y, w, h]')
+        if ann.get('image_id') not in img_ids:
+            raise UserError(f'{path}: annotations[{i}] refers to image_id {ann.get("image_id")!r}, '
+                            'which is not listed in "images"')
+        if ann.get('category_id') not in cat_set:
+            raise UserError(f'{path}: annotations[{i}] refers to category_id {ann.get("category_id")!r}, '
+                            'which is not listed in "categories"')
+        ann.setdefault('iscrowd', 0)
+        if 'area' not in ann:
+            ann['area'] = float(bbox[2]) * float(bbox[3])
+        ann.setdefault('id', i + 1)
+
+
+def resolve_category_ids(coco: COCO, class_names: Optional[Sequence[str]] = None,
+                         cat_ids: Optional[Sequence[Optional[int]]] = None,
+                         source: str = 'class_names') -> Tuple[List[Optional[int]], List[str]]:
+    """Dataset category id (or None: a class the annotations do not evaluate) for every 0-based
+    label, and a display name per label.
+
+    - nothing given: labels are the annotation categories sorted by id;
+    - ``cat_ids`` given: used as is, None/-1 = not evaluated (every annotated category must
+      appear in it);
+    - only ``class_names`` (a project's obj_list): matched by name when every non-empty name is a
+      category name (so Yet-Another's 90-entry COCO list with '' gaps works), otherwise by
+      position in id order when the lengths agree.
+    Disagreements raise UserError naming ``source`` and the annotation categories.
+    """
+    cats = sorted(coco.dataset.get('categories', []), key=lambda c: c['id'])
+    gt_ids = [int(c['id']) for c in cats]
+    gt_names = [str(c.get('name', c['id'])) for c in cats]
+    n = len(gt_ids)
+    if class_names is not None:
+        class_names = [str(s) for s in class_names]
+    if cat_ids is not None:
+        cat_ids = [None if c is None or int(c) < 0 else int(c) for c in cat_ids]
+        if class_names is not None and len(class_names) != len(cat_ids):
+            raise UserError(f'{source}: {len(class_names)} class names but {len(cat_ids)} category ids')
+        real = [c for c in cat_ids if c is not None]
+        if len(set(real)) != len(real):
+            raise UserError(f'{source}: category ids {cat_ids} contain duplicates')
+        missing = sorted(set(gt_ids) - set(real))
+        if missing:
+            raise UserError(f'{source}: {len(cat_ids)} classes do not cover the annotation categories '
+                            f'{missing[:10]} ({n} categories in the annotation file)')
+        by_id = dict(zip(gt_ids, gt_names))
+        names = class_names or [by_id.get(c, '') if c is not None else '' for c in cat_ids]
+        return cat_ids, list(names)
+    if class_names is None:
+        return list(gt_ids), gt_names
+    name_to_id = {nm: i for i, nm in zip(gt_ids, gt_names)}
+    nonempty = [s for s in class_names if s]
+    if (len(set(gt_names)) == n and len(set(nonempty)) == len(nonempty)
+            and set(nonempty) == set(gt_names)):
+        return [name_to_id[s] if s else None for s in class_names], class_names
+    if len(class_names) == n:
+        return list(gt_ids), class_names
+    unknown = [s for s in nonempty if s not in name_to_id]
+    raise UserError(f'{source}: {len(class_names)} classes but the annotation file has {n} categories'
+                    + (f' (names not in the annotations: {unknown[:5]})' if unknown else '')
+                    + '; make obj_list list the annotation categories in id order')
+
+
+# ----------------------------------------------------------------------------- evaluator
+class COCOEvaluator:
+    """Accumulate detections batch by batch and evaluate them with pycocotools.
+
+    Args:
+        coco_gt: a pycocotools ``COCO`` or the path of a COCO instances json.
+        cat_ids: dataset category id for each contiguous 0-based label (None or -1 entries, e.g.
+            '' placeholders of an obj_list: classes not evaluated, their detections are dropped). Default: sorted gt ids, or the
+            ids matching ``class_names``.
+        class_names: display name per label (e.g. a project's obj_list).
+        verbose: let pycocotools print its progress (silenced by default).
+    """
+
+    def __init__(self, coco_gt: Union[COCO, str], cat_ids: Optional[Sequence[Optional[int]]] = None,
+                 class_names: Optional[Sequence[str]] = None, verbose: bool = False):
+        self.verbose = verbose
+        if isinstance(coco_gt, (str, os.PathLike)):
+            self.source = os.fspath(coco_gt)
+            self.coco = load_coco(self.source, verbose=verbose)
+        elif isinstance(coco_gt, COCO):
+            self.source = '<COCO object>'
+            self.coco = coco_gt
+        else:
+            raise TypeError(f'coco_gt must be a pycocotools COCO or a path, got {type(coco_gt).__name__}')
+        self.cat_ids, self.class_names = resolve_category_ids(
+            self.coco, class_names, cat_ids, source=f'classes for {self.source}')
+        # label -> category id lookup (-1: not evaluated)
+        self._label_to_cat = np.array([-1 if c is None else c for c in self.cat_ids], dtype=np.int64)
+        self._gt_cat_ids = sorted(int(c['id']) for c in self.coco.dataset['categories'])
+        self._gt_img_ids = set(int(i) for i in self.coco.getImgIds())
+        anns = self.coco.dataset.get('annotations', [])
+        self._ann_img = np.array([a['image_id'] for a in anns], dtype=np.int64)
+        self._ann_cat = np.array([a['category_id'] for a in anns], dtype=np.int64)
+        self._ann_crowd = np.array([bool(a.get('iscrowd', 0)) for a in anns], dtype=bool)
+        self.summary_text = ''
+        self.metrics: Optional[Dict[str, Any]] = None
+        self.reset()
+
+    # ------------------------------------------------------------------ accumulation
+    def reset(self) -> None:
+        """Forget all detections and evaluated images."""
+        self._rows: List[np.ndarray] = []
+        self._image_ids: List[int] = []
+        self._seen: set = set()
+
+    def update(self, image_ids: Sequence[int], detections: Sequence[Any]) -> None:
+        """Add one batch: ``detections[i]`` belongs to ``image_ids[i]`` and has ``boxes`` [N,4] xyxy
+        in original-image pixels, ``scores`` [N], ``labels`` [N] 0-based (dicts or objects; torch
+        or numpy; Yet-Another's ``rois``/``class_ids`` keys work too). An image passed with no
+        boxes counts as evaluated with zero detections. An image id seen before is ignored (e.g.
+        padding repeats of a distributed sampler)."""
+        ids = _int_list(image_ids)
+        if len(ids) != len(detections):
+            raise ValueError(f'{len(ids)} image ids but {len(detections)} detection entries')
+        boxes, scores, labels, counts = [], [], [], []
+        for det in detections:
+            b = _to_numpy(_field(det, 'boxes', 'rois')).reshape(-1, 4)
+            s = _to_numpy(_field(det, 'scores')).reshape(-1)
+            lab = _to_numpy(_field(det, 'labels', 'class_ids')).reshape(-1)
+            if not (len(b) == len(s) == len(lab)):
+                raise ValueError(f'detections with {len(b)} boxes, {len(s)} scores, {len(lab)} labels')
+            boxes.append(b)
+            scores.append(s)
+            labels.append(lab)
+            counts.append(len(b))
+        index = np.repeat(np.arange(len(ids)), counts)
+        self.update_flat(ids, index, _cat(boxes, (0, 4)), _cat(scores, (0,)), _cat(labels, (0,)))
+
+    def update_flat(self, image_ids: Sequence[int], batch_index: Any, boxes: Any, scores: Any,
+                    labels: Any) -> None:
+        """Vectorised ``update``: detection n belongs to ``image_ids[batch_index[n]]``; ``boxes``
+        [N,4] xyxy original pixels, ``scores`` [N], ``labels`` [N] 0-based."""
+        ids = np.array(_int_list(image_ids), dtype=np.int64)
+        unknown = [int(i) for i in ids if int(i) not in self._gt_img_ids]
+        if unknown:
+            raise UserError(f'{self.source}: image ids {unknown[:5]} are not in the annotations; '
+                            'evaluate against the annotation file the images came from')
+        fresh = np.array([int(i) not in self._seen for i in ids], dtype=bool)
+        # first occurrence within this batch only
+        _, first = np.unique(ids, return_index=True)
+        keep_img = np.zeros(len(ids), dtype=bool)
+        keep_img[first] = True
+        keep_img &= fresh
+        for i in ids[keep_img]:
+            self._seen.add(int(i))
+            self._image_ids.append(int(i))
+        bi = _to_numpy(batch_index).reshape(-1).astype(np.int64)
+        b = _to_numpy(boxes).reshape(-1, 4).astype(np.float64)
+        s = _to_numpy(scores).reshape(-1).astype(np.float64)
+        lab = _to_numpy(labels).reshape(-1).astype(np.int64)
+        if not (len(bi) == len(b) == len(s) == len(lab)):
+            raise ValueError(f'{len(bi)} batch indices, {len(b)} boxes, {len(s)} scores, {len(lab)} labels')
+        if len(lab) and (lab.min() < 0 or lab.max() >= len(self._label_to_cat)):
+            raise ValueError(f'labels must be 0-based class indices < {len(self._label_to_cat)}, '
+                             f'got range [{lab.min()}, {lab.max()}]')
+        if len(bi) == 0:
+            return
+        cat = self._label_to_cat[lab]
+        keep = keep_img[bi] & (cat >= 0) & np.isfinite(b).all(1) & np.isfinite(s)
+        if not keep.any():
+            return
+        b, s, cat, img = b[keep], s[keep], cat[keep], ids[bi[keep]]
+        x1, y1 = b[:, 0], b[:, 1]
+        w, h = b[:, 2] - x1, b[:, 3] - y1
+        xywh = np.round(np.stack([x1, y1, w, h], 1), _BOX_DECIMALS)
+        rows = np.concatenate([img[:, None].astype(np.float64), xywh,
+                               np.round(s, _SCORE_DECIMALS)[:, None], cat[:, None].astype(np.float64)], 1)
+        self._rows.append(rows)
+
+    def add_results(self, results: Iterable[Mapping[str, Any]], source: str = 'results') -> None:
+        """Add COCO-format results (``image_id``, ``category_id`` in dataset ids, ``bbox`` x,y,w,h,
+        ``score``), e.g. a ``*_bbox_results.json``. The images they mention count as evaluated;
+        pass ``image_ids`` to ``compute`` to also count images without results."""
+        rows = _results_to_rows(results, source)
+        if len(rows) == 0:
+            return
+        unknown = sorted(set(rows[:, 0].astype(np.int64).tolist()) - self._gt_img_ids)
+        if unknown:
+            raise UserError(f'{source}: image ids {unknown[:5]} are not in {self.source}; '
+                            'these results belong to another annotation file')
+        for i in np.unique(rows[:, 0].astype(np.int64)):
+            if int(i) not in self._seen:
+                self._seen.add(int(i))
+                self._image_ids.append(int(i))
+        self._rows.append(rows)
+
+    # ------------------------------------------------------------------ results
+    def _all_rows(self) -> np.ndarray:
+        return np.concatenate(self._rows, 0) if self._rows else np.zeros((0, _ROW))
+
+    @property
+    def image_ids(self) -> List[int]:
+        """Image ids evaluated so far, in the order they were added."""
+        return list(self._image_ids)
+
+    @property
+    def results(self) -> List[Dict[str, Any]]:
+        """Detections as COCO results: ``{'image_id', 'category_id', 'bbox': [x, y, w, h], 'score'}``
+        (bbox in original-image pixels)."""
+        return _rows_to_results(self._all_rows())
+
+    def write_json(self, path: str) -> str:
+        """Write ``results`` to ``path`` atomically (temp file + os.replace); returns the path."""
+        write_results_json(self.results, path)
+        return path
+
+    # ------------------------------------------------------------------ evaluation
+    def compute(self, image_ids: Optional[Sequence[int]] = None) -> Dict[str, Any]:
+        """Evaluate. ``image_ids`` defaults to the images that were updated (with or without
+        detections). Returns ``{AP, AP50, …, ARl, stats, per_class, num_images, num_detections}``;
+        ``per_class[i]`` = ``{name, category_id, AP, AP50, num_gt}`` per evaluated class, AP -1 when
+        the images hold no non-crowd box of that class (pycocotools' convention), and overall
+        stats -1 likewise (e.g. APs when no small objects)."""
+        if image_ids is None:
+            ids = sorted(set(self._image_ids))
+        else:
+            ids = sorted(set(_int_list(image_ids)))
+            unknown = [i for i in ids if i not in self._gt_img_ids]
+            if unknown:
+                raise UserError(f'{self.source}: image ids {unknown[:5]} are not in the annotations')
+        rows = self._all_rows()
+        rows = rows[np.isin(rows[:, 0].astype(np.int64), np.array(ids, dtype=np.int64))]
+        stats = np.zeros(len(STAT_NAMES))
+        precision = None
+        if ids:
+            ev = COCOeval(self.coco, self._results_coco(rows), 'bbox')
+            ev.params.imgIds = ids
+            ev.params.catIds = list(self._gt_cat_ids)
+            with _quiet(self.verbose):
+                ev.evaluate()
+                ev.accumulate()
+                ev.summarize()
+            stats = np.asarray(ev.stats, dtype=np.float64)
+            precision = ev.eval['precision']
+        metrics: Dict[str, Any] = {name: float(v) for name, v in zip(STAT_NAMES, stats)}
+        metrics['stats'] = [float(v) for v in stats]
+        metrics['per_class'] = self._per_class(precision, ids)
+        metrics['num_images'] = len(ids)
+        metrics['num_detections'] = int(len(rows))
+        self.summary_text = format_summary(metrics)
+        self.metrics = metrics
+        return metrics
+
+    def _results_coco(self, rows: np.ndarray) -> COCO:
+        """A results ``COCO`` built the way ``COCO.loadRes`` builds it (area = w*h, iscrowd 0), but
+        also valid with zero detections."""
+        res = COCO()
+        anns = _rows_to_results(rows)
+        for k, a in enumerate(anns):
+            a['area'] = a['bbox'][2] * a['bbox'][3]
+            a['id'] = k + 1
+            a['iscrowd'] = 0
+        res.dataset = {'images': list(self.coco.dataset['images']),
+                       'categories': list(self.coco.dataset['categories']), 'annotations': anns}
+        with _quiet(self.verbose):
+            res.createIndex()
+        return res
+
+    def _per_class(self, precision: Optional[np.ndarray], ids: List[int]) -> List[Dict[str, Any]]:
+        """Per-class AP (mean over IoU 0.50:0.95 and recall) and AP50 from COCOeval's precision
+        array [T, R, K, A, M] at area 'all' and the largest maxDets."""
+        mask = np.isin(self._ann_img, np.array(ids, dtype=np.int64)) & ~self._ann_crowd
+        cats, counts = np.unique(self._ann_cat[mask], return_counts=True)
+        num_gt = dict(zip(cats.tolist(), counts.tolist()))
+        k_of = {c: k for k, c in enumerate(self._gt_cat_ids)}
+        out = []
+        for name, cat in zip(self.class_names, self.cat_ids):
+            if cat is None or cat not in k_of:
+                continue
+            ap = ap50 = -1.0
+            if precision is not None:
+                p = precision[:, :, k_of[cat], 0, -1]
+                ap = _mean_valid(p)
+                ap50 = _mean_valid(p[0])  # iouThrs[0] == 0.5
+            elif num_gt.get(cat, 0):
+                ap = ap50 = 0.0
+            out.append({'name': name, 'category_id': int(cat), 'AP': ap, 'AP50': ap50,
+                        'num_gt': int(num_gt.get(cat, 0))})
+        return out
+
+    def format_table(self, metrics: Optional[Mapping[str, Any]] = None) -> str:
+        """Per-class AP table (class, AP, AP50, ground-truth boxes) of ``metrics`` (default: the
+        last ``compute``); '-' where the class has no ground truth in the evaluated images."""
+        metrics = metrics if metrics is not None else self.metrics
+        if metrics is None:
+            metrics = self.compute()
+        return format_table(metrics)
+
+
+# ----------------------------------------------------------------------------- formatting
+def format_summary(metrics: Mapping[str, Any]) -> str:
+    """The 12 pycocotools numbers as the familiar ``Average Precision (AP) @[ IoU=… ] = …`` lines."""
+    lines = []
+    for name, (kind, iou, area, max_det) in zip(STAT_NAMES, _STAT_LAYOUT):
+        title = 'Average Precision  (AP)' if kind == 'AP' else 'Average Recall     (AR)'
+        lines.append(f' {title} @[ IoU={iou:<9} | area={area:>6s} | maxDets={max_det:>3d} ] = '
+                     f'{float(metrics[name]):0.3f}')
+    return '\n'.join(lines)
+
+
+def format_table(metrics: Mapping[str, Any]) -> str:
+    """Per-class table of ``metrics['per_class']`` with an overall row."""
+    rows = metrics.get('per_class', [])
+    width = max([len('class'), len('all')] + [len(str(r['name']) or str(r['category_id'])) for r in rows])
+
+    def num(v: float) -> str:
+        return f'{v:7.3f}' if v >= 0 else f'{"-":>7}'
+
+    lines = [f'{"class":<{width}}  {"AP":>7}  {"AP50":>7}  {"gt":>6}', '-' * (width + 27)]
+    for r in rows:
+        lines.append(f'{(str(r["name"]) or str(r["category_id"])):<{width}}  {num(r["AP"])}  '
+                     f'{num(r["AP50"])}  {r["num_gt"]:>6d}')
+    lines.append('-' * (width + 27))
+    total = sum(int(r['num_gt']) for r in rows)
+    lines.append(f'{"all":<{width}}  {num(float(metrics["AP"]))}  {num(float(metrics["AP50"]))}  {total:>6d}')
+    return '\n'.join(lines)
+
+
+# ----------------------------------------------------------------------------- results files
+def load_results_file(path: str) -> List[Dict[str, Any]]:
+    """Read a COCO results json (list of ``{image_id, category_id, bbox, score}``); UserError
+    naming the file if it is missing or malformed."""
+    if not os.path.isfile(path):
+        raise UserError(f'{path}: results file not found')
+    try:
+        with open(path, 'r', encoding='utf-8') as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f'{path}: not a JSON file ({e})') from None
+    _results_to_rows(data, path)  # validates
+    return data
+
+
+def _results_to_rows(results: Any, source: str) -> np.ndarray:
+    if not isinstance(results, list):
+        raise UserError(f'{source}: COCO results must be a list of '
+                        '{"image_id", "category_id", "bbox": [x, y, w, h], "score"} objects')
+    rows = np.zeros((len(results), _ROW))
+    for n, r in enumerate(results):
+        try:
+            bbox = r['bbox']
+            if len(bbox) != 4:
+                raise ValueError
+            rows[n] = (int(r['image_id']), *[float(v) for v in bbox], float(r['score']), int(r['category_id']))
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f'{source}: entry {n} is not a COCO box result (needs image_id, '
+                            f'category_id, bbox [x, y, w, h], score): {str(r)[:120]}') from None
+    return rows
+
+
+def _rows_to_results(rows: np.ndarray) -> List[Dict[str, Any]]:
+    img = rows[:, 0].astype(np.int64).tolist()
+    cat = rows[:, 6].astype(np.int64).tolist()
+    boxes = rows[:, 1:5].tolist()
+    scores = rows[:, 5].tolist()
+    return [{'image_id': i, 'category_id': c, 'bbox': b, 'score': s}
+            for i, c, b, s in zip(img, cat, boxes, scores)]
+
+
+def write_results_json(obj: Any, path: str) -> None:
+    """json.dump ``obj`` to ``path`` atomically (temp file in the same folder, fsync, os.replace)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    # like mkstemp, but created with the usual 0o666 & ~umask permissions of a results file
+    tmp = os.path.join(folder, f'.{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp')
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, 'w', encoding='utf-8') as f:
+            json.dump(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def _quiet(verbose: bool):
+    """Silence pycocotools' prints unless ``verbose``."""
+    if verbose:
+        yield
+    else:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+
+
+def _int_list(ids: Any) -> List[int]:
+    if isinstance(ids, (torch.Tensor, np.ndarray)):
+        return [int(i) for i in _to_numpy(ids).reshape(-1).tolist()]
+    return [int(i) for i in ids]
+
+
+def _mean_valid(a: np.ndarray) -> float:
+    v = a[a > -1]
+    return float(v.mean()) if v.size else -1.0
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().float().cpu().numpy() if x.is_floating_point() else x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _field(det: Any, *names: str) -> Any:
+    for name in names:
+        if isinstance(det, Mapping):
+            if name in det:
+                return det[name]
+        elif hasattr(det, name):
+            return getattr(det, name)
+    raise TypeError(f'detections need a {names[0]!r} entry (got {type(det).__name__})')
+
+
+def _cat(arrays: List[np.ndarray], empty_shape: Tuple[int, ...]) -> np.ndarray:
+    return np.concatenate(arrays, 0) if arrays else np.zeros(empty_shape)
+
+
+# ----------------------------------------------------------------------------- model evaluation
+def _eval_collate(items: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
+    """Stack images [B,3,H,W] (zero-padding bottom/right to the largest) and keep per-image meta."""
+    imgs = []
+    for it in items:
+        img = torch.as_tensor(np.asarray(it['img']) if not isinstance(it['img'], torch.Tensor) else it['img'])
+        if img.dim() == 3 and img.shape[0] not in (1, 3) and img.shape[-1] == 3:
+            img = img.permute(2, 0, 1)  # HWC -> CHW
+        imgs.append(img.float())
+    h = max(int(i.shape[-2]) for i in imgs)
+    w = max(int(i.shape[-1]) for i in imgs)
+    batch = imgs[0].new_zeros((len(imgs), imgs[0].shape[0], h, w))
+    for k, img in enumerate(imgs):
+        batch[k, :, :img.shape[-2], :img.shape[-1]] = img
+    scale = torch.tensor([float(np.asarray(it['scale']).reshape(-1)[0]) for it in items], dtype=torch.float32)
+    orig = torch.tensor([[float(v) for v in np.asarray(it['orig_size']).reshape(-1)[:2]] for it in items],
+                        dtype=torch.float32).reshape(-1, 2)
+    ids = [int(np.asarray(it['image_id']).reshape(-1)[0]) for it in items]
+    return {'img': batch, 'image_id': ids, 'scale': scale, 'orig_size': orig}
+
+
+def to_original_pixels(boxes: torch.Tensor, batch_index: torch.Tensor, scale: torch.Tensor,
+                       orig_size: torch.Tensor) -> torch.Tensor:
+    """Map boxes [N,4] xyxy in network-input pixels back to original-image pixels: divide by the
+    per-image ``scale`` [B] (network px per original px) and clip to ``orig_size`` [B,2] (h, w)."""
+    s = scale.to(boxes)[batch_index].unsqueeze(1)
+    hw = orig_size.to(boxes)[batch_index]
+    out = boxes / s
+    upper = torch.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], 1)
+    return torch.minimum(out.clamp(min=0), upper)
+
+
+def run_coco_eval(model: torch.nn.Module, dataset: Any, batch_size: int = 1,
+                  device: Union[str, torch.device] = 'cpu', score_threshold: float = 0.05,
+                  nms_threshold: float = 0.5, nms: str = 'hard', max_det: int = 100, half: bool = False,
+                  max_images: Optional[int] = None, progress: bool = True, num_workers: int = 0,
+                  verbose: bool = False) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+    """Run ``model`` over a validation ``CocoDataset`` (augment off) and evaluate with pycocotools.
+
+    ``model(x)`` must return ``(features, regression [B,A,4], classification [B,A,C] after sigmoid,
+    anchors [1,A,4] yxyx)`` like ``EfficientDetBackbone``. Items of ``dataset`` are dicts with
+    ``img`` [3,H,W] normalised, ``image_id``, ``scale`` (network px per original px) and
+    ``orig_size`` (h, w); the dataset also exposes ``coco`` and ``cat_ids`` (category id per label).
+    ``max_images`` evaluates the first K images only; ``half`` runs the forward under float16
+    autocast (CUDA only). The model is put in eval mode and its train/eval state restored after.
+
+    Returns ``(metrics, results)``: ``COCOEvaluator.compute`` metrics and the COCO results list
+    (bbox x, y, w, h in original-image pixels).
+    """
+    from .postprocess import detect  # local: keeps COCOEvaluator free of the model code
+
+    coco = getattr(dataset, 'coco', None)
+    if coco is None:
+        raise TypeError('dataset must expose the ground truth as .coco (a pycocotools COCO)')
+    cat_ids = getattr(dataset, 'cat_ids', None)
+    names = getattr(dataset, 'obj_list', None)
+    if cat_ids is not None and names is not None and len(names) != len(cat_ids):
+        names = None
+    evaluator = COCOEvaluator(coco, cat_ids=cat_ids, class_names=names, verbose=verbose)
+    n = len(dataset) if max_images is None else min(len(dataset), int(max_images))
+    if n <= 0:
+        raise UserError('the validation set has no images to evaluate'
+                        + (f' (max_images={max_images})' if max_images is not None else ''))
+    device = torch.device(device)
+    if half and device.type != 'cuda':
+        raise UserError('float16 evaluation needs a CUDA device (use --device cuda:0 or drop --float16)')
+    subset = dataset if n == len(dataset) else torch.utils.data.Subset(dataset, range(n))
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False,
+                                         num_workers=num_workers, collate_fn=_eval_collate)
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    if progress:
+        from tqdm import tqdm
+        loader = tqdm(loader, desc='eval', unit='batch', dynamic_ncols=True)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                x = batch['img'].to(device=device, dtype=dtype, non_blocking=True)
+                ctx = torch.autocast(device.type, dtype=torch.float16) if half else contextlib.nullcontext()
+                with ctx:
+                    _, regression, classification, anchors = model(x)
+                dets = detect(classification.float(), regression.float(), anchors.float(),
+                              image_size=(int(x.shape[-2]), int(x.shape[-1])),
+                              score_threshold=score_threshold, iou_threshold=nms_threshold,
+                              max_det=max_det, nms=nms)
+                counts = torch.tensor([len(d['scores']) for d in dets], dtype=torch.long)
+                index = torch.repeat_interleave(torch.arange(len(dets)), counts)
+                if int(counts.sum()):
+                    boxes = torch.cat([d['boxes'].float().cpu() for d in dets], 0)
+                    scores = torch.cat([d['scores'].float().cpu() for d in dets], 0)
+                    labels = torch.cat([d['labels'].cpu() for d in dets], 0)
+                    boxes = to_original_pixels(boxes, index, batch['scale'], batch['orig_size'])
+                else:
+                    boxes, scores, labels = torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long)
+                evaluator.update_flat(batch['image_id'], index, boxes, scores, labels)
+    finally:
+        model.train(was_training)
+    metrics = evaluator.compute()
+    return metrics, evaluator.results

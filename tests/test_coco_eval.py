@@ -1,0 +1,232 @@
+"""coco_eval.py: --results mode through a subprocess, user errors, results-file reuse, and a full
+run with a model on coco_tiny val2017."""
+import contextlib
+import copy
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from conftest import ROOT, SHARED, need_shared
+from efficientdet.errors import UserError
+
+sys.path.insert(0, ROOT)
+import coco_eval  # noqa: E402
+
+SUMMARY_RE = re.compile(r'^ Average (Precision|Recall) +\((AP|AR)\) @\[ IoU=(\S+) +\| area= *(\w+) \| '
+                        r'maxDets= *(\d+) \] = (-?\d\.\d{3})$', re.M)
+
+
+@pytest.fixture(scope='module')
+def gt():
+    with open(need_shared('data', 'coco_tiny', 'annotations', 'instances_val2017.json')) as f:
+        return json.load(f)
+
+
+def _coco(data):
+    c = COCO()
+    c.dataset = copy.deepcopy(data)
+    with contextlib.redirect_stdout(io.StringIO()):
+        c.createIndex()
+    return c
+
+
+def _project(tmp_path, gt, name='tiny', obj_list=None, project_name='coco_tiny', ratios=None):
+    """A project yml for coco_tiny; obj_list defaults to the category names in id order."""
+    if obj_list is None:
+        obj_list = [c['name'] for c in sorted(gt['categories'], key=lambda c: c['id'])]
+    lines = [f'project_name: {project_name}', 'train_set: train2017', 'val_set: val2017',
+             'num_gpus: 1', 'mean: [0.485, 0.456, 0.406]', 'std: [0.229, 0.224, 0.225]',
+             "anchors_scales: '[2 ** 0, 2 ** (1.0 / 3.0), 2 ** (2.0 / 3.0)]'",
+             f"anchors_ratios: '{ratios or '[(1.0, 1.0), (2 ** 0.5, 2 ** -0.5), (2 ** -0.5, 2 ** 0.5)]'}'",
+             f'obj_list: {json.dumps(obj_list)}']
+    path = tmp_path / f'{name}.yml'
+    path.write_text('\n'.join(lines) + '\n')
+    return str(path)
+
+
+def _jittered_results(gt, seed=0):
+    rng = np.random.default_rng(seed)
+    res = []
+    for a in gt['annotations']:
+        if not a['iscrowd'] and rng.random() < 0.8:
+            b = np.array(a['bbox']) + rng.normal(0, 3, 4)
+            res.append({'image_id': a['image_id'], 'category_id': a['category_id'],
+                        'bbox': [round(float(v), 2) for v in b], 'score': round(float(rng.random()), 5)})
+    return res
+
+
+def _parse_summary(out):
+    m = SUMMARY_RE.findall(out)
+    assert len(m) == 12, out
+    return [float(x[-1]) for x in m]
+
+
+def _cli(*args, cwd):
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'coco_eval.py'), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_results_mode_subprocess(tmp_path, gt):
+    data_path = os.path.join(SHARED, 'data')
+    proj = _project(tmp_path, gt)
+    res = _jittered_results(gt)
+    (tmp_path / 'res.json').write_text(json.dumps(res))
+    p = _cli('-p', proj, '--data_path', data_path, '--results', 'res.json', cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    # the 12 numbers equal pycocotools on the same file over all val images
+    coco = _coco(gt)
+    with contextlib.redirect_stdout(io.StringIO()):
+        ev = COCOeval(coco, coco.loadRes(copy.deepcopy(res)), 'bbox')
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    assert _parse_summary(p.stdout) == [float(f'{v:.3f}') for v in ev.stats]
+    assert 0.3 < ev.stats[0] < 0.95
+    # per-class table rows: person AP from the precision array, ground-truth count without crowd
+    k = ev.params.catIds.index(1)
+    prec = ev.eval['precision'][:, :, k, 0, 2]
+    n_person = sum(1 for a in gt['annotations'] if a['category_id'] == 1 and not a['iscrowd'])
+    row = next(ln for ln in p.stdout.splitlines() if ln.startswith('person '))
+    assert row.split()[1:] == [f'{prec[prec > -1].mean():.3f}', f'{prec[0][prec[0] > -1].mean():.3f}',
+                               str(n_person)]
+    assert not os.path.exists(tmp_path / 'val2017_bbox_results.json')  # --results writes nothing
+
+    # --max_images restricts the evaluated images (first K of the annotation file)
+    p = _cli('-p', proj, '--data_path', data_path, '--results', 'res.json', '--max_images', '10', cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert '(10 images' in p.stdout
+
+
+def test_user_errors_are_one_line(tmp_path, gt):
+    data_path = os.path.join(SHARED, 'data')
+    need_shared('data', 'coco_tiny')
+    bad = _project(tmp_path, gt, name='bad', obj_list=['person', 'car'])
+    (tmp_path / 'res.json').write_text('[]')
+    p = _cli('-p', bad, '--data_path', data_path, '--results', 'res.json', cwd=tmp_path)
+    assert p.returncode == 2
+    assert 'Traceback' not in p.stderr and p.stderr.startswith('error: ') and len(p.stderr.splitlines()) == 1
+    assert 'obj_list' in p.stderr
+
+
+def _main(*args):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = coco_eval.main(list(args))
+    return rc, out.getvalue()
+
+
+def test_errors(tmp_path, gt):
+    data_path = os.path.join(SHARED, 'data')
+    proj = _project(tmp_path, gt)
+    # obj_list that disagrees with the annotation categories (too short, and the 90-list is fine)
+    with pytest.raises(UserError, match='obj_list'):
+        _main('-p', _project(tmp_path, gt, name='short', obj_list=['person']), '--data_path', data_path,
+              '--results', 'x.json')
+    # annotation file that is not COCO
+    root = tmp_path / 'data' / 'coco_tiny' / 'annotations'
+    root.mkdir(parents=True)
+    ann = root / 'instances_val2017.json'
+    ann.write_text('{"images": []}')
+    with pytest.raises(UserError, match='instances_val2017.json.*not a COCO'):
+        _main('-p', proj, '--data_path', str(tmp_path / 'data'), '--results', 'x.json')
+    # a val set with no images
+    ann.write_text(json.dumps({'images': [], 'annotations': [], 'categories': gt['categories']}))
+    with pytest.raises(UserError, match='lists no images'):
+        _main('-p', proj, '--data_path', str(tmp_path / 'data'), '--results', 'x.json')
+    # missing / malformed results file
+    with pytest.raises(UserError, match='results file not found'):
+        _main('-p', proj, '--data_path', data_path, '--results', str(tmp_path / 'nope.json'))
+    (tmp_path / 'bad.json').write_text('[{"image_id": 1}]')
+    with pytest.raises(UserError, match='entry 0 is not a COCO box result'):
+        _main('-p', proj, '--data_path', data_path, '--results', str(tmp_path / 'bad.json'))
+    (tmp_path / 'other.json').write_text(json.dumps([{'image_id': 1, 'category_id': 1, 'bbox': [0, 0, 1, 1],
+                                                      'score': 0.5}]))
+    with pytest.raises(UserError, match='not in'):
+        _main('-p', proj, '--data_path', data_path, '--results', str(tmp_path / 'other.json'))
+    # model run: missing weights, bad image size
+    with pytest.raises(UserError, match='weights file not found'):
+        _main('-p', proj, '--data_path', data_path, '-w', str(tmp_path / 'none.pth'),
+              '--output_dir', str(tmp_path), '--device', 'cpu')
+    with pytest.raises(UserError, match='image_size'):
+        _main('-p', proj, '--data_path', data_path, '--image_size', '300', '--output_dir', str(tmp_path),
+              '--device', 'cpu')
+
+
+def test_reuses_existing_results_unless_override(tmp_path, gt):
+    data_path = os.path.join(SHARED, 'data')
+    proj = _project(tmp_path, gt)
+    res = _jittered_results(gt, seed=1)
+    (tmp_path / 'val2017_bbox_results.json').write_text(json.dumps(res))
+    # weights do not exist: reusing must not need them
+    rc, out = _main('-p', proj, '--data_path', data_path, '-w', str(tmp_path / 'none.pth'),
+                    '--output_dir', str(tmp_path), '--device', 'cpu')
+    assert rc == 0 and 'reusing existing' in out and '--override' in out
+    rc, ref = _main('-p', proj, '--data_path', data_path, '--results', str(tmp_path / 'val2017_bbox_results.json'))
+    assert _parse_summary(out) == _parse_summary(ref)
+    with pytest.raises(UserError, match='weights file not found'):
+        _main('-p', proj, '--data_path', data_path, '-w', str(tmp_path / 'none.pth'),
+              '--output_dir', str(tmp_path), '--device', 'cpu', '--override')
+    with pytest.raises(UserError, match='weights file not found'):  # Yet-Another style boolean
+        _main('-p', proj, '--data_path', data_path, '-w', str(tmp_path / 'none.pth'),
+              '--output_dir', str(tmp_path), '--device', 'cpu', '--override', 'True')
+
+
+def test_full_run_with_model(tmp_path, gt):
+    """Yet-Another's 90-entry COCO obj_list ('' gaps) with their D0 layout (fixture weights), at 256 px
+    on the first 8 val images; the written file is valid COCO results in the dataset's id space."""
+    pytest.importorskip('efficientdet.data.dataset')
+    pytest.importorskip('efficientdet.postprocess')
+    import torch
+    from efficientdet.checkpoint import atomic_save
+    from efficientdet.evaluation import COCOEvaluator
+
+    z = np.load(need_shared('fixtures', 'zylo117_d0', 'zylo117_state_dict.npz'))
+    sd = {k: torch.from_numpy(z[k].astype(np.float32) if z[k].dtype == np.float16 else z[k]) for k in z.files}
+    weights = str(tmp_path / 'd0_90.pth')
+    atomic_save(sd, weights)
+    ya = [''] * 90
+    for c in gt['categories']:
+        ya[c['id'] - 1] = c['name']
+    proj = _project(tmp_path, gt, name='ya', obj_list=ya, ratios='[(1.0, 1.0), (1.4, 0.7), (0.7, 1.4)]')
+    out_dir = tmp_path / 'out'
+    with pytest.raises(UserError, match='90 classes'):  # 80-class project, 90-class weights
+        _main('-p', _project(tmp_path, gt), '-w', weights, '--data_path', os.path.join(SHARED, 'data'),
+              '--image_size', '256', '--output_dir', str(tmp_path), '--device', 'cpu')
+    rc, out = _main('-p', proj, '-c', '0', '-w', weights, '--data_path', os.path.join(SHARED, 'data'),
+                    '--image_size', '256', '--max_images', '8', '--batch_size', '4', '--device', 'cpu',
+                    '--compat', 'zylo117', '--score_threshold', '0.05', '--output_dir', str(out_dir),
+                    '--no_progress')
+    assert rc == 0
+    path = out_dir / 'val2017_bbox_results.json'
+    res = json.loads(path.read_text())
+    assert res, 'the fixture weights give confident detections at 0.05'
+    coco = _coco(gt)
+    with contextlib.redirect_stdout(io.StringIO()):
+        loaded = coco.loadRes(str(path))
+    assert len(loaded.getAnnIds()) == len(res)
+    first8 = set(coco.getImgIds()[:8])
+    assert {r['image_id'] for r in res} <= first8
+    assert len([r for r in res if r['image_id'] == res[0]['image_id']]) <= 100
+    valid_ids = {c['id'] for c in gt['categories']}
+    assert {r['category_id'] for r in res} <= valid_ids  # label i -> id i + 1, gaps never emitted
+    for r in res:  # boxes in original-image pixels, inside the image
+        info = coco.imgs[r['image_id']]
+        x, y, w, h = r['bbox']
+        assert 0 <= x and 0 <= y and w >= 0 and h >= 0
+        assert x + w <= info['width'] + 0.01 and y + h <= info['height'] + 0.01
+        assert 0.05 < r['score'] <= 1
+    assert max(r['bbox'][0] + r['bbox'][2] for r in res) > 256  # really mapped back from 256 px
+    # printed numbers = evaluating the written file on the same 8 images
+    ev = COCOEvaluator(coco, class_names=ya)
+    ev.add_results(res)
+    m = ev.compute(image_ids=sorted(first8))
+    assert _parse_summary(out) == [float(f'{v:.3f}') for v in m['stats']]
+    assert '(8 images' in out and 'wrote' in out
