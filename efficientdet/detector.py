@@ -1,0 +1,249 @@
+"""``Detector``: images in, per-image ``Detections`` (original-image pixels) out.
+
+    det = Detector.from_checkpoint('weights/efficientdet-d0-shape.pth', compound_coef=0, project='shape')
+    for d in det(['a.jpg', 'b.png']):
+        print(d.boxes, d.scores, d.class_names)
+
+Pipeline (``Detector.__call__``): letterbox + normalise → model → decode + NMS → map back.
+The model is any callable ``model(batch [B, 3, H, W]) -> (features, regression, classification,
+anchors)`` — an ``EfficientDetBackbone`` or, e.g., an exported runtime wrapped to that contract.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpoint import infer_num_classes, load_weights, read_checkpoint
+from .config import CONFIGS, check_image_size, get_config
+from .errors import UserError
+from .postprocess import detect
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, ImageLike, boxes_to_original, preprocess_batch
+from .visualize import draw_detections
+
+ModelFn = Callable[[torch.Tensor], Tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]]
+NMS_METHODS = ('hard', 'gaussian', 'official')
+
+
+@dataclass
+class Detections:
+    """Detections of one image, in original-image pixels.
+
+    boxes [N, 4] float32 (x1, y1, x2, y2), scores [N] float32, class_ids [N] int64 (0-based, obj_list
+    order), class_names [N]; score descending.
+    """
+    boxes: np.ndarray
+    scores: np.ndarray
+    class_ids: np.ndarray
+    class_names: List[str] = field(default_factory=list)
+    image_hw: Optional[Tuple[int, int]] = None
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+    def to_list(self) -> List[Dict[str, Any]]:
+        """One JSON-ready dict per detection: x1, y1, x2, y2 (original pixels), score, class_id,
+        class_name."""
+        return [{'x1': float(b[0]), 'y1': float(b[1]), 'x2': float(b[2]), 'y2': float(b[3]),
+                 'score': float(s), 'class_id': int(c), 'class_name': n}
+                for b, s, c, n in zip(self.boxes, self.scores, self.class_ids, self.class_names)]
+
+    def to_coco(self, image_id: int, cat_ids: Optional[Sequence[int]] = None) -> List[Dict[str, Any]]:
+        """COCO result dicts {image_id, category_id, bbox [x, y, w, h], score}. ``cat_ids[class_id]``
+        gives the category id; without it, class_id + 1 (Yet-Another's 90-entry COCO obj_list)."""
+        out = []
+        for b, s, c in zip(self.boxes, self.scores, self.class_ids):
+            cat = int(cat_ids[int(c)]) if cat_ids is not None else int(c) + 1
+            out.append({'image_id': int(image_id), 'category_id': cat,
+                        'bbox': [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])],
+                        'score': float(s)})
+        return out
+
+    def draw(self, image: np.ndarray, rgb: bool = False) -> np.ndarray:
+        """Annotated copy of ``image`` (the original image, B, G, R order unless ``rgb``)."""
+        names = {int(c): n for c, n in zip(self.class_ids, self.class_names)}
+        table = [names.get(i, str(i)) for i in range(int(self.class_ids.max()) + 1)] if len(self) else []
+        return draw_detections(image, self.boxes, self.scores, self.class_ids, table, rgb=rgb)
+
+
+def _parse_device(device: Union[str, torch.device]) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise UserError(f'--device {device!r} is not a device name ({e}); use cpu or cuda:0') from None
+    if dev.type == 'cuda' and not torch.cuda.is_available():
+        raise UserError(f'--device {device}: CUDA is not available on this machine; use --device cpu')
+    return dev
+
+
+def _input_hw(image_size: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    if isinstance(image_size, (int, np.integer)):
+        return int(image_size), int(image_size)
+    h, w = image_size
+    return int(h), int(w)
+
+
+class Detector:
+    """Run a detection model on images.
+
+    model: an ``EfficientDetBackbone`` or any callable with its contract (see module docstring);
+    obj_list: class names by class index; image_size: network input int or (H, W) (multiples of
+    128, 256 for D7x, for an ``EfficientDetBackbone``); threshold / iou / nms / max_det: see
+    ``efficientdet.postprocess.detect``; mean/std: RGB normalisation (0-1 scale).
+    """
+
+    def __init__(self, model: ModelFn, obj_list: Sequence[str], image_size: Union[int, Sequence[int]],
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 threshold: float = 0.2, iou: float = 0.2, nms: str = 'hard', max_det: int = 100,
+                 device: Union[str, torch.device] = 'cpu', half: bool = False, batch_size: int = 8):
+        if nms not in NMS_METHODS:
+            raise UserError(f'--nms {nms!r}: choose one of {", ".join(NMS_METHODS)}')
+        if not 0.0 <= float(threshold) <= 1.0:
+            raise UserError(f'--threshold {threshold}: must be between 0 and 1')
+        if not 0.0 <= float(iou) <= 1.0:
+            raise UserError(f'--iou {iou}: must be between 0 and 1')
+        if int(max_det) < 1:
+            raise UserError(f'--max_det {max_det}: must be at least 1')
+        self.device = _parse_device(device)
+        if half and self.device.type != 'cuda':
+            raise UserError('--half needs a CUDA device (float16 convolutions are not supported on CPU); '
+                            'drop --half or pass --device cuda:0')
+        self.dtype = torch.float16 if half else torch.float32
+        self.image_size = _input_hw(image_size)
+        if isinstance(model, nn.Module):
+            compound_coef = getattr(model, 'compound_coef', None)
+            if compound_coef is not None:
+                try:
+                    check_image_size(*self.image_size, compound_coef)
+                except ValueError as e:
+                    raise UserError(f'--image_size: {e}') from None
+            model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.model = model
+        self.obj_list = list(obj_list)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.threshold, self.iou, self.nms, self.max_det = float(threshold), float(iou), nms, int(max_det)
+        self.batch_size = max(1, int(batch_size))
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_checkpoint(cls, path: str, compound_coef: int = 0, obj_list: Optional[Sequence[str]] = None,
+                        project: Optional[str] = None, projects_dir: str = 'projects',
+                        image_size: Optional[Union[int, Sequence[int]]] = None, device: str = 'cpu',
+                        half: bool = False, threshold: float = 0.2, iou: float = 0.2, nms: str = 'hard',
+                        max_det: int = 100, mean: Optional[Sequence[float]] = None,
+                        std: Optional[Sequence[float]] = None, ratios: Optional[Sequence[Tuple[float, float]]] = None,
+                        scales: Optional[Sequence[float]] = None, compat: str = 'official',
+                        batch_size: int = 8) -> 'Detector':
+        """Build an ``EfficientDetBackbone`` and load ``path`` exactly (strict).
+
+        Classes / mean / std / anchors come from ``project`` (a name under ``projects_dir`` or a
+        yml path) unless given explicitly; with neither ``obj_list`` nor ``project`` the class count
+        is read from the file and classes are named by index. ``image_size`` defaults to the
+        variant's input size. Files of another variant or class count raise UserError saying what
+        the file holds.
+        """
+        from .model import EfficientDetBackbone
+        if compound_coef not in CONFIGS:
+            raise UserError(f'-c {compound_coef}: compound coefficient must be 0-8 (8 = D7x)')
+        proj_name = None
+        if project is not None:
+            from .project import load_project
+            proj = load_project(project, projects_dir)
+            proj_name = proj.project_name
+            obj_list = list(proj.obj_list) if obj_list is None else obj_list
+            mean = proj.mean if mean is None else mean
+            std = proj.std if std is None else std
+            ratios = proj.anchors_ratios if ratios is None else ratios
+            scales = proj.anchors_scales if scales is None else scales
+        ck = read_checkpoint(path)
+        num_anchors = (len(ratios) if ratios is not None else 3) * (len(scales) if scales is not None else 3)
+        n_file = infer_num_classes(ck.state_dict, num_anchors, ck.layout)
+        if obj_list is None:
+            if n_file is None:
+                raise UserError(f'{path}: cannot tell how many classes the file holds; pass -p PROJECT '
+                                '(its obj_list names the classes)')
+            obj_list = [str(i) for i in range(n_file)]
+        elif n_file is not None and n_file != len(obj_list):
+            src = f'project {proj_name!r}' if proj_name else 'obj_list'
+            raise UserError(f'{path}: file holds weights for {n_file} classes but {src} lists {len(obj_list)}; '
+                            f'use the project the weights were trained with, or weights trained for this one')
+        model = EfficientDetBackbone(num_classes=len(obj_list), compound_coef=compound_coef, ratios=ratios,
+                                     scales=scales, compat=compat)
+        load_weights(model, ck, strict=True, verbose=False)
+        size = image_size if image_size is not None else get_config(compound_coef).input_size
+        return cls(model, obj_list, size, mean=mean if mean is not None else IMAGENET_MEAN,
+                   std=std if std is not None else IMAGENET_STD, threshold=threshold, iou=iou, nms=nms,
+                   max_det=max_det, device=device, half=half, batch_size=batch_size)
+
+    @classmethod
+    def from_exported(cls, path: str, backend: str = 'onnxruntime', obj_list: Optional[Sequence[str]] = None,
+                      project: Optional[str] = None, projects_dir: str = 'projects',
+                      image_size: Optional[Union[int, Sequence[int]]] = None, device: str = 'cpu',
+                      threads: Optional[int] = None, threshold: float = 0.2, iou: float = 0.2, nms: str = 'hard',
+                      max_det: int = 100, mean: Optional[Sequence[float]] = None,
+                      std: Optional[Sequence[float]] = None, batch_size: int = 8) -> 'Detector':
+        """Detector on an exported model (``efficientdet.backends``: 'onnxruntime' or
+        'torchscript'). Classes, mean/std and the input size come from the explicit arguments, then
+        the project, then the file's metadata."""
+        from .backends import load_backend
+        runtime = load_backend(backend, path, threads=threads, device=device)
+        meta = getattr(runtime, 'meta', {}) or {}
+        if project is not None:
+            from .project import load_project
+            proj = load_project(project, projects_dir)
+            obj_list = list(proj.obj_list) if obj_list is None else obj_list
+            mean = proj.mean if mean is None else mean
+            std = proj.std if std is None else std
+        obj_list = obj_list if obj_list is not None else meta.get('obj_list')
+        n = getattr(runtime, 'num_classes', None)
+        if obj_list is None:
+            if n is None:
+                raise UserError(f'{path}: the file does not say its classes; pass -p PROJECT')
+            obj_list = [str(i) for i in range(n)]
+        elif n is not None and n != len(obj_list):
+            raise UserError(f'{path}: exported for {n} classes but {len(obj_list)} class names were given')
+        size = image_size if image_size is not None else (getattr(runtime, 'image_size', None)
+                                                          or meta.get('image_size'))
+        if size is None:
+            raise UserError(f'{path}: the input size is unknown; pass --image_size')
+        return cls(runtime, obj_list, size, mean=mean if mean is not None else meta.get('mean', IMAGENET_MEAN),
+                   std=std if std is not None else meta.get('std', IMAGENET_STD), threshold=threshold, iou=iou,
+                   nms=nms, max_det=max_det, device=device, batch_size=batch_size)
+
+    # ------------------------------------------------------------------ inference
+    @torch.inference_mode()
+    def __call__(self, images: Union[ImageLike, Sequence[ImageLike]], bgr: bool = False) -> List[Detections]:
+        """Detect objects. ``images``: a path, an HWC numpy array (RGB, or B, G, R with ``bgr``), a
+        CHW tensor (uint8, or float in [0, 1]), or a list of them (any sizes). Returns one
+        ``Detections`` per image, in original-image pixels."""
+        if isinstance(images, (str, os.PathLike, np.ndarray, torch.Tensor)):
+            images = [images]
+        images = list(images)
+        results: List[Detections] = []
+        for start in range(0, len(images), self.batch_size):
+            results += self._detect_batch(images[start:start + self.batch_size], bgr)
+        return results
+
+    def _detect_batch(self, images: Sequence[ImageLike], bgr: bool) -> List[Detections]:
+        batch, metas = preprocess_batch(images, self.image_size, self.mean, self.std, bgr=bgr)
+        batch = batch.to(device=self.device, dtype=self.dtype)
+        _, regression, classification, anchors = self.model(batch)
+        per_image = detect(classification, regression, anchors, self.image_size, score_threshold=self.threshold,
+                           iou_threshold=self.iou, max_det=self.max_det, nms=self.nms)
+        out = []
+        for det, meta in zip(per_image, metas):
+            ids = det['labels'].cpu().numpy().astype(np.int64)
+            out.append(Detections(boxes=boxes_to_original(det['boxes'], meta),
+                                  scores=det['scores'].float().cpu().numpy(), class_ids=ids,
+                                  class_names=[self.class_name(i) for i in ids], image_hw=meta.orig_hw))
+        return out
+
+    def class_name(self, class_id: int) -> str:
+        """Name of a class index (its index as text when obj_list has no name for it)."""
+        if 0 <= class_id < len(self.obj_list) and self.obj_list[class_id]:
+            return self.obj_list[class_id]
+        return str(class_id)

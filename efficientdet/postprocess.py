@@ -1,0 +1,373 @@
+"""Post-processing: NMS, gaussian soft-NMS, the official post-processing and a fast ``detect``.
+
+Coordinate conventions:
+- ``nms`` / ``batched_nms`` / ``box_iou`` take any corner boxes; torchvision uses (x1, y1, x2, y2).
+- ``official_postprocess`` works on the official side: anchors and boxes are (y1, x1, y2, x2)
+  input pixels, classes are 1-based (the official ``CLASS_OFFSET``).
+- ``detect`` returns the user side: (x1, y1, x2, y2) network-input pixels, labels 0-based.
+
+All greedy selections are exact: candidates are visited in (score descending, index ascending)
+order, the order of torchvision's stable sort and of TensorFlow's NMS priority queue. The loops
+run once per *kept* box (never per candidate), each step a handful of tensor ops over all
+candidates of all images at once.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from .anchors import decode_boxes
+
+__all__ = ['box_iou', 'nms', 'batched_nms', 'soft_nms', 'official_postprocess', 'detect',
+           'OFFICIAL_SOFT_SIGMA', 'OFFICIAL_SOFT_SCORE_THRESHOLD', 'PRE_NMS_TOPK']
+
+OFFICIAL_SOFT_SIGMA = 0.5             # official nms_configs sigma for method='gaussian'
+OFFICIAL_SOFT_SCORE_THRESHOLD = 0.001  # official score_thresh default for method='gaussian'
+PRE_NMS_TOPK = 5000                   # candidates per image kept by ``detect`` before NMS
+_BLOCK = 1024                         # boxes per block in the exact blocked NMS
+
+try:  # torchvision's compiled kernels when they load and work; never required.
+    import torchvision.ops as _tv_ops  # type: ignore
+
+    _tv_ops.nms(torch.zeros(1, 4), torch.zeros(1), 0.5)
+except Exception:  # ImportError, missing compiled ops, ABI mismatch …
+    _tv_ops = None
+
+
+# --------------------------------------------------------------------------- IoU
+def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """IoU of every pair: [..., N, 4] x [..., M, 4] corner boxes -> [..., N, M] (torchvision's
+    formula: area = (x2 - x1) * (y2 - y1), no +1; a zero union gives NaN, which never suppresses)."""
+    area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
+    area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])
+    lt = torch.maximum(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
+    rb = torch.minimum(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    return inter / (area1[..., :, None] + area2[..., None, :] - inter)
+
+
+def _prepare_boxes(boxes: torch.Tensor, tf_style: bool) -> Tuple[List[torch.Tensor], torch.Tensor]:
+    """Contiguous coordinate planes [a1, b1, a2, b2] (each [..., M]) and areas for repeated
+    one-to-many IoU. ``tf_style``: TensorFlow's NMS kernel — corners re-ordered with min/max, and a
+    box of area <= 0 overlaps nothing (its area is set to NaN, giving NaN IoUs the callers zero)."""
+    c = [boxes[..., i].contiguous() for i in range(4)]
+    if tf_style:
+        c = [torch.minimum(c[0], c[2]), torch.minimum(c[1], c[3]), torch.maximum(c[0], c[2]),
+             torch.maximum(c[1], c[3])]
+    area = (c[2] - c[0]) * (c[3] - c[1])
+    if tf_style:
+        area = torch.where(area > 0, area, torch.full_like(area, float('nan')))
+    return c, area
+
+
+def _iou_one_to_many(sel: torch.Tensor, planes: List[torch.Tensor], areas: torch.Tensor) -> torch.Tensor:
+    """IoU of one box per group with all boxes of its group: ``sel`` [G] positions into the planes
+    ([G, M] each, from ``_prepare_boxes``) -> [G, M]. NaN (zero union / NaN area) is returned as 0."""
+    rows = torch.arange(sel.shape[0], device=sel.device)
+    s = [p[rows, sel][:, None] for p in planes]
+    ih = (torch.minimum(s[2], planes[2]) - torch.maximum(s[0], planes[0])).clamp_(min=0)
+    iw = (torch.minimum(s[3], planes[3]) - torch.maximum(s[1], planes[1])).clamp_(min=0)
+    inter = ih * iw
+    iou = inter / (areas[rows, sel][:, None] + areas - inter)
+    return torch.nan_to_num_(iou, nan=0.0)
+
+
+# --------------------------------------------------------------------------- exact hard NMS
+def _sort_desc(scores: torch.Tensor) -> torch.Tensor:
+    """Indices by score descending, ties by index ascending (stable)."""
+    return torch.sort(scores, descending=True, stable=True).indices
+
+
+def _planes(boxes: torch.Tensor) -> List[torch.Tensor]:
+    """[N, 4] corner boxes -> contiguous [a1, b1, a2, b2, area] vectors."""
+    c = [boxes[:, i].contiguous() for i in range(4)]
+    return c + [(c[2] - c[0]) * (c[3] - c[1])]
+
+
+def _iou_planes(p: List[torch.Tensor], q: List[torch.Tensor]) -> torch.Tensor:
+    """IoU matrix [K, M] of boxes given as planes (``_planes``); torchvision's formula."""
+    ih = (torch.minimum(p[2][:, None], q[2][None]) - torch.maximum(p[0][:, None], q[0][None])).clamp_(min=0)
+    iw = (torch.minimum(p[3][:, None], q[3][None]) - torch.maximum(p[1][:, None], q[1][None])).clamp_(min=0)
+    inter = ih.mul_(iw)
+    return inter / (p[4][:, None] + q[4][None] - inter)
+
+
+def _greedy_blocked(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float,
+                    idxs: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Exact greedy NMS, per group of ``idxs`` when given. Boxes are sorted group-major, score
+    descending inside a group (ties: lower index first), and visited in blocks of ``_BLOCK``: a
+    block is first suppressed by the kept boxes of its groups (one IoU matrix), then resolved
+    inside itself with its upper-triangular suppression matrix — one step per kept box.
+    Returns kept indices, score descending (ties: lower index first)."""
+    n = boxes.shape[0]
+    dev = boxes.device
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long, device=dev)
+    order = _sort_desc(scores)
+    lab = None
+    if idxs is not None:
+        order = order[torch.sort(idxs[order], stable=True).indices]  # group-major, score order inside
+        lab = idxs[order]
+    pl = _planes(boxes[order].float())
+    kept = torch.empty(n, dtype=torch.long, device=dev)  # positions in the sorted order
+    n_kept = 0
+    for start in range(0, n, _BLOCK):
+        end = min(n, start + _BLOCK)
+        blk = [p[start:end] for p in pl]
+        lb = lab[start:end] if lab is not None else None
+        alive = torch.ones(end - start, dtype=torch.bool, device=dev)
+        first = 0  # kept boxes that can touch this block: those of its groups (a suffix of ``kept``)
+        if lab is not None and n_kept:
+            p0 = torch.searchsorted(lab, lb[:1])  # first position of the block's first group
+            first = int(torch.searchsorted(kept[:n_kept], p0))
+        if n_kept > first:
+            prev = kept[first:n_kept]
+            over = _iou_planes([p[prev] for p in pl], blk) > iou_threshold
+            if lab is not None:
+                over &= lab[prev][:, None] == lb[None, :]
+            alive = ~over.any(0)
+        sup = _iou_planes(blk, blk) > iou_threshold
+        if lb is not None:
+            sup &= lb[:, None] == lb[None, :]
+        local = _resolve_block(torch.triu(sup, diagonal=1).cpu().numpy(), alive.cpu().numpy())
+        if local.size:
+            kept[n_kept:n_kept + local.size] = torch.from_numpy(local).to(dev) + start
+            n_kept += local.size
+    kept = kept[:n_kept]
+    if lab is not None:  # back to score order; ties by original index
+        kept = kept[torch.sort(order[kept]).indices]
+        kept = kept[torch.sort(scores[order[kept]], descending=True, stable=True).indices]
+    return order[kept]
+
+
+def _resolve_block(sup: np.ndarray, alive: np.ndarray) -> np.ndarray:
+    """Greedy inside one block: ``sup[i, j]`` (i < j) says box i suppresses box j. Steps once per
+    kept box: take the first alive box, drop what it suppresses."""
+    alive = alive.copy()
+    keep = []
+    pos, n = 0, alive.shape[0]
+    while pos < n:
+        rest = alive[pos:]
+        j = int(rest.argmax())
+        if not rest[j]:
+            break
+        j += pos
+        keep.append(j)
+        alive &= ~sup[j]
+        pos = j + 1
+    return np.asarray(keep, dtype=np.int64)
+
+
+def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """Greedy NMS (torchvision's signature and results). boxes [N, 4] (x1, y1, x2, y2), scores [N]
+    -> indices of kept boxes [K] long, score descending (ties: lower index first)."""
+    if _tv_ops is not None:
+        return _tv_ops.nms(boxes, scores, float(iou_threshold))
+    return _greedy_blocked(boxes, scores, float(iou_threshold))
+
+
+def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor,
+                iou_threshold: float) -> torch.Tensor:
+    """NMS independently per value of ``idxs`` (e.g. class): boxes [N, 4] xyxy, scores [N],
+    idxs [N] -> kept indices [K] long, score descending (torchvision's ``batched_nms``)."""
+    if _tv_ops is not None:
+        return _tv_ops.batched_nms(boxes, scores, idxs, float(iou_threshold))
+    return _greedy_blocked(boxes, scores, float(iou_threshold), idxs)
+
+
+# --------------------------------------------------------------------------- padded greedy / soft
+def _select_padded(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor,
+                   labels: Optional[torch.Tensor], iou_threshold: float, sigma: float,
+                   score_threshold: float, max_output: int, tf_style: bool
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Greedy hard NMS (``sigma == 0``) or gaussian soft-NMS on G independent groups at once.
+
+    boxes [G, M, 4] (any corner order), scores [G, M], valid [G, M] bool, labels [G, M] or None
+    (boxes only affect boxes with the same label). Soft-NMS follows TF ``NonMaxSuppressionV5``:
+    weight = exp(-iou^2 / sigma) (TF's ``soft_nms_sigma`` = sigma / 2), candidates dropped once
+    their score <= score_threshold. Hard NMS: drop when iou > iou_threshold.
+
+    Returns (index [G, K] long with -1 padding, score [G, K] with 0 padding, count [G]), K =
+    max_output, entries in selection order (score descending; ties: lower position first).
+    """
+    g, m = scores.shape
+    dev = scores.device
+    out_idx = torch.full((g, max_output), -1, dtype=torch.long, device=dev)
+    out_sc = torch.zeros((g, max_output), dtype=torch.float32, device=dev)
+    if g == 0 or m == 0 or max_output == 0:
+        return out_idx, out_sc, torch.zeros(g, dtype=torch.long, device=dev)
+    scores = scores.float().clone()
+    boxes = boxes.float()
+    alive = valid & (scores > score_threshold)
+    soft = sigma > 0
+    scale = -1.0 / sigma if soft else 0.0  # TF: -0.5 / soft_nms_sigma with soft_nms_sigma = sigma / 2
+    rows = torch.arange(g, device=dev)
+    neg_inf = torch.tensor(float('-inf'), device=dev)
+    planes, areas = _prepare_boxes(boxes, tf_style)
+    for k in range(max_output):
+        cur = torch.where(alive, scores, neg_inf)
+        best = cur.argmax(1)  # first maximum: ties go to the lower position
+        has = alive[rows, best]
+        if not bool(has.any()):
+            break
+        out_idx[:, k] = torch.where(has, best, out_idx[:, k])
+        out_sc[:, k] = torch.where(has, scores[rows, best], out_sc[:, k])
+        alive[rows, best] = False
+        iou = _iou_one_to_many(best, planes, areas)  # [G, M]; TF: zero-area boxes overlap nothing
+        if labels is not None:
+            iou = iou.masked_fill(labels != labels[rows, best][:, None], 0.0)
+        if soft:
+            scores = scores * (iou * scale).mul_(iou).exp_()  # TF order: (scale * iou) * iou
+            alive &= scores > score_threshold
+        else:
+            alive &= ~(iou > iou_threshold)
+    count = (out_idx >= 0).sum(1)
+    return out_idx, out_sc, count
+
+
+def _compact(mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Positions of True entries per row, left-aligned: mask [G, A] -> (index [G, M], valid [G, M]),
+    M = max count (at least 1); original order kept; padding index 0."""
+    counts = mask.sum(1)
+    m = max(1, int(counts.max())) if counts.numel() else 0  # >= 1 column so gathers stay valid
+    m = min(m, mask.shape[1])
+    # a stable sort on ~mask moves the True entries first, keeping their order
+    order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :m]
+    valid = torch.arange(m, device=mask.device)[None, :] < counts[:, None]
+    return torch.where(valid, order, torch.zeros_like(order)), valid
+
+
+def soft_nms(boxes: torch.Tensor, scores: torch.Tensor, sigma: float = OFFICIAL_SOFT_SIGMA,
+             score_threshold: float = OFFICIAL_SOFT_SCORE_THRESHOLD, max_output: int = 100,
+             idxs: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian soft-NMS as the official model runs it (TF NonMaxSuppressionV5, weight
+    exp(-iou^2 / sigma)). boxes [N, 4] (corner boxes, any order), scores [N]; ``idxs`` [N] makes it
+    per class. Returns (kept indices [K], their decayed scores [K]), score descending."""
+    idx, sc, n = _select_padded(boxes[None], scores[None], torch.ones_like(scores, dtype=torch.bool)[None],
+                                None if idxs is None else idxs[None], 1.0, float(sigma),
+                                float(score_threshold), int(max_output), tf_style=True)
+    k = int(n[0])
+    return idx[0, :k], sc[0, :k]
+
+
+# --------------------------------------------------------------------------- official
+def official_postprocess(classification: torch.Tensor, regression: torch.Tensor, anchors: torch.Tensor,
+                         image_size: Tuple[int, int], method: str = 'hard', mode: str = 'global',
+                         max_output: int = 100, iou_threshold: float = 0.5,
+                         score_threshold: Optional[float] = None, sigma: float = OFFICIAL_SOFT_SIGMA
+                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The official ``postprocess_global`` / ``postprocess_per_class``.
+
+    classification [B, A, C] after sigmoid, regression [B, A, 4] (ty, tx, th, tw), anchors
+    [1, A, 4] (y1, x1, y2, x2) pixels, image_size (H, W). Every anchor keeps only its best class.
+    method 'hard': NMS at ``iou_threshold``, score threshold -inf unless given; 'gaussian':
+    soft-NMS with ``sigma``, score threshold 0.001 unless given. mode 'global': one NMS over all
+    anchors regardless of class, boxes clipped to [0, H] x [0, W]; 'per_class': NMS within each
+    class, merged, top ``max_output`` by score, not clipped.
+
+    Returns boxes [B, K, 4] (y1, x1, y2, x2) pixels, scores [B, K], classes [B, K] long (1-based),
+    valid [B] long; K = max_output, rows after ``valid`` are zeros.
+    """
+    if method not in ('hard', 'gaussian'):
+        raise ValueError(f"method must be 'hard' or 'gaussian', got {method!r}")
+    if mode not in ('global', 'per_class'):
+        raise ValueError(f"mode must be 'global' or 'per_class', got {mode!r}")
+    if method == 'hard':
+        sig, iou_thr = 0.0, float(iou_threshold)
+        st = float('-inf') if score_threshold is None else float(score_threshold)
+    else:
+        sig, iou_thr = float(sigma), 1.0
+        st = OFFICIAL_SOFT_SCORE_THRESHOLD if score_threshold is None else float(score_threshold)
+    cls = classification.float()
+    classes = cls.argmax(-1)  # first maximum, as tf.math.argmax
+    scores = cls.gather(-1, classes[..., None])[..., 0]  # [B, A]
+    boxes = decode_boxes(regression.float(), anchors.float())  # [B, A, 4] yxyx
+    # Only candidates above the score threshold can ever be selected: compact them (exact).
+    index, valid = _compact(scores > st)
+    b_boxes = boxes.gather(1, index[..., None].expand(-1, -1, 4))
+    b_scores = scores.gather(1, index)
+    b_classes = classes.gather(1, index)
+    # per_class == class-masked global selection: classes never interact, and each class's
+    # selections come out in descending score order, so the first K overall are the merged top K.
+    sel, sel_scores, count = _select_padded(b_boxes, b_scores, valid, b_classes if mode == 'per_class' else None,
+                                            iou_thr, sig, st, int(max_output), tf_style=True)
+    ok = sel >= 0
+    safe = sel.clamp(min=0)
+    out_boxes = b_boxes.gather(1, safe[..., None].expand(-1, -1, 4))
+    out_classes = b_classes.gather(1, safe) + 1
+    if mode == 'global':
+        h, w = float(image_size[0]), float(image_size[1])
+        hi = torch.tensor([h, w, h, w], device=out_boxes.device)
+        out_boxes = torch.minimum(out_boxes.clamp(min=0), hi)
+    out_boxes = torch.where(ok[..., None], out_boxes, torch.zeros_like(out_boxes))
+    out_classes = torch.where(ok, out_classes, torch.zeros_like(out_classes))
+    return out_boxes, sel_scores, out_classes, count
+
+
+# --------------------------------------------------------------------------- fast detect
+def detect(classification: torch.Tensor, regression: torch.Tensor, anchors: torch.Tensor,
+           image_size: Tuple[int, int], score_threshold: float = 0.05, iou_threshold: float = 0.5,
+           max_det: int = 100, nms: str = 'hard', class_agnostic: bool = False,
+           pre_nms_topk: int = PRE_NMS_TOPK) -> List[Dict[str, torch.Tensor]]:
+    """Detections for a batch, fast path.
+
+    classification [B, A, C] after sigmoid, regression [B, A, 4] (ty, tx, th, tw), anchors
+    [1, A, 4] (y1, x1, y2, x2) pixels, image_size (H, W) of the network input.
+
+    Each anchor keeps its best class; anchors scoring > ``score_threshold`` are candidates, at most
+    ``pre_nms_topk`` per image; boxes are decoded and clipped to [0, W] x [0, H]; then
+    - 'hard': greedy NMS per class (or across classes with ``class_agnostic``) at ``iou_threshold``;
+    - 'gaussian': soft-NMS (sigma 0.5) per class, candidates dropped at ``score_threshold``;
+    - 'official': the official evaluation setting — per-class gaussian soft-NMS over all anchors
+      (no top-k, soft threshold 0.001), then scores <= ``score_threshold`` dropped.
+    At most ``max_det`` per image.
+
+    Returns one dict per image: boxes [N, 4] (x1, y1, x2, y2) network-input pixels, scores [N],
+    labels [N] long 0-based; score descending.
+    """
+    if nms not in ('hard', 'gaussian', 'official'):
+        raise ValueError(f"nms must be 'hard', 'gaussian' or 'official', got {nms!r}")
+    h, w = float(image_size[0]), float(image_size[1])
+    bsz = classification.shape[0]
+    if nms == 'official':
+        boxes, scores, classes, valid = official_postprocess(
+            classification, regression, anchors, image_size, method='gaussian', mode='per_class',
+            max_output=max_det)
+        y1, x1, y2, x2 = boxes.unbind(-1)
+        boxes = torch.stack([x1.clamp(0, w), y1.clamp(0, h), x2.clamp(0, w), y2.clamp(0, h)], -1)
+        labels = classes - 1
+        keep = (torch.arange(boxes.shape[1], device=boxes.device)[None] < valid[:, None]) & (scores > score_threshold)
+    else:
+        cls = classification.float()
+        best_scores, best_labels = cls.max(-1)  # [B, A]
+        k = min(int(pre_nms_topk), best_scores.shape[1])
+        masked = best_scores.masked_fill(~(best_scores > score_threshold), float('-inf'))
+        top_scores, top_idx = masked.topk(k, dim=1) if k else (masked[:, :0], masked[:, :0].long())
+        # deterministic candidate order: score descending, anchor index ascending
+        top_idx = torch.sort(top_idx, dim=1).values
+        top_scores = masked.gather(1, top_idx)
+        order = torch.sort(top_scores, dim=1, descending=True, stable=True).indices
+        top_idx = top_idx.gather(1, order)
+        top_scores = top_scores.gather(1, order)
+        valid = torch.isfinite(top_scores)
+        reg = regression.float().gather(1, top_idx[..., None].expand(-1, -1, 4))
+        anc = anchors.float()[0][top_idx]  # [B, k, 4]
+        y1, x1, y2, x2 = decode_boxes(reg, anc).unbind(-1)
+        cand = torch.stack([x1.clamp(0, w), y1.clamp(0, h), x2.clamp(0, w), y2.clamp(0, h)], -1)
+        cand_labels = best_labels.gather(1, top_idx)
+        sigma = OFFICIAL_SOFT_SIGMA if nms == 'gaussian' else 0.0
+        sel, scores, count = _select_padded(cand, top_scores, valid, None if class_agnostic else cand_labels,
+                                            float(iou_threshold), sigma, float(score_threshold), int(max_det),
+                                            tf_style=False)
+        keep = sel >= 0
+        safe = sel.clamp(min=0)
+        boxes = cand.gather(1, safe[..., None].expand(-1, -1, 4))
+        labels = cand_labels.gather(1, safe)
+    out = []
+    for i in range(bsz):  # splitting into per-image outputs only; no per-box work
+        m = keep[i]
+        out.append({'boxes': boxes[i][m], 'scores': scores[i][m], 'labels': labels[i][m].long()})
+    return out

@@ -1,0 +1,183 @@
+"""Image reading, letterbox resize + normalisation, and mapping boxes back to the original image.
+
+Conventions: images are RGB uint8 HWC numpy arrays; network inputs are float32 CHW, normalised
+with mean/std (RGB, 0-1 scale) and padded with 0 at the bottom/right after normalisation. Boxes
+are (x1, y1, x2, y2) pixels.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple, Union
+
+import cv2
+import numpy as np
+import torch
+
+from .data.transforms import letterbox_scale, scaled_size
+from .errors import UserError
+
+IMAGENET_MEAN: Tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: Tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+ImageLike = Union[str, os.PathLike, np.ndarray, torch.Tensor]
+
+# Any depth and colour, no alpha; EXIF orientation is applied (it is not with IMREAD_UNCHANGED).
+_READ_FLAGS = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
+
+
+@dataclass(frozen=True)
+class ImageMeta:
+    """How an original image was placed in the network input.
+
+    scale: network pixels per original pixel (min(H / h, W / w)); orig_hw: (h, w) of the original;
+    input_hw: (H, W) of the network input; resized_hw: (h', w') of the image content inside the
+    input (top-left corner, the rest is padding). Per axis, x_net = x_orig * w' / w exactly.
+    """
+    scale: float
+    orig_hw: Tuple[int, int]
+    input_hw: Tuple[int, int]
+    resized_hw: Tuple[int, int]
+
+    @property
+    def scale_xy(self) -> Tuple[float, float]:
+        """Exact per-axis factors (network px per original px) along x and y."""
+        return self.resized_hw[1] / self.orig_hw[1], self.resized_hw[0] / self.orig_hw[0]
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """Any-depth image -> uint8: uint16 is mapped 0..65535 -> 0..255, float 0..1 (if max <= 1)
+    or 0..255 is scaled/clipped, bool -> 0/255."""
+    if image.dtype == np.uint8:
+        return image
+    if image.dtype == np.uint16:
+        return np.round(image.astype(np.float32) / 257.0).astype(np.uint8)
+    if image.dtype == np.bool_:
+        return image.astype(np.uint8) * 255
+    if np.issubdtype(image.dtype, np.floating):
+        img = np.nan_to_num(image.astype(np.float32))
+        if img.size and img.max() <= 1.0:
+            img = img * 255.0
+        return np.clip(np.round(img), 0, 255).astype(np.uint8)
+    if np.issubdtype(image.dtype, np.integer):
+        return np.clip(image, 0, 255).astype(np.uint8)
+    raise UserError(f'unsupported image dtype {image.dtype}; give uint8, uint16 or float images')
+
+
+def to_rgb(image: np.ndarray, bgr: bool = False) -> np.ndarray:
+    """HW / HW1 / HW3 / HW4 array -> RGB uint8 HWC (gray replicated, alpha dropped). ``bgr``: the
+    colour channels are in OpenCV's B, G, R order."""
+    img = to_uint8(np.asarray(image))
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[..., 0]
+    if img.ndim == 2:
+        return np.ascontiguousarray(np.repeat(img[..., None], 3, axis=2))
+    if img.ndim != 3 or img.shape[2] not in (3, 4):
+        raise UserError(f'expected an image of shape HxW, HxWx1, HxWx3 or HxWx4, got {tuple(img.shape)}')
+    img = img[..., :3]
+    return np.ascontiguousarray(img[..., ::-1] if bgr else img)
+
+
+def read_image(path: Union[str, os.PathLike]) -> np.ndarray:
+    """Read an image file -> RGB uint8 HWC. EXIF orientation is applied; grayscale becomes 3
+    channels; alpha is dropped; 16-bit is scaled to 8-bit. A missing or unreadable file raises
+    UserError naming it."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f'{path}: no such image file')
+    try:
+        data = np.fromfile(path, dtype=np.uint8)  # works with non-ASCII paths, unlike cv2.imread
+    except OSError as e:
+        raise UserError(f'{path}: cannot read the file ({e.strerror or e})') from None
+    img = cv2.imdecode(data, _READ_FLAGS) if data.size else None
+    if img is None:
+        raise UserError(f'{path}: not a readable image (unknown format or corrupt file)')
+    return to_rgb(img, bgr=True)
+
+
+def _parse_size(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    if isinstance(size, (int, np.integer)):
+        h = w = int(size)
+    else:
+        h, w = (int(v) for v in size)
+    if h <= 0 or w <= 0:
+        raise ValueError(f'input size must be positive, got {size!r}')
+    return h, w
+
+
+def letterbox(image: np.ndarray, size: Union[int, Sequence[int]], mean: Sequence[float] = IMAGENET_MEAN,
+              std: Sequence[float] = IMAGENET_STD) -> Tuple[torch.Tensor, ImageMeta]:
+    """RGB uint8 HWC image -> (float32 [3, H, W] normalised input, ImageMeta).
+
+    Resize keeping the aspect ratio so the image fits H x W (``size`` int: H = W = size, the long
+    side becomes ``size``), bilinear on float values, normalise ((x / 255 - mean) / std), pad
+    bottom/right with 0.
+    """
+    hh, ww = _parse_size(size)
+    img = to_rgb(image)
+    h, w = img.shape[:2]
+    if h == 0 or w == 0:
+        raise UserError(f'empty image of shape {tuple(image.shape)}')
+    scale = letterbox_scale(h, w, (hh, ww))
+    nh, nw = scaled_size(h, w, scale)  # official truncation, the same as the training data
+    nh, nw = min(hh, nh), min(ww, nw)
+    x = img.astype(np.float32)
+    if (nh, nw) != (h, w):
+        x = cv2.resize(x, (nw, nh), interpolation=cv2.INTER_LINEAR)
+    m = np.asarray(mean, dtype=np.float32) * 255.0
+    s = np.asarray(std, dtype=np.float32) * 255.0
+    x = (x - m) / s
+    out = np.zeros((3, hh, ww), dtype=np.float32)
+    out[:, :nh, :nw] = x.transpose(2, 0, 1)
+    return torch.from_numpy(out), ImageMeta(float(scale), (h, w), (hh, ww), (nh, nw))
+
+
+def boxes_to_original(boxes: Union[np.ndarray, torch.Tensor], meta: ImageMeta) -> np.ndarray:
+    """(x1, y1, x2, y2) network-input pixels [N, 4] -> (x1, y1, x2, y2) original-image pixels,
+    float32 numpy, clipped to [0, w] x [0, h] of the original."""
+    b = boxes.detach().cpu().float().numpy() if isinstance(boxes, torch.Tensor) else np.asarray(boxes, np.float32)
+    b = b.reshape(-1, 4).astype(np.float32)
+    sx, sy = meta.scale_xy
+    h, w = meta.orig_hw
+    out = b / np.array([sx, sy, sx, sy], dtype=np.float32)
+    out[:, [0, 2]] = np.clip(out[:, [0, 2]], 0, w)
+    out[:, [1, 3]] = np.clip(out[:, [1, 3]], 0, h)
+    return out
+
+
+def load_image(image: ImageLike, bgr: bool = False) -> np.ndarray:
+    """Path, numpy array (HWC, RGB unless ``bgr``) or torch tensor (CHW RGB; uint8 0-255 or float
+    0-1) -> RGB uint8 HWC."""
+    if isinstance(image, (str, os.PathLike)):
+        return read_image(image)
+    if isinstance(image, torch.Tensor):
+        t = image.detach().cpu()
+        if t.ndim == 3:
+            t = t.permute(1, 2, 0)
+        elif t.ndim != 2:
+            raise UserError(f'expected an image tensor of shape CxHxW or HxW, got {tuple(image.shape)}')
+        arr = t.numpy()
+        if t.is_floating_point():
+            arr = np.clip(arr.astype(np.float32), 0.0, 1.0)  # torchvision convention: floats in [0, 1]
+        return to_rgb(arr, bgr=bgr)
+    if isinstance(image, np.ndarray):
+        return to_rgb(image, bgr=bgr)
+    raise UserError(f'cannot use {type(image).__name__} as an image; give a path, a numpy array or a tensor')
+
+
+def preprocess_batch(images: Union[ImageLike, Sequence[ImageLike]], size: Union[int, Sequence[int]],
+                     mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                     bgr: bool = False) -> Tuple[torch.Tensor, List[ImageMeta]]:
+    """Images of any sizes (paths, arrays, tensors; see ``load_image``) -> (batch float32
+    [B, 3, H, W], metas). Each image is letterboxed into the same H x W."""
+    if isinstance(images, (str, os.PathLike, np.ndarray, torch.Tensor)):
+        images = [images]
+    tensors, metas = [], []
+    for im in images:
+        t, meta = letterbox(load_image(im, bgr=bgr), size, mean, std)
+        tensors.append(t)
+        metas.append(meta)
+    if not tensors:
+        hh, ww = _parse_size(size)
+        return torch.zeros(0, 3, hh, ww), []
+    return torch.stack(tensors), metas
