@@ -1,0 +1,511 @@
+"""Latency / throughput benchmark of EfficientDet D0–D7x.
+
+    python benchmark.py -c 0                                   # torch, end2end, 512x512, batch 1
+    python benchmark.py -c 0 --threads 2 --mode forward --json d0.json
+    python benchmark.py -c 0 --backend onnxruntime --threads 2
+    python benchmark.py -c 2 --batch_size 8 --device cuda:0 --half   # "extreme FPS"
+
+Every iteration processes the same content: a fixed synthetic camera frame (``--camera_size``,
+640x480 by default), generated in memory as OpenCV would decode it (uint8 HWC, B, G, R), or
+``--image PATH`` decoded once before timing. ``--mode end2end`` (default) times
+BGR->RGB + letterbox + normalise (``efficientdet.preprocess``), the forward pass, and the
+post-processing (``efficientdet.postprocess.detect``: score threshold and top-k before a batched
+per-class NMS, boxes mapped back to the original image). ``--mode forward`` times the forward
+pass alone on a prepared input batch. Warm-up runs come first and are not timed.
+
+Reported (and written with ``--json``): latency_ms_median / _p90 / _mean / _min / _max over the
+timed runs, fps (= 1000 / median: calls per second of one stream), images_per_second
+(= batch_size x fps: with batch > 1 the "extreme FPS" throughput), per-stage medians in
+end2end mode, peak_memory_mb (CPU: peak resident set size of the process, from /proc; CUDA: max
+allocated), device (CPU model from /proc/cpuinfo or the GPU name), threads, versions, backend,
+mode and every setting. Random weights unless ``-w``: random heads score ~0.01, so with the
+default threshold almost nothing reaches NMS; ``num_detections`` is reported.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from efficientdet.errors import UserError, run_cli
+
+# --------------------------------------------------------------------------- machine facts
+
+
+def cpu_model_name() -> str:
+    """CPU model from /proc/cpuinfo ('model name'), else platform.processor()."""
+    try:
+        with open('/proc/cpuinfo', 'r', encoding='utf-8', errors='replace') as f:
+            for line in f:
+                if line.lower().startswith(('model name', 'hardware', 'cpu model')):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or 'unknown CPU'
+
+
+def _proc_status_kb(field: str) -> Optional[int]:
+    try:
+        with open('/proc/self/status', 'r', encoding='utf-8') as f:
+            for line in f:
+                if line.startswith(field + ':'):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) of this process; False if not possible."""
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> Optional[float]:
+    """Peak resident set size of this process (VmHWM, /proc/self/status), MiB."""
+    kb = _proc_status_kb('VmHWM')
+    if kb is None:  # not Linux: fall back to getrusage (KiB on Linux, bytes on macOS)
+        try:
+            import resource
+            r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            return r / (1024 * 1024) if sys.platform == 'darwin' else r / 1024
+        except (ImportError, OSError):
+            return None
+    return kb / 1024
+
+
+# --------------------------------------------------------------------------- input
+
+
+def synthetic_image(width: int = 640, height: int = 480, seed: int = 0) -> np.ndarray:
+    """A fixed camera-like frame, uint8 [H, W, 3] in OpenCV's B, G, R order: smooth gradient
+    background, filled shapes of several sizes and colours, mild sensor noise. Same pixels for
+    the same arguments."""
+    import cv2
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    img = np.empty((height, width, 3), np.float32)
+    img[..., 0] = 60 + 120 * xx / max(1, width - 1)
+    img[..., 1] = 90 + 80 * yy / max(1, height - 1)
+    img[..., 2] = 140 + 60 * np.sin(xx / 37.0) * np.cos(yy / 53.0)
+    img = img.astype(np.uint8)
+    for _ in range(24):
+        color = tuple(int(c) for c in rng.integers(0, 256, 3))
+        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
+        size = int(rng.integers(max(4, min(width, height) // 40), max(8, min(width, height) // 3)))
+        if rng.random() < 0.5:
+            cv2.rectangle(img, (x0, y0), (x0 + size, y0 + int(size * rng.uniform(0.5, 2.0))), color, -1)
+        else:
+            cv2.circle(img, (x0, y0), size // 2, color, -1)
+    noise = rng.normal(0.0, 4.0, img.shape)
+    return np.clip(img.astype(np.float32) + noise, 0, 255).astype(np.uint8)
+
+
+def _parse_wh(text: str) -> Tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split('x'))
+    except ValueError:
+        raise UserError(f'--camera_size {text!r}: use WIDTHxHEIGHT, e.g. 640x480') from None
+    if w < 1 or h < 1:
+        raise UserError(f'--camera_size {text!r}: width and height must be positive')
+    return w, h
+
+
+# --------------------------------------------------------------------------- model runners
+
+
+def _set_threads(threads: Optional[int]) -> int:
+    if threads is not None:
+        if threads < 1:
+            raise UserError(f'--threads {threads}: must be at least 1')
+        torch.set_num_threads(threads)
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:  # already set once in this process
+            pass
+        try:
+            import cv2
+            cv2.setNumThreads(threads)
+        except ImportError:
+            pass
+    return torch.get_num_threads()
+
+
+def _device(name: str) -> torch.device:
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UserError(f'--device {name!r} is not a device name; use cpu or cuda:0') from None
+    if dev.type == 'cuda' and not torch.cuda.is_available():
+        raise UserError(f'--device {name}: CUDA is not available on this machine; use --device cpu')
+    if dev.type not in ('cpu', 'cuda'):
+        raise UserError(f'--device {name}: only cpu and cuda devices are supported')
+    return dev
+
+
+def _half_dtype(args: argparse.Namespace, dev: torch.device) -> Optional[torch.dtype]:
+    if not args.half:
+        return None
+    kind = args.half_dtype
+    if kind == 'auto':
+        kind = 'float16' if dev.type == 'cuda' else 'bfloat16'
+    if kind == 'float16' and dev.type != 'cuda':
+        raise UserError('--half_dtype float16 needs --device cuda:0 (CPU autocast supports bfloat16 only)')
+    return torch.float16 if kind == 'float16' else torch.bfloat16
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == 'cuda':
+        torch.cuda.synchronize(dev)
+
+
+class _CudaGraphRunner:
+    """Replays one captured CUDA graph of ``fn`` on a static input buffer (fixed shape)."""
+
+    def __init__(self, fn: Callable, example: torch.Tensor):
+        self.fn = fn
+        self.static_in = example.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn(self.static_in)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_out = fn(self.static_in)
+
+    def __call__(self, x: torch.Tensor):
+        self.static_in.copy_(x)
+        self.graph.replay()
+        return self.static_out
+
+
+def build_runner(args: argparse.Namespace, dev: torch.device, size: Tuple[int, int], workdir: str
+                 ) -> Tuple[Callable[[torch.Tensor], Any], Dict[str, Any], Dict[str, Any]]:
+    """The forward callable ``f(batch [B, 3, H, W]) -> (features|None, regression, classification,
+    anchors)``, the project settings (mean, std) and notes for the report."""
+    from efficientdet.export import build_model, export_onnx, export_torchscript
+    notes: Dict[str, Any] = {}
+    proj: Dict[str, Any] = {}
+    if args.backend != 'torch' and (args.half or args.compile or args.cuda_graphs):
+        raise UserError('--half, --compile and --cuda_graphs apply to --backend torch only')
+    if args.model is not None and args.backend == 'torch':
+        raise UserError('--model is for --backend onnxruntime / torchscript; the torch backend takes -w weights')
+    if args.model is None:
+        model = build_model(args.compound_coef, args.num_classes, args.weights, args.project, args.projects_dir)
+        proj = getattr(model, 'export_extra', {}) or {}
+        notes['weights'] = args.weights or 'random (official init)'
+        notes['num_classes'] = model.num_classes
+    if args.backend == 'onnxruntime':
+        from efficientdet.backends import OnnxRuntimeModel
+        if dev.type != 'cpu':
+            raise UserError('--backend onnxruntime is benchmarked on the CPU here; use --device cpu')
+        path = args.model
+        if path is None:
+            path = os.path.join(workdir, 'model.onnx')
+            t = time.perf_counter()
+            export_onnx(model, path, size, fuse=args.fuse, verify=args.verify)
+            notes['export_s'] = round(time.perf_counter() - t, 2)
+        runner = OnnxRuntimeModel(path, threads=args.threads)
+        if runner.with_nms:
+            raise UserError(f'{path} was exported --with-nms; benchmark a raw export (no --with-nms)')
+        proj.update({k: runner.meta[k] for k in ('mean', 'std') if k in runner.meta})
+        return runner, proj, notes
+    if args.backend == 'torchscript':
+        from efficientdet.backends import TorchScriptModel
+        path = args.model
+        if path is None:
+            path = os.path.join(workdir, 'model.pt')
+            t = time.perf_counter()
+            export_torchscript(model.to(dev), path, size, fuse=args.fuse, channels_last=args.channels_last,
+                               verify=args.verify)
+            notes['export_s'] = round(time.perf_counter() - t, 2)
+        runner = TorchScriptModel(path, threads=args.threads, device=str(dev))
+        proj.update({k: runner.meta[k] for k in ('mean', 'std') if k in runner.meta})
+        return runner, proj, notes
+
+    # torch eager
+    model = model.to(dev)
+    if args.fuse:
+        from efficientdet.fuse import fuse_model
+        net = fuse_model(model, channels_last=args.channels_last, image_size=size, fast=args.fast)
+        notes['cpu_fast_path'] = any(getattr(m, 'fast', False) for m in net.modules())
+    else:
+        net = model.to(memory_format=torch.channels_last) if args.channels_last else model
+    net.eval()
+    half = _half_dtype(args, dev)
+    fn: Callable = net
+    if args.compile:
+        fn = torch.compile(net)
+        notes['compile'] = 'torch.compile (compiled during warm-up)'
+    cl = args.channels_last
+
+    def forward(x: torch.Tensor):
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        ctx = torch.autocast(dev.type, dtype=half) if half is not None else nullcontext()
+        with ctx:
+            return fn(x)
+
+    if args.cuda_graphs:
+        if dev.type != 'cuda':
+            raise UserError('--cuda_graphs needs --device cuda:0')
+        example = torch.zeros(args.batch_size, 3, *size, device=dev)
+        with torch.inference_mode():
+            graphed = _CudaGraphRunner(forward, example)
+        return graphed, proj, notes
+    return forward, proj, notes
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+class Pipeline:
+    """BGR uint8 frames -> detections in original-image pixels, stage by stage."""
+
+    def __init__(self, runner: Callable, size: Tuple[int, int], dev: torch.device, mean: Sequence[float],
+                 std: Sequence[float], score_threshold: float, iou_threshold: float, max_det: int, nms: str):
+        self.runner, self.size, self.dev = runner, size, dev
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.score_threshold, self.iou_threshold, self.max_det, self.nms = score_threshold, iou_threshold, max_det, nms
+
+    def preprocess(self, frames: Sequence[np.ndarray]) -> Tuple[torch.Tensor, list]:
+        import cv2
+        from efficientdet.preprocess import letterbox
+        tensors, metas = [], []
+        for bgr in frames:  # one letterbox per image: frames are separate arrays
+            t, meta = letterbox(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), self.size, self.mean, self.std)
+            tensors.append(t)
+            metas.append(meta)
+        batch = torch.stack(tensors)
+        if self.dev.type == 'cuda':
+            batch = batch.pin_memory().to(self.dev, non_blocking=True)
+        return batch, metas
+
+    def forward(self, batch: torch.Tensor):
+        return self.runner(batch)
+
+    def postprocess(self, outputs, metas: list) -> List[Dict[str, np.ndarray]]:
+        from efficientdet.postprocess import detect
+        from efficientdet.preprocess import boxes_to_original
+        _, regression, classification, anchors = outputs
+        dets = detect(classification, regression, anchors, self.size, score_threshold=self.score_threshold,
+                      iou_threshold=self.iou_threshold, max_det=self.max_det, nms=self.nms)
+        return [{'boxes': boxes_to_original(d['boxes'], m), 'scores': d['scores'].float().cpu().numpy(),
+                 'labels': d['labels'].cpu().numpy()} for d, m in zip(dets, metas)]
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
+
+
+def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
+    """Build, warm up, time; returns the report dict (see the module docstring)."""
+    from efficientdet.config import CONFIGS, check_image_size, get_config
+    from efficientdet.preprocess import IMAGENET_MEAN, IMAGENET_STD
+    if args.compound_coef not in CONFIGS:
+        raise UserError(f'-c {args.compound_coef}: compound coefficient must be 0-8 (8 = D7x)')
+    if args.iters < 1 or args.warmup < 0 or args.batch_size < 1:
+        raise UserError('--iters and --batch_size must be at least 1, --warmup at least 0')
+    if args.compile and args.warmup < 1:
+        raise UserError('--compile needs --warmup 1 or more (compilation happens in the first call)')
+    size_arg = args.image_size or [get_config(args.compound_coef).input_size]
+    if len(size_arg) not in (1, 2):
+        raise UserError('--image_size takes N or H W')
+    size = (size_arg[0], size_arg[0]) if len(size_arg) == 1 else (size_arg[0], size_arg[1])
+    try:
+        check_image_size(size[0], size[1], args.compound_coef)
+    except ValueError as e:
+        raise UserError(f'--image_size: {e}') from None
+    dev = _device(args.device)
+    threads = _set_threads(args.threads)
+    malloc_tuned = False
+    if args.tune_malloc:
+        from efficientdet.backends import tune_cpu_allocator
+        malloc_tuned = tune_cpu_allocator()
+    if args.image is not None:
+        import cv2
+        if not os.path.isfile(args.image):
+            raise UserError(f'--image {args.image}: no such file')
+        frame = cv2.imread(args.image, cv2.IMREAD_COLOR)
+        if frame is None:
+            raise UserError(f'--image {args.image}: OpenCV cannot decode it')
+        source = args.image
+    else:
+        cw, ch = _parse_wh(args.camera_size)
+        frame = synthetic_image(cw, ch)
+        source = f'synthetic {cw}x{ch} frame'
+    frames = [frame] * args.batch_size
+
+    with tempfile.TemporaryDirectory(prefix='effdet_bench_') as workdir:
+        runner, proj, notes = build_runner(args, dev, size, workdir)
+        pipe = Pipeline(runner, size, dev, proj.get('mean', IMAGENET_MEAN), proj.get('std', IMAGENET_STD),
+                        args.score_threshold, args.iou_threshold, args.max_det, args.nms)
+        prepared, prepared_metas = pipe.preprocess(frames)
+        stages: Dict[str, List[float]] = {'preprocess': [], 'forward': [], 'postprocess': []}
+        totals: List[float] = []
+        num_det = 0
+        if dev.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats(dev)
+        peak_reset = reset_peak_rss() if dev.type == 'cpu' else False
+        with torch.inference_mode():
+            for i in range(args.warmup + args.iters):
+                timed = i >= args.warmup
+                _sync(dev)
+                t0 = time.perf_counter()
+                if args.mode == 'forward':
+                    pipe.forward(prepared)
+                    _sync(dev)
+                    t1 = time.perf_counter()
+                    if timed:
+                        totals.append(t1 - t0)
+                    continue
+                batch, metas = pipe.preprocess(frames)
+                _sync(dev)
+                t1 = time.perf_counter()
+                out = pipe.forward(batch)
+                _sync(dev)
+                t2 = time.perf_counter()
+                dets = pipe.postprocess(out, metas)
+                _sync(dev)
+                t3 = time.perf_counter()
+                if timed:
+                    totals.append(t3 - t0)
+                    stages['preprocess'].append(t1 - t0)
+                    stages['forward'].append(t2 - t1)
+                    stages['postprocess'].append(t3 - t2)
+                    num_det = sum(len(d['scores']) for d in dets)
+        if dev.type == 'cuda':
+            peak = torch.cuda.max_memory_allocated(dev) / 2 ** 20
+            device_name = torch.cuda.get_device_name(dev)
+        else:
+            peak = peak_rss_mb()
+            device_name = cpu_model_name()
+
+    ms = [t * 1000.0 for t in totals]
+    median = statistics.median(ms)
+    report: Dict[str, Any] = {
+        'latency_ms_median': round(median, 3),
+        'latency_ms_p90': round(_percentile(ms, 90), 3),
+        'latency_ms_mean': round(statistics.fmean(ms), 3),
+        'latency_ms_min': round(min(ms), 3),
+        'latency_ms_max': round(max(ms), 3),
+        'fps': round(1000.0 / median, 3),
+        'images_per_second': round(1000.0 * args.batch_size / median, 3),
+        'peak_memory_mb': round(peak, 1) if peak is not None else None,
+        'peak_memory_kind': ('cuda max_memory_allocated' if dev.type == 'cuda' else
+                             'process peak RSS (VmHWM)' + (' since warm-up' if peak_reset else '')),
+        'device': device_name,
+        'device_type': dev.type,
+        'cpu_count': os.cpu_count(),
+        'threads': threads,
+        'torch_version': torch.__version__,
+        'backend': args.backend,
+        'mode': args.mode,
+        'model': CONFIGS[args.compound_coef].name,
+        'compound_coef': args.compound_coef,
+        'image_size': list(size),
+        'batch_size': args.batch_size,
+        'iters': args.iters,
+        'warmup': args.warmup,
+        'input': source,
+        'num_detections': num_det if args.mode == 'end2end' else None,
+        'malloc_tuned': malloc_tuned,
+        'python': platform.python_version(),
+        'settings': {k: v for k, v in sorted(vars(args).items()) if k != 'json'},
+    }
+    if args.mode == 'end2end':
+        report['stage_ms_median'] = {k: round(statistics.median(v) * 1000.0, 3) for k, v in stages.items()}
+    if args.backend == 'onnxruntime':
+        import onnxruntime
+        report['onnxruntime_version'] = onnxruntime.__version__
+    report.update({f'note_{k}': v for k, v in notes.items()})
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('-c', '--compound_coef', type=int, default=0, help='0-8 (8 = D7x)')
+    p.add_argument('-w', '--weights', default=None, help='checkpoint; random weights when omitted')
+    group = p.add_mutually_exclusive_group()
+    group.add_argument('--num_classes', type=int, default=None, help='class count (default: -p, the weights, or 90)')
+    group.add_argument('-p', '--project', default=None, help='projects/NAME.yml: classes, anchors, mean/std')
+    p.add_argument('--projects_dir', default='projects')
+    p.add_argument('--image_size', type=int, nargs='+', default=None,
+                   help='network input N or H W (multiples of 128; 256 for D7x); default: the variant size')
+    p.add_argument('--batch_size', type=int, default=1)
+    p.add_argument('--threads', type=int, default=None, help='intra-op threads (torch, onnxruntime, OpenCV)')
+    p.add_argument('--device', default='cpu', help='cpu or cuda:N')
+    p.add_argument('--half', action='store_true', help='autocast: float16 on CUDA, bfloat16 on CPU')
+    p.add_argument('--half_dtype', default='auto', choices=['auto', 'float16', 'bfloat16'])
+    p.add_argument('--backend', default='torch', choices=['torch', 'onnxruntime', 'torchscript'])
+    p.add_argument('--model', default=None, help='an exported .onnx / .pt file (default: export to a temp dir)')
+    p.add_argument('--mode', default='end2end', choices=['end2end', 'forward'])
+    p.add_argument('--iters', type=int, default=30, help='timed runs')
+    p.add_argument('--warmup', type=int, default=5, help='untimed runs first')
+    p.add_argument('--json', default=None, help='write the report here')
+    p.add_argument('--fuse', action=argparse.BooleanOptionalAction, default=True,
+                   help='fold BatchNorms (efficientdet.fuse); --no-fuse runs the training model')
+    p.add_argument('--channels_last', action=argparse.BooleanOptionalAction, default=True,
+                   help='channels_last memory format (torch / torchscript backends)')
+    p.add_argument('--fast', action=argparse.BooleanOptionalAction, default=None,
+                   help='CPU fast path of the fused model (oneDNN conv+swish fusion); default: on for float32 CPU')
+    p.add_argument('--compile', action='store_true', help='torch.compile the model (torch backend)')
+    p.add_argument('--cuda_graphs', action='store_true', help='replay a captured CUDA graph (torch, CUDA)')
+    p.add_argument('--tune_malloc', action='store_true',
+                   help='keep freed memory in the process (glibc mallopt): faster large variants on CPU, '
+                        'resident memory stays at its peak (efficientdet.backends.tune_cpu_allocator)')
+    p.add_argument('--verify', action='store_true', help='check exported files against the eager model')
+    p.add_argument('--camera_size', default='640x480', help='synthetic frame WIDTHxHEIGHT')
+    p.add_argument('--image', default=None, help='use this image file instead of the synthetic frame')
+    p.add_argument('--score_threshold', type=float, default=0.05)
+    p.add_argument('--iou_threshold', type=float, default=0.5)
+    p.add_argument('--max_det', type=int, default=100)
+    p.add_argument('--nms', default='hard', choices=['hard', 'gaussian', 'official'])
+    return p
+
+
+def format_report(r: Dict[str, Any]) -> str:
+    lines = [f"{r['model']} {r['image_size'][0]}x{r['image_size'][1]} batch {r['batch_size']} | "
+             f"backend {r['backend']} | mode {r['mode']} | {r['device']} | threads {r['threads']} | "
+             f"torch {r['torch_version']}",
+             f"latency median {r['latency_ms_median']:.1f} ms, p90 {r['latency_ms_p90']:.1f} ms, "
+             f"min {r['latency_ms_min']:.1f} ms | {r['fps']:.2f} FPS | {r['images_per_second']:.2f} images/s | "
+             f"peak memory {r['peak_memory_mb']} MB"]
+    if 'stage_ms_median' in r:
+        s = r['stage_ms_median']
+        lines.append(f"stages (median ms): preprocess {s['preprocess']:.1f}, forward {s['forward']:.1f}, "
+                     f"postprocess {s['postprocess']:.1f}; detections {r['num_detections']}")
+    return '\n'.join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    report = run_benchmark(args)
+    print(format_report(report))
+    if args.json:
+        folder = os.path.dirname(os.path.abspath(args.json))
+        os.makedirs(folder, exist_ok=True)
+        with open(args.json, 'w', encoding='utf-8') as f:
+            json.dump(report, f, indent=2)
+            f.write('\n')
+    return 0
+
+
+if __name__ == '__main__':
+    run_cli(main)

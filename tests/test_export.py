@@ -1,0 +1,280 @@
+"""BN folding (efficientdet.fuse), ONNX / TorchScript export and their runtimes (efficientdet.backends)."""
+import json
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from efficientdet.errors import UserError
+from efficientdet.fuse import FusedEfficientDet, fold_bn, fuse_model, onednn_available
+from efficientdet.model import EfficientDetBackbone
+
+ATOL = 1e-4
+
+
+def randomize_(model: EfficientDetBackbone, seed: int = 0) -> EfficientDetBackbone:
+    """Non-trivial BN running stats and affine parameters, fusion weights, head biases: folding
+    errors (wrong eps, per-level BN mix-ups, transposed scales) then show up in the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.3)
+                m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.3)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.3)
+        for name, p in model.named_parameters():
+            if name.split('.')[-1] in ('p3_w1', 'p4_w1', 'p5_w1', 'p6_w1', 'p7_w1', 'p4_w2', 'p5_w2', 'p6_w2',
+                                       'p7_w2', 'p8_w1', 'p8_w2'):
+                p.copy_(torch.rand(p.shape, generator=g) * 2.0 - 0.3)  # some negative: relu matters
+            elif name.endswith('bias') and 'header' in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def _make(coef: int = 0, num_classes: int = 20, seed: int = 0) -> EfficientDetBackbone:
+    torch.manual_seed(seed)
+    return randomize_(EfficientDetBackbone(num_classes=num_classes, compound_coef=coef), seed)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, what: str, atol: float = ATOL) -> None:
+    d = float((a.float() - b.float()).abs().max())
+    assert d <= atol, f'{what}: max |diff| {d:.3g} > {atol}'
+
+
+@pytest.fixture(scope='module')
+def d0():
+    return _make(0)
+
+
+# --------------------------------------------------------------------------- fuse
+def test_fold_bn_matches_conv_then_bn():
+    conv = torch.nn.Conv2d(6, 5, 3, padding=1, bias=True)
+    bn = torch.nn.BatchNorm2d(5, eps=1e-3).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.2, 3)
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.uniform_(-1, 1)
+    w, b = fold_bn(conv, bn)
+    x = torch.randn(2, 6, 9, 9)
+    with torch.no_grad():
+        _close(torch.nn.functional.conv2d(x, w, b, padding=1), bn(conv(x)), 'folded conv', 1e-5)
+
+
+@pytest.mark.parametrize('coef,size,channels_last,fast', [(0, (128, 256), False, False), (0, (256, 256), True, True),
+                                                          (1, 128, True, True)])
+def test_fuse_same_outputs(coef, size, channels_last, fast, d0):
+    model = d0 if coef == 0 else _make(coef, seed=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fused = fuse_model(model, channels_last=channels_last, image_size=size, fast=fast)
+    assert isinstance(fused, FusedEfficientDet) and not fused.training
+    assert any(getattr(m, 'fast', False) for m in fused.modules()) == (fast and onednn_available())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    assert all(not p.requires_grad for p in fused.parameters())
+    hw = (size, size) if isinstance(size, int) else size
+    x = torch.randn(2, 3, *hw, generator=torch.Generator().manual_seed(3))
+    xf = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    with torch.inference_mode():
+        ref = model(x, return_logits=True)
+        out = fused(xf, return_logits=True)
+    assert len(out[0]) == len(ref[0])
+    for i, (a, b) in enumerate(zip(out[0], ref[0])):
+        assert a.shape == b.shape
+        _close(a, b, f'feature P{3 + i}')
+    for name, a, b in zip(('regression', 'logits', 'anchors'), out[1:], ref[1:]):
+        assert a.shape == b.shape
+        _close(a, b, name)
+    assert float(ref[2].std()) > 0.1 and float(ref[1].std()) > 0.01  # really varied outputs
+    for k, v in model.state_dict().items():  # the source model is left untouched
+        assert torch.equal(v, before[k]), k
+
+
+def test_fuse_other_size_and_bad_size(d0):
+    fused = fuse_model(d0, channels_last=False, image_size=256)
+    x = torch.randn(1, 3, 128, 384)
+    with torch.inference_mode():
+        a, b = fused(x), d0(x)
+    for name, u, v in zip(('regression', 'classification', 'anchors'), a[1:], b[1:]):
+        _close(u, v, f'{name} at another size')
+    with pytest.raises(UserError, match='multiple of 128'):
+        fuse_model(d0, image_size=200)
+    with pytest.raises(ValueError, match='multiples of 128'):
+        with torch.inference_mode():
+            fused(torch.randn(1, 3, 200, 256))
+
+
+def test_fast_fused_model_copies_and_moves(d0):
+    import copy
+    fused = fuse_model(d0, image_size=128, fast=True)
+    x = torch.randn(1, 3, 128, 128).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        a = fused(x)  # fills the oneDNN weight caches
+        b = copy.deepcopy(fused)(x)  # the caches are not copied, they are rebuilt
+        c = copy.deepcopy(fused).double()(x.double())  # other dtype: the plain path
+    for name, u, v, w in zip(('regression', 'classification'), a[1:3], b[1:3], c[1:3]):
+        _close(u, v, name)
+        _close(u, w, name)
+
+
+def test_fuse_zylo117_compat():
+    torch.manual_seed(0)
+    m = randomize_(EfficientDetBackbone(num_classes=5, compound_coef=0, compat='zylo117'))
+    x = torch.randn(1, 3, 128, 128)
+    with torch.inference_mode():
+        a, b = fuse_model(m, image_size=128)(x.contiguous(memory_format=torch.channels_last)), m(x)
+    for name, u, v in zip(('regression', 'classification', 'anchors'), a[1:], b[1:]):
+        _close(u, v, name)
+
+
+# --------------------------------------------------------------------------- ONNX
+def test_onnx_export_matches_torch(d0, tmp_path):
+    from efficientdet.backends import OnnxRuntimeModel
+    from efficientdet.export import export_onnx
+    path = str(tmp_path / 'd0.onnx')
+    diffs = export_onnx(d0, path, 256)  # checker + onnxruntime vs eager, batch 2
+    assert set(diffs) == {'regression', 'classification', 'anchors'} and max(diffs.values()) <= ATOL
+    rt = OnnxRuntimeModel(path, threads=2)
+    assert rt.image_size == (256, 256) and rt.num_classes == 20 and rt.compound_coef == 0 and not rt.with_nms
+    x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(7))  # another batch size
+    feats, reg, cls, anc = rt(x)
+    with torch.inference_mode():
+        _, r, c, a = d0(x)
+    assert feats is None
+    _close(reg, r, 'regression')
+    _close(cls, c, 'classification')
+    _close(anc, a, 'anchors')
+    with pytest.raises(UserError, match='exported for 256x256'):
+        rt(torch.randn(1, 3, 128, 128))
+
+
+def _confident_model() -> EfficientDetBackbone:
+    """A model whose class scores are high and varied, so NMS has real work to do."""
+    m = _make(0, num_classes=6, seed=2)
+    with torch.no_grad():
+        b = m.classifier.header.pointwise_conv.conv.bias
+        b.copy_(torch.randn(b.shape, generator=torch.Generator().manual_seed(5)) * 2.0)
+    return m
+
+
+class _FixedHeads(torch.nn.Module):
+    """Stands in for the network: returns stored head outputs (batch of any size: first rows)."""
+
+    def __init__(self, reg, cls, anchors):
+        super().__init__()
+        self.register_buffer('reg', reg)
+        self.register_buffer('cls', cls)
+        self.register_buffer('anc', anchors)
+
+    def forward(self, x):
+        b = x.shape[0]
+        return None, self.reg[:b] + 0 * x.sum(), self.cls[:b], self.anc
+
+
+def test_onnx_nms_graph_equals_detect(tmp_path):
+    """The exported post-processing (NonMaxSuppression op) on exactly the same head outputs as
+    ``postprocess.detect``: identical detections, in the same order."""
+    import onnxruntime as ort
+    from efficientdet.anchors import Anchors
+    from efficientdet.export import NMSExportWrapper
+    from efficientdet.postprocess import detect
+    g = torch.Generator().manual_seed(0)
+    anchors = Anchors(4.0, [3, 4, 5, 6, 7]).for_size(128, 128)
+    a = anchors.shape[1]
+    cls = torch.sigmoid(torch.randn(2, a, 7, generator=g) * 2.0)  # spread, rarely saturated scores
+    reg = torch.randn(2, a, 4, generator=g) * 0.3
+    wrapper = NMSExportWrapper(_FixedHeads(reg, cls, anchors), 128, 7, score_threshold=0.6, iou_threshold=0.5,
+                               max_det=60, pre_nms_topk=1000).eval()
+    path = str(tmp_path / 'nms.onnx')
+    x = torch.zeros(2, 3, 128, 128)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # tracer notes on shape-derived constants
+        torch.onnx.export(wrapper, (x,), path, input_names=['images'], opset_version=17, dynamo=False,
+                          output_names=['boxes', 'scores', 'labels', 'num_detections'])
+    assert 'NonMaxSuppression' in {n.op_type for n in __import__('onnx').load(path).graph.node}
+    boxes, scores, labels, num = ort.InferenceSession(path, providers=['CPUExecutionProvider']).run(
+        None, {'images': x.numpy()})
+    ref = detect(cls, reg, anchors, (128, 128), score_threshold=0.6, iou_threshold=0.5, max_det=60, nms='hard',
+                 pre_nms_topk=1000)
+    assert int((cls.max(-1).values > 0.6).sum()) > 1000  # top-k, NMS and max_det all cut something
+    for i, d in enumerate(ref):
+        n = int(num[i])
+        assert n == len(d['scores']) == 60
+        np.testing.assert_allclose(boxes[i, :n], d['boxes'].numpy(), rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(scores[i, :n], d['scores'].numpy(), atol=1e-6)
+        np.testing.assert_array_equal(labels[i, :n], d['labels'].numpy())
+
+
+def test_onnx_with_nms_same_detections_as_eager(tmp_path):
+    from efficientdet.backends import OnnxRuntimeModel
+    from efficientdet.export import _compare_detections, export_onnx
+    from efficientdet.postprocess import detect
+    model = _confident_model()
+    path = str(tmp_path / 'd0_nms.onnx')
+    export_onnx(model, path, 128, with_nms=True, score_threshold=0.5, iou_threshold=0.5, max_det=50)
+    rt = OnnxRuntimeModel(path)
+    assert rt.with_nms
+    x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(11))
+    out = rt.run(x)
+    assert out['boxes'].shape == (2, 50, 4) and out['labels'].dtype == np.int64
+    with torch.inference_mode():
+        _, reg, cls, anc = model(x)
+    ref = detect(cls, reg, anc, (128, 128), score_threshold=0.5, iou_threshold=0.5, max_det=50, nms='hard')
+    n = torch.tensor([len(d['scores']) for d in ref])
+    boxes, scores, labels = torch.zeros(2, 50, 4), torch.zeros(2, 50), torch.full((2, 50), -1)
+    for i, d in enumerate(ref):  # detect's per-image lists -> the export's padded layout
+        boxes[i, :n[i]], scores[i, :n[i]], labels[i, :n[i]] = d['boxes'], d['scores'], d['labels']
+    stats = _compare_detections(path, [out[k] for k in ('boxes', 'scores', 'labels', 'num_detections')],
+                                [boxes, scores, labels, n], 1e-4)
+    assert stats['matched'] >= 0.9 and n.min() >= 10  # whole network + NMS: near-ties may flip a box or two
+    for i in range(2):
+        k = int(out['num_detections'][i])
+        assert (out['labels'][i, k:] == -1).all() and (out['scores'][i, k:] == 0).all()
+    with pytest.raises(UserError, match='with-nms'):
+        rt(x)
+
+
+# --------------------------------------------------------------------------- TorchScript
+def test_torchscript_export_matches_torch(d0, tmp_path):
+    from efficientdet.backends import TorchScriptModel
+    from efficientdet.export import export_torchscript
+    path = str(tmp_path / 'd0.pt')
+    diffs = export_torchscript(d0, path, 128)
+    assert max(diffs.values()) <= ATOL
+    ts = TorchScriptModel(path)
+    assert ts.image_size == (128, 128) and ts.channels_last and ts.num_classes == 20
+    x = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        ref = d0(x)
+    got = ts(x)
+    for name, a, b in zip(('regression', 'classification', 'anchors'), got[1:], ref[1:]):
+        _close(a, b, name)
+
+
+# --------------------------------------------------------------------------- CLI
+def test_cli_export_onnx_with_weights(d0, tmp_path, capsys):
+    from efficientdet.export import main
+    w = str(tmp_path / 'w.pth')
+    torch.save(d0.state_dict(), w)
+    out = str(tmp_path / 'cli.onnx')
+    assert main(['onnx', '-c', '0', '-w', w, '--image_size', '128', '-o', out]) == 0
+    assert 'verified' in capsys.readouterr().out
+    import onnx
+    meta = {p.key: p.value for p in onnx.load(out).metadata_props}
+    assert meta['num_classes'] == '20' and json.loads(meta['image_size']) == [128, 128]
+
+
+def test_cli_user_errors(d0, tmp_path):
+    from efficientdet.export import main
+    with pytest.raises(UserError, match='no such'):
+        main(['onnx', '-c', '0', '-w', str(tmp_path / 'missing.pth'), '-o', str(tmp_path / 'x.onnx')])
+    with pytest.raises(UserError, match='multiple of 128'):
+        main(['onnx', '-c', '0', '--num_classes', '3', '--image_size', '300', '-o', str(tmp_path / 'x.onnx')])
+    w = str(tmp_path / 'w.pth')
+    torch.save(d0.state_dict(), w)  # 20 classes
+    with pytest.raises(UserError):
+        main(['onnx', '-c', '0', '-w', w, '--num_classes', '5', '-o', str(tmp_path / 'x.onnx')])
+    assert not os.path.exists(tmp_path / 'x.onnx')

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Side-by-side CPU latency of this project and the two PyTorch peers, measured in ONE run,
+# alternating the candidates round by round so machine noise hits all of them alike.
+#
+# usage: tools/compare_peers.sh [COEF=0] [SIZE=512] [ROUNDS=3] [ITERS=15] [SET=full|short]
+# env:   THREADS (2), PEER_PY (/tmp/vpeer/bin/python), PEER_SCRIPT, ZYLO (peer checkout), PY (python3)
+#
+# Peers: Yet-Another-EfficientDet-Pytorch and effdet (tf_efficientdet_dC), timed by the peer
+# script (forward only, random weights, 90 classes, batch 1); see its README for the setup
+# (/work/shared/tools/peer_bench). Ours: benchmark.py with random weights, 90 classes, batch 1,
+# forward and end2end, in the settings listed below (SET=short: the default torch backend, with and
+# without --tune_malloc, and onnxruntime only). Each round runs every candidate once (ITERS timed runs after warm-up);
+# the table shows the median over rounds of each candidate's per-round median, and ratios
+# against the peers' forward pass. Nothing of the peers is imported into this project.
+set -euo pipefail
+COEF=${1:-0}
+SIZE=${2:-512}
+ROUNDS=${3:-3}
+ITERS=${4:-15}
+SET=${5:-full}
+THREADS=${THREADS:-2}
+PY=${PY:-python3}
+PEER_PY=${PEER_PY:-/tmp/vpeer/bin/python}
+PEER_SCRIPT=${PEER_SCRIPT:-/work/shared/tools/peer_bench/peer_forward.py}
+export ZYLO=${ZYLO:-/tmp/peers/zylo117+Yet-Another-EfficientDet-Pytorch}
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+OUT=$(mktemp -d /tmp/compare_peers.XXXXXX)
+trap 'rm -rf "$OUT"' EXIT
+
+have_peers=1
+if [[ ! -x "$PEER_PY" || ! -f "$PEER_SCRIPT" || ! -d "$ZYLO" ]]; then
+  echo "peers not set up ($PEER_PY, $PEER_SCRIPT, $ZYLO): timing this project only" >&2
+  have_peers=0
+fi
+
+if [[ "$SET" == full ]]; then
+  CONFIGS=("plain:--no-fuse --no-channels_last"
+           "fused:--no-channels_last --no-fast"
+           "fused_cl:--no-fast"
+           "fused_cl_fast:"
+           "fused_cl_fast_malloc:--tune_malloc"
+           "onnxruntime:--backend onnxruntime --model $OUT/model.onnx")
+else
+  CONFIGS=("fused_cl_fast:" "fused_cl_fast_malloc:--tune_malloc" "onnxruntime:--backend onnxruntime --model $OUT/model.onnx")
+fi
+
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo '?')
+echo "exporting D$COEF at $SIZE to ONNX once (not timed)" >&2
+(cd "$HERE" && $PY -m efficientdet.export onnx -c "$COEF" --num_classes 90 --image_size "$SIZE" \
+   -o "$OUT/model.onnx" --no-verify > /dev/null)
+
+for r in $(seq 1 "$ROUNDS"); do
+  echo "round $r/$ROUNDS" >&2
+  if [[ $have_peers == 1 ]]; then
+    (cd /tmp && THREADS=$THREADS "$PEER_PY" "$PEER_SCRIPT" "$COEF" "$SIZE" "$ITERS" 2>/dev/null \
+       | grep -E 'median' > "$OUT/peer_$r.txt") || echo "peer run failed in round $r" >&2
+  fi
+  for cfg in "${CONFIGS[@]}"; do
+    name=${cfg%%:*}
+    flags=${cfg#*:}
+    for mode in forward end2end; do
+      # shellcheck disable=SC2086
+      (cd "$HERE" && $PY benchmark.py -c "$COEF" --image_size "$SIZE" --threads "$THREADS" --iters "$ITERS" \
+         --warmup 3 --mode $mode $flags --json "$OUT/ours_${name}_${mode}_$r.json" > /dev/null)
+    done
+  done
+done
+
+LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo '?')
+$PY - "$OUT" "$COEF" "$SIZE" "$THREADS" "$ROUNDS" "$ITERS" "$LOAD_START" "$LOAD_END" <<'PY'
+import glob, json, os, re, statistics, sys
+out, coef, size, threads, rounds, iters, load0, load1 = sys.argv[1:]
+rows = {}
+for path in sorted(glob.glob(os.path.join(out, 'peer_*.txt'))):
+    for line in open(path):
+        m = re.match(r'\s*(zylo117|effdet)\S*\s.*?median\s+([\d.]+)\s*ms', line)
+        if m:
+            rows.setdefault((f'peer {m.group(1)}', 'forward'), []).append(float(m.group(2)))
+device = None
+for path in sorted(glob.glob(os.path.join(out, 'ours_*.json'))):
+    r = json.load(open(path))
+    name = os.path.basename(path)[5:].rsplit('_', 2)[0]
+    rows.setdefault((f'ours {name}', r['mode']), []).append(r['latency_ms_median'])
+    device = r['device']
+med = {k: statistics.median(v) for k, v in rows.items()}
+zy = med.get(('peer zylo117', 'forward'))
+ed = med.get(('peer effdet', 'forward'))
+print(f'D{coef} {size}x{size}, batch 1, {threads} threads, {device}; {rounds} rounds x {iters} timed runs; '
+      'median of per-round medians (ms)')
+print(f'load average (1/5/15 min) at start {load0}, at end {load1}: above the thread count means a shared, noisy CPU')
+print(f'{"candidate":26s} {"mode":8s} {"ms":>8s} {"runs":>5s} {"Yet-Another/x":>14s} {"effdet/x":>9s}')
+for (name, mode), v in sorted(med.items(), key=lambda kv: (not kv[0][0].startswith('peer'), kv[0][1], -kv[1])):
+    a = f'{zy / v:.2f}x' if zy else '-'
+    b = f'{ed / v:.2f}x' if ed else '-'
+    print(f'{name:26s} {mode:8s} {v:8.1f} {len(rows[(name, mode)]):5d} {a:>14s} {b:>9s}')
+PY
