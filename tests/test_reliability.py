@@ -1,0 +1,229 @@
+"""Reliability and security through the real scripts: untrusted input, user mistakes, dirty data,
+interrupted writes. Each user mistake must give one clear line naming the file/field, a non-zero
+exit and no traceback."""
+import ast
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from efficientdet.anchors import decode_boxes, encode_boxes
+from efficientdet.checkpoint import atomic_save, safe_load
+from efficientdet.model import EfficientDetBackbone
+from efficientdet.postprocess import nms
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1')
+PROJECT_YML = """project_name: tiny
+train_set: train
+val_set: val
+obj_list: ['rectangle', 'circle', 'triangle']
+"""
+
+
+def _python_files():
+    for base, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if not d.startswith('.') and d not in ('datasets', 'runs', 'logs', '__pycache__')]
+        for f in files:
+            if f.endswith('.py'):
+                yield os.path.join(base, f)
+
+
+def test_no_eval_exec_or_unsafe_loaders_anywhere():
+    offenders = []
+    for path in _python_files():
+        tree = ast.parse(open(path, encoding='utf-8').read(), path)
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            f = node.func
+            name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ''
+            owner = f.value.id if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) else ''
+            if name in ('eval', 'exec') and (isinstance(f, ast.Name) or owner == 'builtins'):
+                offenders.append(f'{path}:{node.lineno} {name}')
+            if owner == 'yaml' and name in ('load', 'unsafe_load', 'full_load'):
+                offenders.append(f'{path}:{node.lineno} yaml.{name}')
+            if owner == 'pickle' and name in ('load', 'loads'):
+                offenders.append(f'{path}:{node.lineno} pickle.{name}')
+            if owner == 'torch' and name == 'load':
+                kw = {k.arg: k.value for k in node.keywords}
+                if not (isinstance(kw.get('weights_only'), ast.Constant) and kw['weights_only'].value is True):
+                    offenders.append(f'{path}:{node.lineno} torch.load without weights_only=True')
+    assert not offenders, offenders
+
+
+_SAVER = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[2])
+from efficientdet.checkpoint import atomic_save
+big = {'w': torch.arange(4_000_000, dtype=torch.float32)}
+print('ready', flush=True)
+i = 0
+while True:
+    i += 1
+    big['step'] = torch.tensor(i)
+    atomic_save(big, sys.argv[1])
+"""
+
+
+def test_sigkill_while_saving_leaves_a_loadable_checkpoint(tmp_path):
+    path = tmp_path / 'last.ckpt'
+    atomic_save({'w': torch.zeros(3), 'step': torch.tensor(0)}, str(path))
+    for delay in (0.3, 0.9):
+        proc = subprocess.Popen([sys.executable, '-c', _SAVER, str(path), ROOT], stdout=subprocess.PIPE, text=True,
+                                env=ENV)
+        assert proc.stdout.readline().strip() == 'ready'
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        state = safe_load(str(path))  # old or new, never torn
+        assert int(state['step']) >= 0 and state['w'].ndim == 1
+    leftovers = [p for p in os.listdir(tmp_path) if p != 'last.ckpt']
+    assert all(p.endswith('.tmp') for p in leftovers)  # a killed writer can only leave its temp file
+
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+    from efficientdet.data.shapes import generate_split
+    root = tmp_path_factory.mktemp('rel')
+    generate_split(str(root / 'data' / 'tiny'), 'train', 4, 128, seed=3)
+    generate_split(str(root / 'data' / 'tiny'), 'val', 2, 128, seed=3)
+    (root / 'projects').mkdir()
+    (root / 'projects' / 'tiny.yml').write_text(PROJECT_YML)
+    return root
+
+
+def _run(args, cwd=ROOT, timeout=240):
+    proc = subprocess.run([sys.executable] + args, cwd=cwd, env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def _train_args(root, out, *extra):
+    return ['train.py', '-p', 'tiny', '--projects_dir', str(root / 'projects'), '--data_path', str(root / 'data'),
+            '-c', '0', '--image_size', '128', '--batch_size', '2', '-n', '0', '--num_epochs', '1',
+            '--saved_path', str(out), '--log_path', str(out / 'logs'), '--no_map', *extra]
+
+
+def _assert_user_error(code, err, *needles):
+    assert code == 2, err
+    assert 'Traceback' not in err, err
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith('error:')]
+    assert len(lines) == 1, err
+    for n in needles:
+        assert n in lines[0], (n, err)
+
+
+def _broken_copy(tiny, tmp_path, mutate):
+    root = tmp_path / 'copy'
+    shutil.copytree(tiny, root)
+    mutate(root)
+    return root
+
+
+def test_train_user_mistakes_are_one_clear_line(tiny, tmp_path):
+    code, _, err = _run(_train_args(tiny, tmp_path, '-p', 'nosuchproject'))
+    _assert_user_error(code, err, 'nosuchproject')
+
+    root = _broken_copy(tiny, tmp_path, lambda r: shutil.rmtree(r / 'data' / 'tiny' / 'train'))
+    code, _, err = _run(_train_args(root, tmp_path))
+    _assert_user_error(code, err, 'train')
+
+    def not_coco(r):
+        (r / 'data' / 'tiny' / 'annotations' / 'instances_train.json').write_text(json.dumps({'foo': 1}))
+    root = _broken_copy(tiny, tmp_path / 'b', not_coco)
+    code, _, err = _run(_train_args(root, tmp_path))
+    _assert_user_error(code, err, 'instances_train.json')
+
+    def other_classes(r):
+        (r / 'projects' / 'tiny.yml').write_text(PROJECT_YML.replace("'triangle'", "'hexagon'"))
+    root = _broken_copy(tiny, tmp_path / 'c', other_classes)
+    code, _, err = _run(_train_args(root, tmp_path))
+    _assert_user_error(code, err, 'hexagon')
+
+    code, _, err = _run(_train_args(tiny, tmp_path, '--image_size', '200'))
+    _assert_user_error(code, err, '128')
+
+    d1 = tmp_path / 'd1.pth'
+    torch.save(EfficientDetBackbone(num_classes=3, compound_coef=1).state_dict(), str(d1))
+    code, _, err = _run(_train_args(tiny, tmp_path, '-w', str(d1)))
+    _assert_user_error(code, err, 'd1', '-c 0')
+
+    def bad_yml(r):
+        (r / 'projects' / 'tiny.yml').write_text(PROJECT_YML + "anchors_scales: '__import__(\"os\").getcwd()'\n")
+    root = _broken_copy(tiny, tmp_path / 'e', bad_yml)
+    code, _, err = _run(_train_args(root, tmp_path))
+    _assert_user_error(code, err, 'anchors_scales')
+
+
+def test_inference_user_mistakes(tiny, tmp_path):
+    w = tmp_path / 'w.pth'
+    torch.save(EfficientDetBackbone(num_classes=3, compound_coef=0).state_dict(), str(w))
+    base = ['efficientdet_test.py', '-p', 'tiny', '--projects_dir', str(tiny / 'projects'), '-w', str(w),
+            '--image_size', '128', '--output', str(tmp_path / 'out')]
+    img = str(next((tiny / 'data' / 'tiny' / 'val').iterdir()))
+    code, _, err = _run(base + [img, '--device', 'tpu:7'])
+    _assert_user_error(code, err, 'tpu:7')
+    code, _, err = _run(base + [img, '-c', '2'])
+    _assert_user_error(code, err, '-c 2')
+    code, _, err = _run(base[:-4] + ['--image_size', '100', img])
+    _assert_user_error(code, err, '128')
+
+
+def test_dirty_data_is_survived_and_counted_by_training(tiny, tmp_path):
+    def dirty(r):
+        d = r / 'data' / 'tiny'
+        imgs = sorted((d / 'train').iterdir())
+        imgs[0].write_bytes(b'not a jpeg at all')  # corrupt image
+        ann_path = d / 'annotations' / 'instances_train.json'
+        ann = json.loads(ann_path.read_text())
+        ann['annotations'][1]['bbox'] = [10, 10, -5, 8]  # negative width
+        ann['annotations'][2]['bbox'] = [500, 500, 20, 20]  # outside the 128 px image
+        del ann['annotations'][3]['category_id']  # missing field
+        ann['images'].append(dict(id=999, file_name='missing.jpg', height=128, width=128))  # missing file
+        ann_path.write_text(json.dumps(ann))
+    root = _broken_copy(tiny, tmp_path, dirty)
+    code, out, err = _run(_train_args(root, tmp_path / 'out', '--max_steps', '2'))
+    assert code == 0, err
+    text = out + err
+    assert 'skipped' in text and 'Traceback' not in text
+    code, out, err = _run(['-m', 'efficientdet.data.check', '-p', 'tiny', '--projects_dir', str(root / 'projects'),
+                           '--data_path', str(root / 'data')])
+    assert code == 1 and 'Traceback' not in err, err
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.floats(-1e4, 1e4), st.floats(-1e4, 1e4), st.floats(0.0, 1e4), st.floats(0.0, 1e4)),
+                min_size=1, max_size=20))
+def test_box_coding_round_trip_property(rows):
+    boxes = torch.tensor([[y, x, y + h, x + w] for y, x, h, w in rows], dtype=torch.float64)
+    anchors = torch.tensor([[0.0, 0.0, 32.0, 64.0]], dtype=torch.float64).expand_as(boxes)
+    codes = encode_boxes(boxes, anchors)
+    assert torch.isfinite(codes).all()
+    back = decode_boxes(codes, anchors)
+    assert torch.allclose(back, boxes, atol=1e-4 + 1e-6 * boxes.abs().max().item())
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 60), st.floats(0.0, 1.0), st.integers(0, 2 ** 31 - 1))
+def test_nms_property_degenerate_and_huge_boxes(n, iou, seed):
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=g) * 1e6 - 5e5
+    wh = torch.rand(n, 2, generator=g) * 1e6
+    if seed % 3 == 0:
+        wh[:, 1] = 0.0  # degenerate: zero-height boxes
+    boxes = torch.cat([xy, xy + wh], 1)
+    scores = torch.rand(n, generator=g)
+    keep = nms(boxes, scores, iou)
+    assert keep.dtype == torch.long and len(set(keep.tolist())) == len(keep) <= n
+    if n:
+        assert int(keep[0]) == int(scores.argmax())
+        assert bool((scores[keep][1:] <= scores[keep][:-1]).all())
