@@ -399,14 +399,18 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
 
     ms = [t * 1000.0 for t in totals]
     median = statistics.median(ms)
+
+    def sig(v: float) -> float:  # 6 significant digits: exact enough at any speed, short JSON
+        return float(f'{v:.6g}')
+
     report: Dict[str, Any] = {
-        'latency_ms_median': round(median, 3),
-        'latency_ms_p90': round(_percentile(ms, 90), 3),
-        'latency_ms_mean': round(statistics.fmean(ms), 3),
-        'latency_ms_min': round(min(ms), 3),
-        'latency_ms_max': round(max(ms), 3),
-        'fps': round(1000.0 / median, 3),
-        'images_per_second': round(1000.0 * args.batch_size / median, 3),
+        'latency_ms_median': sig(median),
+        'latency_ms_p90': sig(_percentile(ms, 90)),
+        'latency_ms_mean': sig(statistics.fmean(ms)),
+        'latency_ms_min': sig(min(ms)),
+        'latency_ms_max': sig(max(ms)),
+        'fps': sig(1000.0 / median),
+        'images_per_second': sig(1000.0 * args.batch_size / median),
         'peak_memory_mb': round(peak, 1) if peak is not None else None,
         'peak_memory_kind': ('cuda max_memory_allocated' if dev.type == 'cuda' else
                              'process peak RSS (VmHWM)' + (' since warm-up' if peak_reset else '')),
@@ -430,7 +434,7 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
         'settings': {k: v for k, v in sorted(vars(args).items()) if k != 'json'},
     }
     if args.mode == 'end2end':
-        report['stage_ms_median'] = {k: round(statistics.median(v) * 1000.0, 3) for k, v in stages.items()}
+        report['stage_ms_median'] = {k: sig(statistics.median(v) * 1000.0) for k, v in stages.items()}
     if args.backend == 'onnxruntime':
         import onnxruntime
         report['onnxruntime_version'] = onnxruntime.__version__

@@ -9,7 +9,7 @@
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -94,6 +94,12 @@ class EfficientDetBackbone(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.eval()
+
+    def fuse(self, channels_last: bool = True, image_size=None, fast: Optional[bool] = None) -> nn.Module:
+        """A new inference-only module: BN folded into convs, static paddings and anchors fixed,
+        plain swish, optional channels_last and the CPU fast path. Same outputs (see ``fuse``)."""
+        from .fuse import fuse_model
+        return fuse_model(self, channels_last=channels_last, image_size=image_size, fast=fast)
 
     def load_pretrained(self, path: str, verbose: bool = True):
         """Load every tensor of a checkpoint whose shape fits (fine-tuning); see ``checkpoint``."""

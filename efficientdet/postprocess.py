@@ -342,7 +342,7 @@ def detect(classification: torch.Tensor, regression: torch.Tensor, anchors: torc
         keep = (torch.arange(boxes.shape[1], device=boxes.device)[None] < valid[:, None]) & (scores > score_threshold)
     else:
         cls = classification.float()
-        best_scores, best_labels = cls.max(-1)  # [B, A]
+        best_scores = cls.amax(-1)  # [B, A]; the argmax only for the top-k rows below
         k = min(int(pre_nms_topk), best_scores.shape[1])
         masked = best_scores.masked_fill(~(best_scores > score_threshold), float('-inf'))
         top_scores, top_idx = masked.topk(k, dim=1) if k else (masked[:, :0], masked[:, :0].long())
@@ -357,7 +357,7 @@ def detect(classification: torch.Tensor, regression: torch.Tensor, anchors: torc
         anc = anchors.float()[0][top_idx]  # [B, k, 4]
         y1, x1, y2, x2 = decode_boxes(reg, anc).unbind(-1)
         cand = torch.stack([x1.clamp(0, w), y1.clamp(0, h), x2.clamp(0, w), y2.clamp(0, h)], -1)
-        cand_labels = best_labels.gather(1, top_idx)
+        cand_labels = cls.gather(1, top_idx[..., None].expand(-1, -1, cls.shape[-1])).argmax(-1)
         sigma = OFFICIAL_SOFT_SIGMA if nms == 'gaussian' else 0.0
         sel, scores, count = _select_padded(cand, top_scores, valid, None if class_agnostic else cand_labels,
                                             float(iou_threshold), sigma, float(score_threshold), int(max_det),

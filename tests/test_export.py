@@ -93,6 +93,18 @@ def test_fuse_same_outputs(coef, size, channels_last, fast, d0):
         assert torch.equal(v, before[k]), k
 
 
+@pytest.mark.slow
+def test_fuse_d7x_sum_fusion_p8():
+    """D7x: sum fusion, six levels (P3-P8), B7 backbone."""
+    model = _make(8, num_classes=5)
+    x = torch.randn(1, 3, 256, 256)
+    with torch.inference_mode():
+        ref, out = model(x, return_logits=True), fuse_model(model, image_size=256)(x, return_logits=True)
+    assert len(out[0]) == 6
+    for name, a, b in zip(('regression', 'logits', 'anchors'), out[1:], ref[1:]):
+        _close(a, b, name)
+
+
 def test_fuse_other_size_and_bad_size(d0):
     fused = fuse_model(d0, channels_last=False, image_size=256)
     x = torch.randn(1, 3, 128, 384)
