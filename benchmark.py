@@ -37,6 +37,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from efficientdet.cli import parse_device
 from efficientdet.errors import UserError, run_cli
 
 # --------------------------------------------------------------------------- machine facts
@@ -146,15 +147,7 @@ def _set_threads(threads: Optional[int]) -> int:
 
 
 def _device(name: str) -> torch.device:
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise UserError(f'--device {name!r} is not a device name; use cpu or cuda:0') from None
-    if dev.type == 'cuda' and not torch.cuda.is_available():
-        raise UserError(f'--device {name}: CUDA is not available on this machine; use --device cpu')
-    if dev.type not in ('cpu', 'cuda'):
-        raise UserError(f'--device {name}: only cpu and cuda devices are supported')
-    return dev
+    return parse_device(name)
 
 
 def _half_dtype(args: argparse.Namespace, dev: torch.device) -> Optional[torch.dtype]:

@@ -18,17 +18,9 @@ import argparse
 import os
 from typing import List, Optional
 
+from efficientdet.cli import str2bool
 from efficientdet.errors import UserError, run_cli
 
-
-def _bool_flag(value: str) -> bool:
-    """Yet-Another passes booleans as words (``--override True``); a bare flag means True."""
-    v = str(value).strip().lower()
-    if v in ('1', 'true', 'yes', 'y', 'on'):
-        return True
-    if v in ('0', 'false', 'no', 'n', 'off'):
-        return False
-    raise argparse.ArgumentTypeError(f'expected True or False, got {value!r}')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,10 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument('--max_det', type=int, default=100, help='detections kept per image')
     ap.add_argument('--device', default=None,
                     help='cpu, cuda, cuda:N or a GPU index; default cuda:0 when available, else cpu')
-    ap.add_argument('--cuda', type=_bool_flag, default=None, help='Yet-Another compatibility: False = cpu')
-    ap.add_argument('--float16', type=_bool_flag, nargs='?', const=True, default=False,
+    ap.add_argument('--cuda', type=str2bool, default=None, help='Yet-Another compatibility: False = cpu')
+    ap.add_argument('--float16', type=str2bool, nargs='?', const=True, default=False,
                     help='run the network in float16 (CUDA only)')
-    ap.add_argument('--override', type=_bool_flag, nargs='?', const=True, default=False,
+    ap.add_argument('--override', type=str2bool, nargs='?', const=True, default=False,
                     help='recompute even if the results file exists')
     ap.add_argument('--max_images', type=int, default=None, help='evaluate only the first K images of the annotation file')
     ap.add_argument('--output_dir', default='.', help='where {val_set}_bbox_results.json is written')
@@ -66,20 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _device(args: argparse.Namespace):
     import torch
+    from efficientdet.cli import parse_device
     if args.cuda is False:
         return torch.device('cpu')
-    d = args.device
-    if d is None:
-        return torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')
-    if str(d).isdigit():
-        d = f'cuda:{d}'
-    try:
-        dev = torch.device(d)
-    except (RuntimeError, ValueError):
-        raise UserError(f'--device {args.device!r}: use cpu, cuda, cuda:N or a GPU index') from None
-    if dev.type == 'cuda' and not torch.cuda.is_available():
-        raise UserError(f'--device {args.device}: CUDA is not available here; use --device cpu')
-    return dev
+    return parse_device(args.device)
 
 
 def _load_model(args: argparse.Namespace, project, device):

@@ -29,22 +29,12 @@ from efficientdet.checkpoint import atomic_save, safe_load
 from efficientdet.config import check_image_size, get_config
 from efficientdet.engine import (EpochSampler, ModelEMA, Trainer, build_optimizer, build_scheduler,
                                  freeze_for_head_only, rng_state, set_rng_state, set_train_mode)
+from efficientdet.cli import str2bool
 from efficientdet.errors import UserError, run_cli
 from efficientdet.loss import DetectionLoss
 from efficientdet.model import EfficientDetBackbone
 from efficientdet.project import load_project
 
-
-def str2bool(v: Any) -> bool:
-    """Yet-Another passes booleans as 'True'/'False' strings; also accept 1/0, yes/no."""
-    if isinstance(v, bool):
-        return v
-    s = str(v).strip().lower()
-    if s in ('true', '1', 'yes', 'y', 'on'):
-        return True
-    if s in ('false', '0', 'no', 'n', 'off'):
-        return False
-    raise argparse.ArgumentTypeError(f'expected True or False, got {v!r}')
 
 
 def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:

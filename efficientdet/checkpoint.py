@@ -17,10 +17,10 @@ import math
 import os
 import pickle
 import re
-import tempfile
+import uuid
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -97,15 +97,17 @@ def _read_npz(path: str) -> Dict[str, torch.Tensor]:
         raise UserError(f'{path}: not a readable .npz of arrays ({str(e).strip().splitlines()[0]})') from None
 
 
-def atomic_save(obj: Any, path: str) -> None:
-    """Write ``obj`` with torch.save to a temp file in the same folder, fsync, then rename: a crash
-    at any point leaves either the old file or the new one, never a torn one."""
+def atomic_write(path: str, write: Callable[[Any], None], binary: bool = True) -> None:
+    """Call ``write(file)`` on a temp file in the same folder (created with the usual
+    0o666 & ~umask permissions), fsync, then rename over ``path``: a crash at any point leaves
+    either the old file or the new one, never a torn one."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+    tmp = os.path.join(folder, f'.{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp')
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, 'wb' if binary else 'w', **({} if binary else {'encoding': 'utf-8'})) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -113,6 +115,11 @@ def atomic_save(obj: Any, path: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` through :func:`atomic_write`."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 # ---------------------------------------------------------------------------------------- unwrapping

@@ -6,7 +6,7 @@ EfficientNet builder. Nothing here branches on the variant; the model reads thes
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Sequence, Tuple
 
 # Official aspect ratios as (x, y) multipliers: 1, sqrt(2) wide, sqrt(2) tall.

@@ -20,6 +20,7 @@ from torch import nn
 
 from .checkpoint import infer_num_classes, load_weights, read_checkpoint
 from .config import CONFIGS, check_image_size, get_config
+from .cli import parse_device
 from .errors import UserError
 from .postprocess import detect
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, ImageLike, boxes_to_original, preprocess_batch
@@ -70,15 +71,6 @@ class Detections:
         return draw_detections(image, self.boxes, self.scores, self.class_ids, table, rgb=rgb)
 
 
-def _parse_device(device: Union[str, torch.device]) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise UserError(f'--device {device!r} is not a device name ({e}); use cpu or cuda:0') from None
-    if dev.type == 'cuda' and not torch.cuda.is_available():
-        raise UserError(f'--device {device}: CUDA is not available on this machine; use --device cpu')
-    return dev
-
 
 def _input_hw(image_size: Union[int, Sequence[int]]) -> Tuple[int, int]:
     if isinstance(image_size, (int, np.integer)):
@@ -108,7 +100,7 @@ class Detector:
             raise UserError(f'--iou {iou}: must be between 0 and 1')
         if int(max_det) < 1:
             raise UserError(f'--max_det {max_det}: must be at least 1')
-        self.device = _parse_device(device)
+        self.device = parse_device(device)
         if half and self.device.type != 'cuda':
             raise UserError('--half needs a CUDA device (float16 convolutions are not supported on CPU); '
                             'drop --half or pass --device cuda:0')

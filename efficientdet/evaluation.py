@@ -14,7 +14,6 @@ import contextlib
 import io
 import json
 import os
-import uuid
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -461,21 +460,8 @@ def _rows_to_results(rows: np.ndarray) -> List[Dict[str, Any]]:
 
 def write_results_json(obj: Any, path: str) -> None:
     """json.dump ``obj`` to ``path`` atomically (temp file in the same folder, fsync, os.replace)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    # like mkstemp, but created with the usual 0o666 & ~umask permissions of a results file
-    tmp = os.path.join(folder, f'.{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp')
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, 'w', encoding='utf-8') as f:
-            json.dump(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    from .checkpoint import atomic_write
+    atomic_write(path, lambda f: json.dump(obj, f), binary=False)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Mapping, Tuple
 import numpy as np
 import torch
 
-from ..config import EFFICIENTNET_PARAMS, get_config
+from ..config import get_config
 from ..model import EfficientDetBackbone
 
 Array = np.ndarray
