@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -226,3 +227,21 @@ def test_nms_property_degenerate_and_huge_boxes(n, iou, seed):
     if n:
         assert int(keep[0]) == int(scores.argmax())
         assert bool((scores[keep][1:] <= scores[keep][:-1]).all())
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 700), st.integers(1, 700), st.sampled_from([1, 3, 4]), st.sampled_from(['uint8', 'uint16']),
+       st.sampled_from([128, 256, (128, 256)]))
+def test_preprocessing_property_any_size_and_channels(h, w, channels, dtype, size):
+    from efficientdet.preprocess import boxes_to_original, letterbox
+    rng = np.random.default_rng(h * 1000 + w)
+    hi = 255 if dtype == 'uint8' else 65535
+    img = rng.integers(0, hi + 1, (h, w, channels) if channels > 1 else (h, w), dtype=dtype)
+    x, meta = letterbox(img, size)
+    hh, ww = (size, size) if isinstance(size, int) else size
+    assert x.shape == (3, hh, ww) and torch.isfinite(x).all()
+    nh, nw = meta.resized_hw
+    assert 1 <= nh <= hh and 1 <= nw <= ww and (nh == hh or nw == ww)
+    assert float(x[:, nh:, :].abs().max() if nh < hh else 0) == 0.0  # bottom padding is zero
+    full = boxes_to_original(torch.tensor([[0.0, 0.0, float(nw), float(nh)]]), meta)
+    assert np.allclose(full, [[0, 0, w, h]], atol=1e-3)
