@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass
 from typing import List, Sequence, Tuple
 
+import numpy as np
+
 # Official aspect ratios as (x, y) multipliers: 1, sqrt(2) wide, sqrt(2) tall.
 OFFICIAL_RATIOS: Tuple[Tuple[float, float], ...] = (
     (1.0, 1.0), (2 ** 0.5, 2 ** -0.5), (2 ** -0.5, 2 ** 0.5))
@@ -120,6 +122,17 @@ def get_config(compound_coef: int) -> EfficientDetConfig:
     if compound_coef not in CONFIGS:
         raise ValueError(f'compound_coef must be 0-8 (8 = D7x), got {compound_coef!r}')
     return CONFIGS[compound_coef]
+
+
+def as_hw(size) -> Tuple[int, int]:
+    """``512`` or ``(H, W)`` → ``(H, W)`` as positive ints (ValueError otherwise)."""
+    if isinstance(size, (int, np.integer)):
+        h = w = int(size)
+    else:
+        h, w = (int(v) for v in size)
+    if h <= 0 or w <= 0:
+        raise ValueError(f'input size must be positive, got {size!r}')
+    return h, w
 
 
 def check_image_size(height: int, width: int, compound_coef: int) -> None:

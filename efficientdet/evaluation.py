@@ -52,16 +52,13 @@ def load_coco(path: str, verbose: bool = False) -> COCO:
     Raises UserError naming the file when it is missing, not JSON, or not COCO instances format.
     Missing optional fields are filled the way COCO defines them (``iscrowd`` = 0, ``area`` = w*h).
     """
-    if not os.path.isfile(path):
-        raise UserError(f'{path}: annotation file not found (expected a COCO instances json, '
-                        'e.g. datasets/<project>/annotations/instances_<set>.json)')
-    try:
-        with open(path, 'r', encoding='utf-8') as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f'{path}: not a JSON file ({e})') from None
-    except OSError as e:
-        raise UserError(f'{path}: cannot read annotation file ({e})') from None
+    from .data.dataset import load_coco_json  # the one reader of annotation files
+    data = load_coco_json(path)
+    return coco_from_dict(data, path, verbose)
+
+
+def coco_from_dict(data: Dict[str, Any], path: str = '<annotations>', verbose: bool = False) -> COCO:
+    """A validated pycocotools ``COCO`` from an in-memory COCO instances dict (not copied)."""
     _validate_coco_dict(data, path)
     coco = COCO()
     coco.dataset = data

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .anchors import decode_boxes
-from .config import CONFIGS, check_image_size, get_config
+from .config import CONFIGS, as_hw, check_image_size, get_config
 from .errors import UserError, run_cli
 
 __all__ = ['ExportWrapper', 'NMSExportWrapper', 'build_model', 'export_onnx', 'export_torchscript',
@@ -49,11 +49,6 @@ INPUT_NAME = 'images'
 SizeLike = Union[int, Sequence[int]]
 
 
-def _hw(size: SizeLike) -> Tuple[int, int]:
-    if isinstance(size, int):
-        return size, size
-    h, w = (int(v) for v in size)
-    return h, w
 
 
 # --------------------------------------------------------------------------- wrappers
@@ -115,7 +110,7 @@ class NMSExportWrapper(nn.Module):
                  iou_threshold: float = 0.5, max_det: int = 100, pre_nms_topk: int = 5000):
         super().__init__()
         self.model = model
-        self.image_size = _hw(image_size)
+        self.image_size = as_hw(image_size)
         self.num_classes = int(num_classes)
         self.score_threshold = float(score_threshold)
         self.iou_threshold = float(iou_threshold)
@@ -210,7 +205,6 @@ def build_model(compound_coef: int, num_classes: Optional[int] = None, weights: 
                 project: Optional[str] = None, projects_dir: str = 'projects', compat: str = 'official') -> nn.Module:
     """EfficientDetBackbone in eval mode with the plain swish, weights loaded exactly when given
     (random official initialisation otherwise)."""
-    from .layers import set_swish
     from .model import EfficientDetBackbone
     if compound_coef not in CONFIGS:
         raise UserError(f'-c {compound_coef}: compound coefficient must be 0-8 (8 = D7x)')
@@ -220,13 +214,12 @@ def build_model(compound_coef: int, num_classes: Optional[int] = None, weights: 
     if weights is not None:
         load_model_weights(model, weights)
     model.eval()
-    set_swish(model, memory_efficient=False)
     model.export_extra = extra  # type: ignore[attr-defined]  # obj_list / mean / std for metadata
     return model
 
 
 def _check_size(model: nn.Module, image_size: Optional[SizeLike]) -> Tuple[int, int]:
-    size = _hw(image_size if image_size is not None else get_config(model.compound_coef).input_size)
+    size = as_hw(image_size if image_size is not None else get_config(model.compound_coef).input_size)
     try:
         check_image_size(size[0], size[1], model.compound_coef)
     except ValueError as e:
@@ -272,12 +265,10 @@ def export_onnx(model: nn.Module, path: str, image_size: Optional[SizeLike] = No
     """
     import onnx
     from .fuse import fuse_model
-    from .layers import set_swish
     size = _check_size(model, image_size)
     if with_nms and opset < 11:
         raise UserError(f'--opset {opset}: --with-nms needs opset 11 or newer (NonMaxSuppression)')
     model = model.eval()
-    set_swish(model, memory_efficient=False)
     net = fuse_model(model, channels_last=False, image_size=size) if fuse else model
     wrapper: nn.Module
     if with_nms:
@@ -331,7 +322,7 @@ def verify_onnx(path: str, model: nn.Module, image_size: SizeLike, atol: float =
     within atol)."""
     import onnx
     onnx.checker.check_model(path, full_check=True)
-    h, w = _hw(image_size)
+    h, w = as_hw(image_size)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, h, w, generator=g)
     sess = _ort_session(path)
@@ -399,10 +390,8 @@ def export_torchscript(model: nn.Module, path: str, image_size: Optional[SizeLik
     to the archive's ``extra/meta.json``. Verified by reloading and comparing with the eager
     model. Returns {output name: max abs difference}."""
     from .fuse import fuse_model
-    from .layers import set_swish
     size = _check_size(model, image_size)
     model = model.eval()
-    set_swish(model, memory_efficient=False)
     net = fuse_model(model, channels_last=channels_last, image_size=size) if fuse else model
     wrapper = ExportWrapper(net).eval()
     p = next(model.parameters())

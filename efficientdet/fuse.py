@@ -31,7 +31,8 @@ from torch import nn
 from .anchors import Anchors
 from .config import FUSION_EPS, check_image_size
 from .errors import UserError
-from .layers import Conv2dStaticSamePadding, MaxPool2dStaticSamePadding, SeparableConvBlock, set_swish
+from .config import as_hw
+from .layers import Conv2dStaticSamePadding, MaxPool2dStaticSamePadding, SeparableConvBlock
 
 __all__ = ['fuse_model', 'fold_bn', 'FusedEfficientDet', 'FusedConv', 'onednn_available']
 
@@ -334,11 +335,6 @@ class _FusedHead(nn.Module):
         return torch.cat(outs, dim=1)
 
 
-def _hw(image_size: SizeLike) -> Tuple[int, int]:
-    if isinstance(image_size, int):
-        return image_size, image_size
-    h, w = (int(v) for v in image_size)
-    return h, w
 
 
 class FusedEfficientDet(nn.Module):
@@ -356,7 +352,7 @@ class FusedEfficientDet(nn.Module):
         self.num_classes = model.num_classes
         self.compat = getattr(model, 'compat', 'official')
         self.input_size = model.input_size
-        self.image_size = _hw(image_size)
+        self.image_size = as_hw(image_size)
         self.size_divisor = int(self.config.size_divisor)
         self.channels_last = False  # set by fuse_model: inputs are then made channels_last
         self.backbone_net = _FusedEfficientNet(model.backbone_net)
@@ -416,13 +412,12 @@ def fuse_model(model: nn.Module, channels_last: bool = True, image_size: Optiona
     """
     if not hasattr(model, 'backbone_net') or not hasattr(model, 'regressor'):
         raise TypeError(f'fuse_model expects an EfficientDetBackbone, got {type(model).__name__}')
-    size = _hw(image_size if image_size is not None else model.input_size)
+    size = as_hw(image_size if image_size is not None else model.input_size)
     try:
         check_image_size(size[0], size[1], model.compound_coef)
     except ValueError as e:
         raise UserError(f'image_size: {e}') from None
     src = copy.deepcopy(model).eval()
-    set_swish(src, memory_efficient=False)
     p = next(model.parameters())
     fused = FusedEfficientDet(src, size).to(device=p.device, dtype=p.dtype).eval()
     for q in fused.parameters():

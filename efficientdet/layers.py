@@ -39,17 +39,6 @@ class MemoryEfficientSwish(Swish):
     8x64x64x64, 2 CPU threads). ``tests/test_model.py`` checks that only the input is saved."""
 
 
-def set_swish(model: nn.Module, memory_efficient: bool = True) -> nn.Module:
-    """Switch every swish in ``model`` between the memory-efficient and the plain form."""
-    cls = MemoryEfficientSwish if memory_efficient else Swish
-    for name, child in list(model.named_children()):
-        if isinstance(child, (MemoryEfficientSwish, Swish)):
-            setattr(model, name, cls())
-        else:
-            set_swish(child, memory_efficient)
-    return model
-
-
 class Conv2dStaticSamePadding(nn.Module):
     """Conv2d with TF "SAME" padding.
 

@@ -14,7 +14,8 @@ import cv2
 import numpy as np
 import torch
 
-from .data.transforms import letterbox_scale, scaled_size
+from .config import as_hw
+from .data.transforms import letterbox_scale, normalize_pad, scaled_size
 from .errors import UserError
 
 IMAGENET_MEAN: Tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -95,25 +96,15 @@ def read_image(path: Union[str, os.PathLike]) -> np.ndarray:
     return to_rgb(img, bgr=True)
 
 
-def _parse_size(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
-    if isinstance(size, (int, np.integer)):
-        h = w = int(size)
-    else:
-        h, w = (int(v) for v in size)
-    if h <= 0 or w <= 0:
-        raise ValueError(f'input size must be positive, got {size!r}')
-    return h, w
-
-
 def letterbox(image: np.ndarray, size: Union[int, Sequence[int]], mean: Sequence[float] = IMAGENET_MEAN,
               std: Sequence[float] = IMAGENET_STD) -> Tuple[torch.Tensor, ImageMeta]:
     """RGB uint8 HWC image -> (float32 [3, H, W] normalised input, ImageMeta).
 
     Resize keeping the aspect ratio so the image fits H x W (``size`` int: H = W = size, the long
-    side becomes ``size``), bilinear on float values, normalise ((x / 255 - mean) / std), pad
-    bottom/right with 0.
+    side becomes ``size``; official truncation of the resized size), bilinear on the uint8 image,
+    then the training data's ``normalize_pad``: (x / 255 - mean) / std, zeros bottom/right.
     """
-    hh, ww = _parse_size(size)
+    hh, ww = as_hw(size)
     img = to_rgb(image)
     h, w = img.shape[:2]
     if h == 0 or w == 0:
@@ -121,15 +112,9 @@ def letterbox(image: np.ndarray, size: Union[int, Sequence[int]], mean: Sequence
     scale = letterbox_scale(h, w, (hh, ww))
     nh, nw = scaled_size(h, w, scale)  # official truncation, the same as the training data
     nh, nw = min(hh, nh), min(ww, nw)
-    x = img.astype(np.float32)
     if (nh, nw) != (h, w):
-        x = cv2.resize(x, (nw, nh), interpolation=cv2.INTER_LINEAR)
-    m = np.asarray(mean, dtype=np.float32) * 255.0
-    s = np.asarray(std, dtype=np.float32) * 255.0
-    x = (x - m) / s
-    out = np.zeros((3, hh, ww), dtype=np.float32)
-    out[:, :nh, :nw] = x.transpose(2, 0, 1)
-    return torch.from_numpy(out), ImageMeta(float(scale), (h, w), (hh, ww), (nh, nw))
+        img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_LINEAR)
+    return normalize_pad(img, (hh, ww), mean, std), ImageMeta(float(scale), (h, w), (hh, ww), (nh, nw))
 
 
 def boxes_to_original(boxes: Union[np.ndarray, torch.Tensor], meta: ImageMeta) -> np.ndarray:
@@ -178,6 +163,6 @@ def preprocess_batch(images: Union[ImageLike, Sequence[ImageLike]], size: Union[
         tensors.append(t)
         metas.append(meta)
     if not tensors:
-        hh, ww = _parse_size(size)
+        hh, ww = as_hw(size)
         return torch.zeros(0, 3, hh, ww), []
     return torch.stack(tensors), metas

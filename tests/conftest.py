@@ -34,3 +34,27 @@ def tf_d0():
 @pytest.fixture(scope='session')
 def zylo_d0():
     return load_npz('fixtures', 'zylo117_d0', 'zylo117_outputs.npz')
+
+
+@pytest.fixture(scope='module')
+def one_thread():
+    """Small tensors: one thread is faster and immune to OpenMP spin-waits on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def pycocotools_coco(data: dict):
+    """A plain pycocotools COCO over a deep copy of ``data``: the reference path, deliberately not
+    going through this project's loaders."""
+    import contextlib
+    import copy
+    import io
+
+    from pycocotools.coco import COCO
+    c = COCO()
+    c.dataset = copy.deepcopy(data)
+    with contextlib.redirect_stdout(io.StringIO()):
+        c.createIndex()
+    return c

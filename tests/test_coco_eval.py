@@ -11,10 +11,10 @@ import sys
 
 import numpy as np
 import pytest
-from pycocotools.coco import COCO
+
 from pycocotools.cocoeval import COCOeval
 
-from conftest import ROOT, SHARED, need_shared
+from conftest import ROOT, SHARED, need_shared, pycocotools_coco
 from efficientdet.errors import UserError
 
 sys.path.insert(0, ROOT)
@@ -30,12 +30,7 @@ def gt():
         return json.load(f)
 
 
-def _coco(data):
-    c = COCO()
-    c.dataset = copy.deepcopy(data)
-    with contextlib.redirect_stdout(io.StringIO()):
-        c.createIndex()
-    return c
+_coco = pycocotools_coco
 
 
 def _project(tmp_path, gt, name='tiny', obj_list=None, project_name='coco_tiny', ratios=None):

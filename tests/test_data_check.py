@@ -133,8 +133,8 @@ def test_notes_do_not_fail_the_check(sets, tmp_path):
 
 
 @pytest.mark.parametrize('mutate,match', [
-    (lambda p: p.write_text('{"images": [1, 2'), 'not valid JSON'),
-    (lambda p: p.write_text('[]'), 'not in COCO format'),
+    (lambda p: p.write_text('{"images": [1, 2'), 'not a JSON file'),
+    (lambda p: p.write_text('[]'), 'not a COCO instances annotation file'),
     (lambda p: p.write_text('{"images": [], "annotations": []}'), 'categories'),
     (lambda p: p.write_text(json.dumps(dict(images=[], annotations=[], categories=[dict(id=1, name='square')]))),
      'square'),
@@ -168,5 +168,5 @@ def test_check_cli_exit_codes(sets, tmp_path):
     shutil.copy(base / 'projects' / 'clean.yml', tmp_path / 'bad.yml')
     (tmp_path / 'bad.yml').write_text((tmp_path / 'bad.yml').read_text().replace('clean', 'bad'))
     r = run_check('-p', str(tmp_path / 'bad.yml'), '--data_path', str(tmp_path))
-    assert r.returncode == 2 and 'not valid JSON' in r.stderr and 'Traceback' not in r.stderr
+    assert r.returncode == 2 and 'not a JSON file' in r.stderr and 'Traceback' not in r.stderr
     assert 'instances_val.json' in r.stderr

@@ -8,10 +8,10 @@ import contextlib
 import numpy as np
 import pytest
 import torch
-from pycocotools.coco import COCO
+
 from pycocotools.cocoeval import COCOeval
 
-from conftest import need_shared
+from conftest import need_shared, pycocotools_coco
 from efficientdet.errors import UserError
 from efficientdet.evaluation import (STAT_NAMES, COCOEvaluator, format_summary, load_coco,
                                      resolve_category_ids, run_coco_eval, to_original_pixels)
@@ -29,11 +29,7 @@ def gt_json():
 
 @pytest.fixture(scope='module')
 def coco(gt_json):
-    c = COCO()
-    c.dataset = copy.deepcopy(gt_json)
-    with contextlib.redirect_stdout(io.StringIO()):
-        c.createIndex()
-    return c
+    return pycocotools_coco(gt_json)
 
 
 def _gt_detections(coco, cat_ids, image_ids, jitter=0.0, seed=0, torch_out=False):

@@ -13,13 +13,7 @@ from efficientdet.anchors import BBoxTransform, ClipBoxes, decode_boxes
 from efficientdet.postprocess import batched_nms, detect, nms, official_postprocess, soft_nms
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    """Small tensors: one thread is faster and immune to OpenMP spin-waits on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 # ----------------------------------------------------------------------------- references

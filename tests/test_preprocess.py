@@ -130,7 +130,8 @@ def test_preprocess_batch_mixed_sources_and_sizes(tmp_path):
     raw = batch[4, :, :80] * torch.tensor(IMAGENET_STD)[:, None, None] + torch.tensor(IMAGENET_MEAN)[:, None, None]
     torch.testing.assert_close(raw[0], raw[1], atol=1e-5, rtol=0)  # gray -> 3 equal channels
     torch.testing.assert_close(raw[1], raw[2], atol=1e-5, rtol=0)
-    torch.testing.assert_close(raw[0] * 255, torch.from_numpy(cv2.resize(gray.astype(np.float32), (128, 80))),
+    # resized as uint8 (like the training data), then normalised
+    torch.testing.assert_close(raw[0] * 255, torch.from_numpy(cv2.resize(gray, (128, 80)).astype(np.float32)),
                                atol=1e-3, rtol=0)
     bgr_batch, _ = preprocess_batch(a[..., ::-1].copy(), 128, bgr=True)
     torch.testing.assert_close(bgr_batch[0], batch[0])

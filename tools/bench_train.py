@@ -5,8 +5,6 @@
 Random images and random boxes (``--boxes`` per image, ``--num_classes`` classes); the model is in
 train mode (BN statistics, drop-connect) as in training. Prints the median and the spread over
 ``--iters`` timed steps after ``--warmup`` untimed ones, and the median time of each phase.
-``--swish silu`` swaps the memory-efficient swish autograd function for ``F.silu``;
-``--channels_last`` runs in the channels-last memory format.
 """
 from __future__ import annotations
 
@@ -22,7 +20,6 @@ import torch  # noqa: E402
 
 from efficientdet.engine import ModelEMA, build_optimizer  # noqa: E402
 from efficientdet.errors import run_cli  # noqa: E402
-from efficientdet.layers import set_swish  # noqa: E402
 from efficientdet.loss import DetectionLoss  # noqa: E402
 from efficientdet.model import EfficientDetBackbone  # noqa: E402
 
@@ -46,15 +43,12 @@ def main(argv=None) -> int:
     ap.add_argument('--iters', type=int, default=10)
     ap.add_argument('--warmup', type=int, default=2)
     ap.add_argument('--threads', type=int, default=2)
-    ap.add_argument('--swish', choices=['memory_efficient', 'silu'], default='memory_efficient')
     ap.add_argument('--channels_last', action='store_true')
     ap.add_argument('--no_ema', action='store_true')
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = EfficientDetBackbone(num_classes=args.num_classes, compound_coef=args.compound_coef)
-    if args.swish == 'silu':
-        set_swish(model, memory_efficient=False)
     model.train()
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
     if args.channels_last:
@@ -85,7 +79,7 @@ def main(argv=None) -> int:
     tot = sorted(phases['total'])
     ips = [args.batch_size / t for t in tot]
     print(f'D{args.compound_coef} {args.image_size}px batch {args.batch_size}, {args.num_classes} classes, '
-          f'{args.threads} threads, swish={args.swish}{", channels_last" if args.channels_last else ""}: '
+          f'{args.threads} threads,{", channels_last" if args.channels_last else ""}: '
           f'median {statistics.median(ips):.2f} img/s (best {max(ips):.2f}, worst {min(ips):.2f}, '
           f'{args.iters} steps)')
     print('  phase medians (ms): ' + ', '.join(f'{k} {statistics.median(v) * 1000:.0f}' for k, v in phases.items()))

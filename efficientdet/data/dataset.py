@@ -9,8 +9,6 @@ and are shared by :class:`CocoDataset` (which skips and counts) and ``python -m 
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import os
@@ -24,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import UserError
-from .transforms import DetectionTransform, Size, as_hw
+from .transforms import DetectionTransform, Size, as_hw, normalize_pad
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -94,23 +92,26 @@ def dataset_paths(root_dir: str, set_name: str) -> Tuple[str, str]:
 
 
 def load_coco_json(ann_file: str) -> Dict[str, Any]:
-    """Read a COCO annotation file; UserError when it is missing, not JSON or not COCO-shaped."""
+    """Read a COCO annotation file (the one reader, used by the dataset, the checker and the
+    evaluator); UserError naming the file when it is missing, not JSON or not COCO-shaped."""
+    what = 'not a COCO instances annotation file'
     try:
         with open(ann_file, 'rb') as f:
             data = json.load(f)
     except FileNotFoundError:
-        raise UserError(f'annotation file {ann_file} not found') from None
+        raise UserError(f'{ann_file}: annotation file not found (expected a COCO instances json, e.g. '
+                        'datasets/<project>/annotations/instances_<set>.json)') from None
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f'cannot read annotation file {ann_file}: {e}') from None
+        raise UserError(f'{ann_file}: cannot read annotation file ({e})') from None
     except json.JSONDecodeError as e:
-        raise UserError(f'annotation file {ann_file} is not valid JSON ({e}); re-export it in COCO format') from None
+        raise UserError(f'{ann_file}: not a JSON file ({e}); re-export it in COCO format') from None
     if not isinstance(data, dict):
-        raise UserError(f'annotation file {ann_file} is not in COCO format: expected a JSON object with '
-                        '"images", "annotations" and "categories"')
+        raise UserError(f'{ann_file}: {what}: expected a JSON object with "images", "annotations" and '
+                        '"categories"')
     missing = [k for k in ('images', 'annotations', 'categories') if not isinstance(data.get(k), list)]
     if missing:
-        raise UserError(f'annotation file {ann_file} is not in COCO format: {", ".join(missing)} missing or not '
-                        'a list (needs "images", "annotations" and "categories")')
+        raise UserError(f'{ann_file}: {what}: {", ".join(missing)} missing or not a list (needs "images", '
+                        '"annotations" and "categories")')
     return data
 
 
@@ -388,10 +389,7 @@ class CocoDataset(Dataset):
         self.image_ids: List[int] = index.image_ids.tolist()
         self.transform = DetectionTransform(self.image_size, augment, scale_range, flip_prob)
         self.augment = augment
-        mean_a, std_a = np.asarray(mean, np.float64).reshape(3), np.asarray(std, np.float64).reshape(3)
-        # (x / 255 - mean) / std  ==  x * mul + add, per channel
-        self._mul = (1.0 / (255.0 * std_a)).astype(np.float32).reshape(3, 1, 1)
-        self._add = (-mean_a / std_a).astype(np.float32).reshape(3, 1, 1)
+        self.mean, self.std = tuple(mean), tuple(std)
         # Per-image problem flags found while loading, shared with data-loader workers.
         self._flags = torch.zeros(len(self.image_ids), dtype=torch.uint8)
         try:
@@ -404,12 +402,8 @@ class CocoDataset(Dataset):
     def coco(self):
         """pycocotools ``COCO`` over the cleaned annotations (built on first use)."""
         if self._coco is None:
-            from pycocotools.coco import COCO
-            coco = COCO()
-            coco.dataset = self.index.coco_dataset
-            with contextlib.redirect_stdout(io.StringIO()):
-                coco.createIndex()
-            self._coco = coco
+            from ..evaluation import coco_from_dict
+            self._coco = coco_from_dict(self.index.coco_dataset, self.ann_file)
         return self._coco
 
     @property
@@ -463,15 +457,8 @@ class CocoDataset(Dataset):
                     image_id=int(self.image_ids[i]), scale=float(scale), orig_size=(int(h), int(w)))
 
     def normalize_pad(self, content: np.ndarray) -> torch.Tensor:
-        """uint8 RGB [h, w, 3] (h <= H, w <= W) → float32 [3, H, W]: (x / 255 − mean) / std, zeros
-        at the bottom/right."""
-        H, W = self.image_size
-        out = np.zeros((3, H, W), np.float32)
-        ch, cw = content.shape[:2]
-        region = out[:, :ch, :cw]
-        np.multiply(content.transpose(2, 0, 1), self._mul, out=region, casting='unsafe')
-        region += self._add
-        return torch.from_numpy(out)
+        """uint8 RGB [h, w, 3] → normalised float32 [3, H, W] padded bottom/right (shared helper)."""
+        return normalize_pad(content, self.image_size, self.mean, self.std)
 
     @property
     def stats(self) -> Dict[str, int]:

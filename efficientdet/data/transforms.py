@@ -19,6 +19,9 @@ from typing import Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
+import torch
+
+from ..config import as_hw
 
 Size = Union[int, Tuple[int, int], Sequence[int]]
 
@@ -27,12 +30,19 @@ Size = Union[int, Tuple[int, int], Sequence[int]]
 MIN_BOX_SIZE = 1e-2
 
 
-def as_hw(size: Size) -> Tuple[int, int]:
-    """``512`` or ``(H, W)`` → ``(H, W)``."""
-    if isinstance(size, (int, np.integer)):
-        return int(size), int(size)
-    h, w = size
-    return int(h), int(w)
+def normalize_pad(content: np.ndarray, out_hw: Tuple[int, int], mean: Sequence[float],
+                  std: Sequence[float]) -> torch.Tensor:
+    """uint8 RGB [h, w, 3] (h <= H, w <= W) → float32 [3, H, W] = (x / 255 − mean) / std, zeros
+    at the bottom/right. One pass: x * mul + add per channel. Training data and inference share it."""
+    mean_a, std_a = np.asarray(mean, np.float64).reshape(3), np.asarray(std, np.float64).reshape(3)
+    mul = (1.0 / (255.0 * std_a)).astype(np.float32).reshape(3, 1, 1)
+    add = (-mean_a / std_a).astype(np.float32).reshape(3, 1, 1)
+    out = np.zeros((3,) + tuple(out_hw), np.float32)
+    ch, cw = content.shape[:2]
+    region = out[:, :ch, :cw]
+    np.multiply(content.transpose(2, 0, 1), mul, out=region, casting='unsafe')
+    region += add
+    return torch.from_numpy(out)
 
 
 def scaled_size(height: int, width: int, scale: float) -> Tuple[int, int]:
