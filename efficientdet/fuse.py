@@ -13,6 +13,9 @@ untouched and stays trainable. What changes, and what does not:
 - swish is the plain ``F.silu`` (traceable, exportable), applied in place;
 - optionally channels_last weights (inputs are converted in ``forward``) and, on CPU, a fast
   path through oneDNN fused conv+swish / conv+add kernels (``FusedConv``);
+- under ``torch.onnx.export`` the graph is written in the form ONNX runtimes run fastest, with the
+  same numbers: an asymmetric "SAME" padding becomes the Conv's own ``pads`` (no Pad node: one
+  copy of the feature map less per stride-2 conv) and the SE squeeze a ``GlobalAveragePool``;
 - ``forward(x)`` returns ``(features, regression, classification, anchors)`` exactly like
   :class:`~efficientdet.model.EfficientDetBackbone` (within float rounding, ~1e-5).
 
@@ -86,6 +89,26 @@ def onednn_available() -> bool:
         except Exception:  # missing op, changed signature, build without oneDNN ...
             _ONEDNN_OK = False
     return _ONEDNN_OK
+
+
+def _exporting() -> bool:
+    return torch.onnx.is_in_onnx_export()
+
+
+class _PaddedConv(torch.autograd.Function):
+    """Eager: zero-pad (left, right, top, bottom) then conv. ONNX: one Conv with asymmetric ``pads``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, pad, groups):  # type: ignore[override]
+        return F.conv2d(F.pad(x, pad), weight, bias, stride, 0, 1, groups)
+
+    @staticmethod
+    def symbolic(g, x, weight, bias, stride, pad, groups):
+        left, right, top, bottom = pad
+        kernel = weight.type().sizes()[2:]
+        args = [x, weight] if bias is None or bias.node().mustBeNone() else [x, weight, bias]
+        return g.op('Conv', *args, kernel_shape_i=list(kernel), strides_i=list(stride),
+                    pads_i=[top, left, bottom, right], group_i=groups, dilations_i=[1, 1])
 
 
 class FusedConv(nn.Module):
@@ -171,6 +194,10 @@ class FusedConv(nn.Module):
         return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad is not None and _exporting():
+            c = self.conv
+            x = _PaddedConv.apply(x, c.weight, c.bias, tuple(c.stride), tuple(self.pad), c.groups)
+            return F.silu(x) if self.act else x
         fast = self._fast_ok(x)
         if self.pad is not None:
             x = self._padded(x, fast)
@@ -215,7 +242,12 @@ class _FusedMBConv(nn.Module):
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         x = inputs if self.expand is None else self.expand(inputs)
         x = self.depthwise(x)
-        s = self.se_expand(self.se_reduce(x.mean((2, 3), keepdim=True)))
+        if _exporting():
+            s = self.se_expand(self.se_reduce(F.adaptive_avg_pool2d(x, 1)))
+        else:  # the 1x1 convs on a 1x1 map as two small matmuls: no conv-call overhead
+            r, e = self.se_reduce.conv, self.se_expand.conv
+            s = F.silu(F.linear(x.mean((2, 3)), r.weight.flatten(1), r.bias), inplace=True)
+            s = F.linear(s, e.weight.flatten(1), e.bias)[:, :, None, None]
         x = x.mul_(torch.sigmoid(s))  # x: the depthwise conv's fresh output
         return self.project.forward_add(x, inputs) if self.skip else self.project(x)
 
@@ -331,7 +363,8 @@ class _FusedHead(nn.Module):
             for dw, pw in zip(self.depthwise, pws):
                 x = pw(dw(x))
             x = self.header_pw(self.header_dw(x))
-            outs.append(x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, self.num_outputs))
+            x = x.permute(0, 2, 3, 1)  # batch size read after the permute: no NCHW copy in ONNX runtimes
+            outs.append(x.reshape(x.shape[0], -1, self.num_outputs))
         return torch.cat(outs, dim=1)
 
 

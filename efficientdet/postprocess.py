@@ -343,8 +343,12 @@ def detect(classification: torch.Tensor, regression: torch.Tensor, anchors: torc
     else:
         cls = classification.float()
         best_scores = cls.amax(-1)  # [B, A]; the argmax only for the top-k rows below
-        k = min(int(pre_nms_topk), best_scores.shape[1])
-        masked = best_scores.masked_fill(~(best_scores > score_threshold), float('-inf'))
+        passing = best_scores > score_threshold
+        # no wider than the most candidates any image has (>= 1 column, so gathers stay valid): the
+        # NMS below then works on a few columns, not pre_nms_topk, when a few dozen boxes pass
+        most = int(passing.sum(1).max()) if passing.numel() else 0
+        k = min(int(pre_nms_topk), best_scores.shape[1], max(most, 1))
+        masked = best_scores.masked_fill(~passing, float('-inf'))
         top_scores, top_idx = masked.topk(k, dim=1) if k else (masked[:, :0], masked[:, :0].long())
         # deterministic candidate order: score descending, anchor index ascending
         top_idx = torch.sort(top_idx, dim=1).values

@@ -161,6 +161,14 @@ def test_onnx_export_matches_torch(d0, tmp_path):
     _close(anc, a, 'anchors')
     with pytest.raises(UserError, match='exported for 256x256'):
         rt(torch.randn(1, 3, 128, 128))
+    # the runtime-friendly graph: stride-2 "SAME" paddings are the convs' own (asymmetric) pads,
+    # no Pad node, and the SE squeeze is a GlobalAveragePool
+    import onnx
+    graph = onnx.load(path).graph
+    ops = [n.op_type for n in graph.node]
+    assert 'Pad' not in ops and ops.count('GlobalAveragePool') == 16
+    pads = [list(a.ints) for n in graph.node if n.op_type == 'Conv' for a in n.attribute if a.name == 'pads']
+    assert pads.count([0, 0, 1, 1]) == 3 and pads.count([1, 1, 2, 2]) == 2  # stem, 3x3 and 5x5 stride-2 dw
 
 
 def _confident_model() -> EfficientDetBackbone:

@@ -6,7 +6,8 @@
 # env:   THREADS (2), PEER_PY (/tmp/vpeer/bin/python), PEER_SCRIPT, ZYLO (peer checkout), PY (python3)
 #
 # Peers: Yet-Another-EfficientDet-Pytorch and effdet (tf_efficientdet_dC), timed by the peer
-# script (forward only, random weights, 90 classes, batch 1); see its README for the setup
+# script (forward only, random weights, 90 classes, batch 1), and effdet's ONNX export run by
+# onnxruntime with our backend's settings (row 'peer effdet_onnxruntime'); see its README for the setup
 # (/work/shared/tools/peer_bench). Ours: benchmark.py with random weights, 90 classes, batch 1,
 # forward and end2end, in the settings listed below (SET=short: the default torch backend, with and
 # without --tune_malloc, and onnxruntime only). Each round runs every candidate once (ITERS timed runs after warm-up);
@@ -49,11 +50,47 @@ echo "exporting D$COEF at $SIZE to ONNX once (not timed)" >&2
 (cd "$HERE" && $PY -m efficientdet.export onnx -c "$COEF" --num_classes 90 --image_size "$SIZE" \
    -o "$OUT/model.onnx" --no-verify > /dev/null)
 
+# effdet's own ONNX export, run by the same onnxruntime settings as ours (forward only): the
+# reference for what onnxruntime makes of this network on this CPU. Needs onnx in the peer venv.
+have_effdet_onnx=0
+if [[ $have_peers == 1 ]]; then
+  (cd /tmp && "$PEER_PY" - "$COEF" "$SIZE" "$OUT/effdet.onnx" > /dev/null 2>&1 <<'PY'
+import sys, torch
+from effdet import create_model
+c, s, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+m = create_model(f'tf_efficientdet_d{c}', pretrained=False, pretrained_backbone=False, num_classes=90,
+                 image_size=(s, s)).eval()
+with torch.no_grad():
+    torch.onnx.export(m, (torch.randn(1, 3, s, s),), path, opset_version=17, dynamo=False)
+PY
+  ) && have_effdet_onnx=1 || echo "effdet ONNX export failed (pip install onnx in the peer venv): row skipped" >&2
+fi
+
 for r in $(seq 1 "$ROUNDS"); do
   echo "round $r/$ROUNDS" >&2
   if [[ $have_peers == 1 ]]; then
     (cd /tmp && THREADS=$THREADS "$PEER_PY" "$PEER_SCRIPT" "$COEF" "$SIZE" "$ITERS" 2>/dev/null \
        | grep -E 'median' > "$OUT/peer_$r.txt") || echo "peer run failed in round $r" >&2
+  fi
+  if [[ $have_effdet_onnx == 1 ]]; then
+    $PY - "$OUT/effdet.onnx" "$SIZE" "$THREADS" "$ITERS" > "$OUT/peer_ort_$r.txt" <<'PY'
+import statistics, sys, time
+import numpy as np
+import onnxruntime as ort
+path, size, threads, iters = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+so = ort.SessionOptions()
+so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+sess = ort.InferenceSession(path, so, providers=['CPUExecutionProvider'])
+feed = {sess.get_inputs()[0].name: np.random.default_rng(0).standard_normal((1, 3, size, size), np.float32)}
+for _ in range(3):
+    sess.run(None, feed)
+ts = []
+for _ in range(iters):
+    t = time.perf_counter(); sess.run(None, feed); ts.append(time.perf_counter() - t)
+print(f'effdet_onnxruntime median {statistics.median(ts) * 1000:.1f} ms')
+PY
   fi
   for cfg in "${CONFIGS[@]}"; do
     name=${cfg%%:*}
@@ -73,7 +110,7 @@ out, coef, size, threads, rounds, iters, load0, load1 = sys.argv[1:]
 rows = {}
 for path in sorted(glob.glob(os.path.join(out, 'peer_*.txt'))):
     for line in open(path):
-        m = re.match(r'\s*(zylo117|effdet)\S*\s.*?median\s+([\d.]+)\s*ms', line)
+        m = re.match(r'\s*(zylo117|effdet_onnxruntime|effdet)\S*\s.*?median\s+([\d.]+)\s*ms', line)
         if m:
             rows.setdefault((f'peer {m.group(1)}', 'forward'), []).append(float(m.group(2)))
 device = None
