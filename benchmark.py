@@ -328,6 +328,8 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
     dev = _device(args.device)
     threads = _set_threads(args.threads)
     malloc_tuned = False
+    if args.tune_malloc is None:
+        args.tune_malloc = dev.type == 'cpu'
     if args.tune_malloc:
         from efficientdet.backends import tune_cpu_allocator
         malloc_tuned = tune_cpu_allocator()
@@ -464,9 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help='CPU fast path of the fused model (oneDNN conv+swish fusion); default: on for float32 CPU')
     p.add_argument('--compile', action='store_true', help='torch.compile the model (torch backend)')
     p.add_argument('--cuda_graphs', action='store_true', help='replay a captured CUDA graph (torch, CUDA)')
-    p.add_argument('--tune_malloc', action='store_true',
-                   help='keep freed memory in the process (glibc mallopt): faster large variants on CPU, '
-                        'resident memory stays at its peak (efficientdet.backends.tune_cpu_allocator)')
+    p.add_argument('--tune_malloc', action=argparse.BooleanOptionalAction, default=None,
+                   help='keep freed memory in the process (glibc mallopt): large activations are reused, not '
+                        'page-faulted in afresh each call; resident memory stays at its peak '
+                        '(efficientdet.backends.tune_cpu_allocator). Default: on for CPU')
     p.add_argument('--verify', action='store_true', help='check exported files against the eager model')
     p.add_argument('--camera_size', default='640x480', help='synthetic frame WIDTHxHEIGHT')
     p.add_argument('--image', default=None, help='use this image file instead of the synthetic frame')

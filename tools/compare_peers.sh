@@ -9,8 +9,9 @@
 # script (forward only, random weights, 90 classes, batch 1), and effdet's ONNX export run by
 # onnxruntime with our backend's settings (row 'peer effdet_onnxruntime'); see its README for the setup
 # (/work/shared/tools/peer_bench). Ours: benchmark.py with random weights, 90 classes, batch 1,
-# forward and end2end, in the settings listed below (SET=short: the default torch backend, with and
-# without --tune_malloc, and onnxruntime only). Each round runs every candidate once (ITERS timed runs after warm-up);
+# forward and end2end, in the settings listed below ('default' = fused + channels_last + CPU fast
+# path + --tune_malloc; SET=short: the default torch backend, with and without --tune_malloc, and
+# onnxruntime only). Each round runs every candidate once (ITERS timed runs after warm-up);
 # the table shows the median over rounds of each candidate's per-round median, and ratios
 # against the peers' forward pass. Nothing of the peers is imported into this project.
 set -euo pipefail
@@ -35,14 +36,14 @@ if [[ ! -x "$PEER_PY" || ! -f "$PEER_SCRIPT" || ! -d "$ZYLO" ]]; then
 fi
 
 if [[ "$SET" == full ]]; then
-  CONFIGS=("plain:--no-fuse --no-channels_last"
-           "fused:--no-channels_last --no-fast"
-           "fused_cl:--no-fast"
-           "fused_cl_fast:"
-           "fused_cl_fast_malloc:--tune_malloc"
+  CONFIGS=("plain:--no-fuse --no-channels_last --no-tune_malloc"
+           "fused:--no-channels_last --no-fast --no-tune_malloc"
+           "fused_cl:--no-fast --no-tune_malloc"
+           "fused_cl_fast:--no-tune_malloc"
+           "default:"
            "onnxruntime:--backend onnxruntime --model $OUT/model.onnx")
 else
-  CONFIGS=("fused_cl_fast:" "fused_cl_fast_malloc:--tune_malloc" "onnxruntime:--backend onnxruntime --model $OUT/model.onnx")
+  CONFIGS=("fused_cl_fast:--no-tune_malloc" "default:" "onnxruntime:--backend onnxruntime --model $OUT/model.onnx")
 fi
 
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo '?')
