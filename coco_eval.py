@@ -64,15 +64,12 @@ def _device(args: argparse.Namespace):
     return parse_device(args.device)
 
 
-def _load_model(args: argparse.Namespace, project, device):
+def _load_model(args: argparse.Namespace, project, weights: str, device):
     from efficientdet.checkpoint import load_weights
     from efficientdet.model import EfficientDetBackbone
 
-    weights = args.weights or os.path.join('weights', f'efficientdet-d{args.compound_coef}.pth')
     if not os.path.isfile(weights):
         raise UserError(f'{weights}: weights file not found; pass -w /path/to/weights.pth')
-    if not 0 <= args.compound_coef <= 8:
-        raise UserError(f'-c {args.compound_coef}: compound_coef must be 0-8 (8 = D7x)')
     model = EfficientDetBackbone(num_classes=len(project.obj_list), compound_coef=args.compound_coef,
                                  ratios=project.anchors_ratios, scales=project.anchors_scales,
                                  compat=args.compat)
@@ -84,37 +81,68 @@ def _load_model(args: argparse.Namespace, project, device):
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    from efficientdet.config import check_image_size, get_config
+    from efficientdet.data.dataset import CocoDataset, category_mapping
     from efficientdet.evaluation import (COCOEvaluator, format_summary, format_table, load_coco,
-                                         load_results_file, write_results_json)
+                                         load_results_file, run_coco_eval, write_results_json)
     from efficientdet.project import load_project
 
+    if not 0 <= args.compound_coef <= 8:
+        raise UserError(f'-c {args.compound_coef}: compound_coef must be 0-8 (8 = D7x)')
+    if args.max_images is not None and args.max_images <= 0:
+        raise UserError(f'--max_images {args.max_images}: must be a positive number of images')
+    size = args.image_size or get_config(args.compound_coef).input_size
+    try:
+        check_image_size(size, size, args.compound_coef)
+    except ValueError as e:
+        raise UserError(f'--image_size: {e}') from None
     project = load_project(args.project, args.projects_dir)
     root = os.path.join(args.data_path, project.project_name)
-    ann_path = os.path.join(root, 'annotations', f'instances_{project.val_set}.json')
-    coco = load_coco(ann_path, verbose=args.verbose)
-    image_ids = coco.getImgIds()
-    if not image_ids:
-        raise UserError(f'{ann_path}: the validation set {project.val_set!r} lists no images')
-    cat_ids, names = _class_mapping(coco, project, ann_path)
-    if args.max_images is not None:
-        if args.max_images <= 0:
-            raise UserError(f'--max_images {args.max_images}: must be a positive number of images')
-        image_ids = image_ids[:args.max_images]
-
     results_path = args.results or os.path.join(args.output_dir, f'{project.val_set}_bbox_results.json')
-    if args.results is None and (args.override or not os.path.exists(results_path)):
-        img_dir = os.path.join(root, project.val_set)
-        if not os.path.isdir(img_dir):
+    run_model = args.results is None and (args.override or not os.path.exists(results_path))
+    img_dir = os.path.join(root, project.val_set)
+    if not os.path.isdir(img_dir):
+        if run_model:
             raise UserError(f'{img_dir}: validation image folder not found (put the {project.val_set} '
                             f'images there, or fix --data_path / val_set in {project.path})')
-        metrics, results = _run_model(args, project, root, ann_path)
+        # scoring a results file without the images: every image and annotation of the file counts
+        ann_path = os.path.join(root, 'annotations', f'instances_{project.val_set}.json')
+        coco = load_coco(ann_path, verbose=args.verbose)
+        names, ids, _ = category_mapping(coco.dataset['categories'], project.obj_list, ann_path)
+        print(f'note: {img_dir} not found: scoring against every image listed in {ann_path}')
+        image_ids = coco.getImgIds()[:args.max_images]
+        if not image_ids:
+            raise UserError(f'{ann_path}: the validation set {project.val_set!r} lists no images')
+    else:
+        # One ground truth for both modes: the dataset's cleaned annotations (the images that exist,
+        # the entries training uses), so re-scoring a results file gives the model run's mAP.
+        dataset = CocoDataset(root, project.val_set, project.obj_list, size, project.mean, project.std,
+                              augment=False)
+        print(dataset.summary())
+        coco, names, ids = dataset.coco, dataset.obj_list, dataset.cat_ids
+        image_ids = dataset.image_ids[:args.max_images]
+
+    if run_model:
+        if args.batch_size <= 0:
+            raise UserError(f'--batch_size {args.batch_size}: must be at least 1')
+        device = _device(args)
+        weights = args.weights or os.path.join('weights', f'efficientdet-d{args.compound_coef}.pth')
+        print(f'running coco-style evaluation on project {project.project_name}, weights {weights}, '
+              f'D{args.compound_coef} at {size}px on {device}')
+        model = _load_model(args, project, weights, device)
+        metrics, results = run_coco_eval(model, dataset, batch_size=args.batch_size, device=device,
+                                         score_threshold=args.score_threshold, nms_threshold=args.nms_threshold,
+                                         nms=args.nms, max_det=args.max_det, half=args.float16,
+                                         max_images=args.max_images, progress=not args.no_progress,
+                                         num_workers=args.num_workers, verbose=args.verbose)
         write_results_json(results, results_path)
         print(f'wrote {len(results)} detections to {results_path}')
     else:
         if args.results is None:
             print(f'reusing existing {results_path} (pass --override to recompute it)')
         results = load_results_file(results_path)
-        evaluator = COCOEvaluator(coco, cat_ids=cat_ids, class_names=names, verbose=args.verbose)
+        evaluator = COCOEvaluator(coco, cat_ids=[c if c >= 0 else None for c in ids], class_names=names,
+                                  verbose=args.verbose)
         evaluator.add_results(results, source=results_path)
         metrics = evaluator.compute(image_ids=image_ids)
         if not results:
@@ -125,48 +153,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     print()
     print(format_table(metrics))
     return 0
-
-
-def _class_mapping(coco, project, ann_path: str):
-    """(category id or None per class index, names): obj_list matched to the annotation categories
-    by the same rule the training dataset uses (exact names; '' entries are placeholders)."""
-    from efficientdet.data.dataset import category_mapping
-    names, ids, _ = category_mapping(coco.dataset['categories'], project.obj_list, ann_path)
-    return [c if c >= 0 else None for c in ids], names
-
-
-def _run_model(args: argparse.Namespace, project, root: str, ann_path: str):
-    from efficientdet.config import check_image_size, get_config
-    from efficientdet.data.dataset import CocoDataset
-    from efficientdet.evaluation import run_coco_eval
-
-    if not 0 <= args.compound_coef <= 8:
-        raise UserError(f'-c {args.compound_coef}: compound_coef must be 0-8 (8 = D7x)')
-    size = args.image_size or get_config(args.compound_coef).input_size
-    try:
-        check_image_size(size, size, args.compound_coef)
-    except ValueError as e:
-        raise UserError(f'--image_size: {e}') from None
-    if args.batch_size <= 0:
-        raise UserError(f'--batch_size {args.batch_size}: must be at least 1')
-    device = _device(args)
-    if args.float16 and device.type != 'cuda':
-        raise UserError('--float16 needs a CUDA device (drop it or pass --device cuda:0)')
-    print(f'running coco-style evaluation on project {project.project_name}, weights '
-          f'{args.weights or os.path.join("weights", f"efficientdet-d{args.compound_coef}.pth")}, '
-          f'D{args.compound_coef} at {size}px on {device}')
-    model = _load_model(args, project, device)
-    dataset = CocoDataset(root, project.val_set, project.obj_list, size, project.mean, project.std,
-                          augment=False)
-    if len(dataset) == 0:
-        raise UserError(f'{ann_path}: the validation set {project.val_set!r} has no images')
-    if hasattr(dataset, 'summary'):
-        print(dataset.summary())
-    return run_coco_eval(model, dataset, batch_size=args.batch_size, device=device,
-                         score_threshold=args.score_threshold, nms_threshold=args.nms_threshold,
-                         nms=args.nms, max_det=args.max_det, half=args.float16,
-                         max_images=args.max_images, progress=not args.no_progress,
-                         num_workers=args.num_workers, verbose=args.verbose)
 
 
 if __name__ == '__main__':

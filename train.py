@@ -337,8 +337,6 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     if resume_path:
         state = safe_load(resume_path, map_location=device)
         trainer.load_state_dict(state, restore_rng=world == 1, path=resume_path)
-        for fn in scheduler.lr_lambdas:  # --num_epochs may have changed since the save
-            fn.total_steps = max(total_steps, 1)
         if world > 1:
             seed_everything(args.seed + rank + 1000003 * trainer.step)
         log(f'[info] resumed {resume_path}: epoch {trainer.epoch}, step {trainer.step}'
@@ -473,7 +471,7 @@ def run_validation(args, trainer: Trainer, model, criterion, val_loader, val_ds,
         if not args.no_map and not stop.requested:
             from efficientdet.evaluation import run_coco_eval
             metrics, _ = run_coco_eval(model, val_ds, batch_size=local_bs, device=device, max_images=val_count,
-                                       progress=False)
+                                       progress=False, num_workers=args.num_workers)
         if args.debug:
             write_debug_images(model, val_loader, device, project.obj_list, project.mean, project.std,
                                os.path.join(args.log_path, project.project_name, 'debug'), f'epoch{epoch}')

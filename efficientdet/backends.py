@@ -112,7 +112,6 @@ class OnnxRuntimeModel(_Runtime):
         except Exception as e:  # onnxruntime raises its own Fail / InvalidGraph types
             raise UserError(f'{path}: onnxruntime cannot load it ({str(e).splitlines()[0]})') from None
         self.path = path
-        self.threads = threads
         self.meta = _parse_meta(dict(self.session.get_modelmeta().custom_metadata_map))
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
@@ -184,8 +183,8 @@ class TorchScriptModel(_Runtime):
 
 
 def tune_cpu_allocator(threshold_bytes: int = 1 << 30) -> bool:
-    """Opt-in, process-wide: keep freed memory inside the process instead of returning it to the OS
-    (glibc ``mallopt`` M_MMAP_THRESHOLD and M_TRIM_THRESHOLD). Large activations are then reused
+    """Process-wide (the library never calls it; ``benchmark.py`` does by default on CPU): keep
+    freed memory inside the process instead of returning it to the OS (glibc ``mallopt`` M_MMAP_THRESHOLD and M_TRIM_THRESHOLD). Large activations are then reused
     instead of being page-faulted in afresh on every call, which costs ~20% of D3's CPU latency on
     a VM; the price is that the resident memory stays at its peak. Call it once at start-up,
     before building the model. Returns False where it does not apply (not glibc)."""

@@ -35,8 +35,6 @@ Source = Union[str, 'os.PathLike[str]', Mapping[str, Any]]
 # Containers we unwrap, most preferred first (EMA weights are what the official evaluation uses).
 _WRAPPER_KEYS = ('state_dict_ema', 'model_ema', 'ema', 'state_dict', 'model')
 _PREFIXES = ('module.', 'model.')
-# Keys of a full training checkpoint written by this project's trainer (``last.ckpt``).
-TRAINING_KEYS = ('model', 'ema', 'optimizer', 'scheduler', 'scaler', 'epoch', 'step', 'rng')
 # effdet's DetBenchTrain/DetBenchPredict keep the anchor boxes as a buffer next to ``model.*``.
 _BENCH_BUFFERS = {'anchors.boxes': 'effdet DetBench anchor buffer: anchors are rebuilt from the config, '
                                    'never learned'}

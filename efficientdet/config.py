@@ -17,6 +17,9 @@ OFFICIAL_RATIOS: Tuple[Tuple[float, float], ...] = (
 # Yet-Another-EfficientDet-Pytorch's rounded approximation (measured: moves anchors by up to 5.8 px).
 ZYLO117_RATIOS: Tuple[Tuple[float, float], ...] = ((1.0, 1.0), (1.4, 0.7), (0.7, 1.4))
 DEFAULT_SCALES: Tuple[float, ...] = (2 ** 0, 2 ** (1.0 / 3.0), 2 ** (2.0 / 3.0))
+# Input normalisation of the official models (RGB, 0-1 scale).
+IMAGENET_MEAN: Tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: Tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 COMPAT_MODES = ('official', 'zylo117')
 
@@ -89,7 +92,6 @@ class EfficientDetConfig:
     max_level: int = 7
     min_level: int = 3
     fusion: str = 'fast'  # 'fast' (fast normalised fusion) or 'sum'
-    num_scales: int = 3
 
     @property
     def levels(self) -> List[int]:

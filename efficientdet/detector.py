@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .checkpoint import infer_num_classes, load_weights, read_checkpoint
-from .config import CONFIGS, check_image_size, get_config
+from .config import CONFIGS, as_hw, check_image_size, get_config
 from .cli import parse_device
 from .errors import UserError
 from .postprocess import detect
@@ -72,13 +72,6 @@ class Detections:
 
 
 
-def _input_hw(image_size: Union[int, Sequence[int]]) -> Tuple[int, int]:
-    if isinstance(image_size, (int, np.integer)):
-        return int(image_size), int(image_size)
-    h, w = image_size
-    return int(h), int(w)
-
-
 class Detector:
     """Run a detection model on images.
 
@@ -105,7 +98,7 @@ class Detector:
             raise UserError('--half needs a CUDA device (float16 convolutions are not supported on CPU); '
                             'drop --half or pass --device cuda:0')
         self.dtype = torch.float16 if half else torch.float32
-        self.image_size = _input_hw(image_size)
+        self.image_size = as_hw(image_size)
         if isinstance(model, nn.Module):
             compound_coef = getattr(model, 'compound_coef', None)
             if compound_coef is not None:

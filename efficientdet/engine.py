@@ -110,8 +110,9 @@ def build_optimizer(model: nn.Module, name: str = 'sgd', lr: float = 0.08, momen
 
 class WarmupCosine:
     """LR multiplier for ``LambdaLR``: linear from ``warmup_init`` to 1 over ``warmup_steps``, then
-    cosine from 1 to 0 at ``total_steps`` (0 afterwards). A plain object (not a lambda) so its
-    settings are part of the scheduler's state_dict."""
+    cosine from 1 to 0 at ``total_steps`` (0 afterwards). A plain object (not a lambda), so the
+    scheduler and checkpoints holding it pickle; on resume ``Trainer`` keeps the current run's
+    settings and restores only the step."""
 
     def __init__(self, total_steps: int, warmup_steps: int, warmup_init: float = 0.1):
         self.total_steps = max(int(total_steps), 1)
@@ -155,21 +156,32 @@ class ModelEMA:
         n = self.updates
         return min(self.decay, (1.0 + n) / (10.0 + n))
 
+    @staticmethod
+    def _tensors(modules: List[nn.Module]) -> List[torch.Tensor]:
+        # read from each module's own dicts at every step: .to() may have replaced a buffer
+        return [t for m in modules for d in (m._parameters, m._buffers) for t in d.values() if t is not None]
+
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        """One EMA step: float parameters and buffers lerp towards ``model``'s in one fused call,
+        integer buffers (BN's num_batches_tracked) are copied. The module lists are walked once
+        (``named_modules`` is most of the cost of a state_dict-based update), the tensors each step."""
         self.updates += 1
         d = self.current_decay()
-        src = unwrap_model(model).state_dict()
-        ema_f, src_f = [], []
-        for k, v in self.module.state_dict().items():
-            s = src[k].detach()
-            if v.is_floating_point():
-                ema_f.append(v)
-                src_f.append(s.to(v.dtype))
-            else:
-                v.copy_(s)
+        src = unwrap_model(model)
+        if getattr(self, '_src_ref', None) is not src:
+            self._src_ref = src
+            self._mods = (list(self.module.modules()), list(src.modules()))
+        ema_t, src_t = (self._tensors(mods) for mods in self._mods)
+        if len(ema_t) != len(src_t):
+            raise ValueError('ModelEMA.update: the model no longer has the EMA copy\'s structure')
+        ema_f = [e for e in ema_t if e.is_floating_point()]
+        src_f = [s if s.dtype == e.dtype else s.to(e.dtype) for e, s in zip(ema_t, src_t) if e.is_floating_point()]
+        ints = [(e, s) for e, s in zip(ema_t, src_t) if not e.is_floating_point()]
         if ema_f:
             torch._foreach_lerp_(ema_f, src_f, 1.0 - d)
+        if ints:
+            torch._foreach_copy_([e for e, _ in ints], [s for _, s in ints])
 
     def state_dict(self) -> Dict[str, Any]:
         # 'model' so checkpoint.extract_state_dict finds the EMA weights inside last.ckpt
@@ -401,7 +413,17 @@ class Trainer:
             raise UserError(f'{path}: the optimizer state does not fit ({e}); resume with the same --optim '
                             'and --head_only setting') from None
         if self.scheduler is not None and state.get('scheduler') is not None:
-            self.scheduler.load_state_dict(state['scheduler'])
+            sched = dict(state['scheduler'])
+            if 'lr_lambdas' in sched:  # LambdaLR: restore the position; the schedule's shape (total and
+                # warm-up steps) stays the one built from this run's arguments (--num_epochs may change)
+                sched['lr_lambdas'] = [None] * len(sched['lr_lambdas'])
+            self.scheduler.load_state_dict(sched)
+            if isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR):  # this run's LR at that step
+                step = self.scheduler.last_epoch
+                lrs = [base * fn(step) for base, fn in zip(self.scheduler.base_lrs, self.scheduler.lr_lambdas)]
+                for group, lr in zip(self.optimizer.param_groups, lrs):
+                    group['lr'] = lr
+                self.scheduler._last_lr = lrs
         if state.get('scaler'):
             self.scaler.load_state_dict(state['scaler'])
         self.epoch, self.epoch_step, self.step = int(state['epoch']), int(state['epoch_step']), int(state['step'])

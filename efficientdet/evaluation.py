@@ -57,9 +57,14 @@ def load_coco(path: str, verbose: bool = False) -> COCO:
     return coco_from_dict(data, path, verbose)
 
 
-def coco_from_dict(data: Dict[str, Any], path: str = '<annotations>', verbose: bool = False) -> COCO:
-    """A validated pycocotools ``COCO`` from an in-memory COCO instances dict (not copied)."""
-    _validate_coco_dict(data, path)
+def coco_from_dict(data: Dict[str, Any], path: str = '<annotations>', verbose: bool = False,
+                   validate: bool = True) -> COCO:
+    """A pycocotools ``COCO`` from an in-memory COCO instances dict (not copied; top-level structure
+    already checked by ``load_coco_json``). ``validate``: the evaluator's strict check — a ground
+    truth entry that refers to an unknown image or category is an error, not silently dropped;
+    pass False for a dict that ``data.dataset.index_coco`` already cleaned."""
+    if validate:
+        _validate_coco_dict(data, path)
     coco = COCO()
     coco.dataset = data
     with _quiet(verbose):
@@ -70,12 +75,6 @@ def coco_from_dict(data: Dict[str, Any], path: str = '<annotations>', verbose: b
 def _validate_coco_dict(data: Any, path: str) -> None:
     """Check the COCO instances structure in place (fills ``iscrowd``/``area`` defaults)."""
     what = 'not a COCO instances annotation file'
-    if not isinstance(data, dict):
-        raise UserError(f'{path}: {what}: the top level must be an object with "images", '
-                        '"annotations" and "categories"')
-    for key in ('images', 'annotations', 'categories'):
-        if not isinstance(data.get(key), list):
-            raise UserError(f'{path}: {what}: missing or non-list field "{key}"')
     for i, img in enumerate(data['images']):
         if not isinstance(img, dict) or not isinstance(img.get('id'), int):
             raise UserError(f'{path}: {what}: images[{i}] has no integer "id"')
@@ -190,7 +189,6 @@ class COCOEvaluator:
         self._ann_img = np.array([a['image_id'] for a in anns], dtype=np.int64)
         self._ann_cat = np.array([a['category_id'] for a in anns], dtype=np.int64)
         self._ann_crowd = np.array([bool(a.get('iscrowd', 0)) for a in anns], dtype=bool)
-        self.summary_text = ''
         self.metrics: Optional[Dict[str, Any]] = None
         self.reset()
 
@@ -335,7 +333,6 @@ class COCOEvaluator:
         metrics['per_class'] = self._per_class(precision, ids)
         metrics['num_images'] = len(ids)
         metrics['num_detections'] = int(len(rows))
-        self.summary_text = format_summary(metrics)
         self.metrics = metrics
         return metrics
 

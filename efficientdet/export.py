@@ -23,9 +23,8 @@ TorchScript files return ``(regression, classification, anchors)``, traced at th
 from __future__ import annotations
 
 import argparse
+import io
 import json
-import os
-import tempfile
 import warnings
 from contextlib import contextmanager
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -34,7 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .anchors import decode_boxes
+from .postprocess import PRE_NMS_TOPK, candidates
+from .checkpoint import atomic_write
 from .config import CONFIGS, as_hw, check_image_size, get_config
 from .errors import UserError, run_cli
 
@@ -107,7 +107,7 @@ class NMSExportWrapper(nn.Module):
     ``score_threshold``, ``iou_threshold``, ``max_det``, ``pre_nms_topk``."""
 
     def __init__(self, model: nn.Module, image_size: SizeLike, num_classes: int, score_threshold: float = 0.05,
-                 iou_threshold: float = 0.5, max_det: int = 100, pre_nms_topk: int = 5000):
+                 iou_threshold: float = 0.5, max_det: int = 100, pre_nms_topk: int = PRE_NMS_TOPK):
         super().__init__()
         self.model = model
         self.image_size = as_hw(image_size)
@@ -119,19 +119,10 @@ class NMSExportWrapper(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         _, regression, classification, anchors = self.model(x)
-        h, w = float(self.image_size[0]), float(self.image_size[1])
         best, labels = classification.max(-1)  # [B, A]
         k = min(self.pre_nms_topk, best.shape[1])
-        masked = torch.where(best > self.score_threshold, best, torch.full_like(best, float('-inf')))
-        top_scores, top_idx = masked.topk(k, dim=1)
-        # candidates in anchor order: NMS ties then go to the lower anchor index, as in ``detect``
-        top_idx = torch.sort(top_idx, dim=1).values
-        top_scores = masked.gather(1, top_idx)
-        reg = regression.gather(1, top_idx.unsqueeze(-1).expand(-1, -1, 4))
-        anc = anchors[0][top_idx]  # [B, K, 4]
-        y1, x1, y2, x2 = decode_boxes(reg, anc).unbind(-1)
-        boxes = torch.stack([x1.clamp(0, w), y1.clamp(0, h), x2.clamp(0, w), y2.clamp(0, h)], -1)  # xyxy
-        cand_labels = labels.gather(1, top_idx)
+        top_scores, boxes, cand_labels = candidates(best, labels, regression, anchors, self.image_size,
+                                                    self.score_threshold, k)  # boxes xyxy, anchor order
         classes = torch.arange(self.num_classes, device=x.device).view(1, -1, 1)
         per_class = torch.where(cand_labels.unsqueeze(1) == classes, top_scores.unsqueeze(1),
                                 torch.full_like(top_scores.unsqueeze(1), float('-inf')))  # [B, C, K]
@@ -173,10 +164,7 @@ def resolve_num_classes(num_classes: Optional[int], project: Optional[str], weig
             raise UserError(f'--num_classes {num_classes}: must be at least 1')
         return int(num_classes), extra
     if weights is not None:
-        try:
-            from .checkpoint import infer_num_classes, read_checkpoint
-        except ImportError:  # older checkpoint module
-            return 90, extra
+        from .checkpoint import infer_num_classes, read_checkpoint
         ck = read_checkpoint(weights)
         n = infer_num_classes(ck.state_dict, 9, ck.layout)
         if n is None:
@@ -187,18 +175,9 @@ def resolve_num_classes(num_classes: Optional[int], project: Optional[str], weig
 
 
 def load_model_weights(model: nn.Module, path: str) -> None:
-    """Exact load through ``checkpoint.load_weights`` (coefficient / class-count checks) when it
-    exists, else ``safe_load`` + ``extract_state_dict`` + strict ``load_state_dict``."""
-    from . import checkpoint
-    if hasattr(checkpoint, 'load_weights'):
-        checkpoint.load_weights(model, path, strict=True, verbose=False)
-        return
-    sd = checkpoint.extract_state_dict(checkpoint.safe_load(path), path)
-    try:
-        model.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        raise UserError(f'{path}: does not fit efficientdet-d{model.compound_coef} with '
-                        f'{model.num_classes} classes ({str(e).splitlines()[0]}); check -c and --num_classes') from None
+    """Exact load through ``checkpoint.load_weights`` (coefficient / class-count checks)."""
+    from .checkpoint import load_weights
+    load_weights(model, path, strict=True, verbose=False)
 
 
 def build_model(compound_coef: int, num_classes: Optional[int] = None, weights: Optional[str] = None,
@@ -254,7 +233,7 @@ def _metadata(model: nn.Module, size: Tuple[int, int], with_nms: bool, wrapper: 
 # --------------------------------------------------------------------------- ONNX
 def export_onnx(model: nn.Module, path: str, image_size: Optional[SizeLike] = None, with_nms: bool = False,
                 opset: int = DEFAULT_OPSET, fuse: bool = True, score_threshold: float = 0.05,
-                iou_threshold: float = 0.5, max_det: int = 100, pre_nms_topk: int = 5000,
+                iou_threshold: float = 0.5, max_det: int = 100, pre_nms_topk: int = PRE_NMS_TOPK,
                 dynamic_batch: bool = True, verify: bool = True, atol: float = 1e-4) -> Dict[str, float]:
     """Export ``model`` (an EfficientDetBackbone) to ONNX at ``path``; see the module docstring.
 
@@ -269,7 +248,7 @@ def export_onnx(model: nn.Module, path: str, image_size: Optional[SizeLike] = No
     if with_nms and opset < 11:
         raise UserError(f'--opset {opset}: --with-nms needs opset 11 or newer (NonMaxSuppression)')
     model = model.eval()
-    net = fuse_model(model, channels_last=False, image_size=size) if fuse else model
+    net = fuse_model(model, channels_last=False, image_size=size, fast=False) if fuse else model
     wrapper: nn.Module
     if with_nms:
         wrapper = NMSExportWrapper(net, size, model.num_classes, score_threshold, iou_threshold, max_det, pre_nms_topk)
@@ -284,34 +263,20 @@ def export_onnx(model: nn.Module, path: str, image_size: Optional[SizeLike] = No
     for n in names:
         if n != 'anchors':
             dyn[n] = {0: 'batch'}
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = path + '.tmp'
+    buf = io.BytesIO()
     with _quiet_export(), torch.no_grad():
-        torch.onnx.export(wrapper, (x,), tmp, input_names=[INPUT_NAME], output_names=names, opset_version=opset,
+        torch.onnx.export(wrapper, (x,), buf, input_names=[INPUT_NAME], output_names=names, opset_version=opset,
                           dynamic_axes=dyn if dynamic_batch else None, do_constant_folding=True, dynamo=False)
-    proto = onnx.load(tmp)
+    proto = onnx.load_from_string(buf.getvalue())
     for k, v in _metadata(model, size, with_nms, wrapper if with_nms else None).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v
-    onnx.save(proto, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(proto.SerializeToString()))
     if not verify:
         return {}
     reference = model if not with_nms else NMSExportWrapper(model, size, model.num_classes, score_threshold,
                                                             iou_threshold, max_det, pre_nms_topk).eval()
-    return verify_onnx(path, reference, size, atol=atol, with_nms=with_nms)
-
-
-def _ort_session(path: str, threads: Optional[int] = None):
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        so.intra_op_num_threads = int(threads)
-        so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return ort.InferenceSession(path, so, providers=['CPUExecutionProvider'])
+    return verify_onnx(path, reference, size, atol=atol, with_nms=with_nms, batch=2 if dynamic_batch else 1)
 
 
 def verify_onnx(path: str, model: nn.Module, image_size: SizeLike, atol: float = 1e-4, with_nms: bool = False,
@@ -325,22 +290,25 @@ def verify_onnx(path: str, model: nn.Module, image_size: SizeLike, atol: float =
     h, w = as_hw(image_size)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, h, w, generator=g)
-    sess = _ort_session(path)
-    got = sess.run(None, {INPUT_NAME: x.numpy()})
+    from .backends import OnnxRuntimeModel
+    out = OnnxRuntimeModel(path).run(x)
     p = next(model.parameters())
     with torch.inference_mode():
         ref = model(x.to(device=p.device, dtype=p.dtype))
-    if not with_nms:
-        ref = ref[1:]
-        names = RAW_OUTPUTS
-    else:
-        names = NMS_OUTPUTS
     if with_nms:
-        return _compare_detections(path, got, ref, atol)
+        return _compare_detections(path, [out[n] for n in NMS_OUTPUTS], ref, atol)
+    return _compare_outputs(path, RAW_OUTPUTS, [torch.from_numpy(out[n]) for n in RAW_OUTPUTS], ref[1:], atol)
+
+
+def _compare_outputs(path: str, names: Sequence[str], got: Sequence[torch.Tensor], ref: Sequence[torch.Tensor],
+                     atol: float) -> Dict[str, float]:
+    """Exported outputs vs the eager model's, by name: float outputs within ``atol`` absolute and
+    relative (boxes are pixels), integer ones equal. UserError naming the file otherwise; returns
+    {name: max abs difference}."""
     diffs: Dict[str, float] = {}
     for name, a, b in zip(names, got, ref):
         b = b.detach().float().cpu() if b.dtype.is_floating_point else b.detach().cpu()
-        a = torch.from_numpy(a)
+        a = a.detach().cpu()
         if a.shape != b.shape:
             raise UserError(f'{path}: output {name} has shape {tuple(a.shape)}, the torch model {tuple(b.shape)}')
         if not a.dtype.is_floating_point:
@@ -392,7 +360,7 @@ def export_torchscript(model: nn.Module, path: str, image_size: Optional[SizeLik
     from .fuse import fuse_model
     size = _check_size(model, image_size)
     model = model.eval()
-    net = fuse_model(model, channels_last=channels_last, image_size=size) if fuse else model
+    net = fuse_model(model, channels_last=channels_last, image_size=size, fast=False) if fuse else model
     wrapper = ExportWrapper(net).eval()
     p = next(model.parameters())
     x = torch.randn(1, 3, *size, device=p.device, dtype=p.dtype)
@@ -404,20 +372,8 @@ def export_torchscript(model: nn.Module, path: str, image_size: Optional[SizeLik
             traced = torch.jit.freeze(traced)
     meta = _metadata(model, size, False, None)
     meta['channels_last'] = str(bool(channels_last)).lower()
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
-    os.close(fd)
-    try:
-        with _quiet_export():  # torch.jit.save's deprecation notice
-            torch.jit.save(traced, tmp, _extra_files={'meta.json': json.dumps(meta)})
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with _quiet_export():  # torch.jit.save's deprecation notice
+        atomic_write(path, lambda f: torch.jit.save(traced, f, _extra_files={'meta.json': json.dumps(meta)}))
     if not verify:
         return {}
     from .backends import TorchScriptModel
@@ -427,13 +383,7 @@ def export_torchscript(model: nn.Module, path: str, image_size: Optional[SizeLik
     with torch.inference_mode():
         ref = model(xv)[1:]
         got = ts(xv)[1:]
-    diffs = {}
-    for name, a, b in zip(RAW_OUTPUTS, got, ref):
-        d = float((a.float() - b.float()).abs().max())
-        diffs[name] = d
-        if not torch.allclose(a.float(), b.float(), rtol=atol, atol=atol):
-            raise UserError(f'{path}: output {name} differs from the torch model by {d:.3g} > {atol:g}')
-    return diffs
+    return _compare_outputs(path, RAW_OUTPUTS, got, ref, atol)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -465,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument('--score_threshold', type=float, default=0.05)
             p.add_argument('--iou_threshold', type=float, default=0.5)
             p.add_argument('--max_det', type=int, default=100)
-            p.add_argument('--pre_nms_topk', type=int, default=5000)
+            p.add_argument("--pre_nms_topk", type=int, default=PRE_NMS_TOPK)
             p.add_argument('--static-batch', dest='dynamic_batch', action='store_false',
                            help='fix the batch size to 1 (default: any batch size)')
         else:

@@ -23,7 +23,6 @@ All tensors are NCHW (or channels_last NCHW); anchors are [1, A, 4] (y1, x1, y2,
 """
 from __future__ import annotations
 
-import copy
 import threading
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -32,9 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .anchors import Anchors
-from .config import FUSION_EPS, check_image_size
+from .config import FUSION_EPS, as_hw, check_image_size
 from .errors import UserError
-from .config import as_hw
 from .layers import Conv2dStaticSamePadding, MaxPool2dStaticSamePadding, SeparableConvBlock
 
 __all__ = ['fuse_model', 'fold_bn', 'FusedEfficientDet', 'FusedConv', 'onednn_available']
@@ -129,12 +127,8 @@ class FusedConv(nn.Module):
         weight, bias = fold_bn(c, bn)
         self.conv = nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, groups=c.groups,
                               dilation=c.dilation, bias=bias is not None)
-        (top, bottom), (left, right) = src._static
-        if top == bottom and left == right:
-            self.conv.padding = (top, left)
-            self.pad: Optional[Tuple[int, int, int, int]] = None
-        else:
-            self.pad = (left, right, top, bottom)
+        self.conv.padding = c.padding  # the symmetric "SAME" part; an asymmetric one is src._pad
+        self.pad: Optional[Tuple[int, int, int, int]] = src._pad
         with torch.no_grad():
             self.conv.weight.copy_(weight)
             if bias is not None:
@@ -383,10 +377,7 @@ class FusedEfficientDet(nn.Module):
         self.config = model.config
         self.compound_coef = model.compound_coef
         self.num_classes = model.num_classes
-        self.compat = getattr(model, 'compat', 'official')
-        self.input_size = model.input_size
         self.image_size = as_hw(image_size)
-        self.size_divisor = int(self.config.size_divisor)
         self.channels_last = False  # set by fuse_model: inputs are then made channels_last
         self.backbone_net = _FusedEfficientNet(model.backbone_net)
         self.bifpn = nn.ModuleList([_FusedBiFPN(c) for c in model.bifpn])
@@ -413,8 +404,9 @@ class FusedEfficientDet(nn.Module):
 
     def forward(self, x: torch.Tensor, return_logits: bool = False):
         h, w = int(x.shape[-2]), int(x.shape[-1])
-        if not torch.jit.is_tracing() and (h % self.size_divisor or w % self.size_divisor):
-            raise ValueError(f'input {h}x{w}: the fused model needs H and W multiples of {self.size_divisor}')
+        div = self.config.size_divisor
+        if not torch.jit.is_tracing() and (h % div or w % div):
+            raise ValueError(f'input {h}x{w}: the fused model needs H and W multiples of {div}')
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)  # cheap: 3 channels
         features = self.extract_features(x)
@@ -450,9 +442,8 @@ def fuse_model(model: nn.Module, channels_last: bool = True, image_size: Optiona
         check_image_size(size[0], size[1], model.compound_coef)
     except ValueError as e:
         raise UserError(f'image_size: {e}') from None
-    src = copy.deepcopy(model).eval()
     p = next(model.parameters())
-    fused = FusedEfficientDet(src, size).to(device=p.device, dtype=p.dtype).eval()
+    fused = FusedEfficientDet(model, size).to(device=p.device, dtype=p.dtype).eval()  # model: read only
     for q in fused.parameters():
         q.requires_grad_(False)
     if channels_last:

@@ -1,7 +1,7 @@
 """Post-processing: NMS, gaussian soft-NMS, the official post-processing and a fast ``detect``.
 
 Coordinate conventions:
-- ``nms`` / ``batched_nms`` / ``box_iou`` take any corner boxes; torchvision uses (x1, y1, x2, y2).
+- ``nms`` / ``batched_nms`` take any corner boxes; torchvision uses (x1, y1, x2, y2).
 - ``official_postprocess`` works on the official side: anchors and boxes are (y1, x1, y2, x2)
   input pixels, classes are 1-based (the official ``CLASS_OFFSET``).
 - ``detect`` returns the user side: (x1, y1, x2, y2) network-input pixels, labels 0-based.
@@ -20,7 +20,7 @@ import torch
 
 from .anchors import decode_boxes
 
-__all__ = ['box_iou', 'nms', 'batched_nms', 'soft_nms', 'official_postprocess', 'detect',
+__all__ = ['nms', 'batched_nms', 'soft_nms', 'official_postprocess', 'detect', 'candidates', 'to_xyxy_clipped',
            'OFFICIAL_SOFT_SIGMA', 'OFFICIAL_SOFT_SCORE_THRESHOLD', 'PRE_NMS_TOPK']
 
 OFFICIAL_SOFT_SIGMA = 0.5             # official nms_configs sigma for method='gaussian'
@@ -37,18 +37,6 @@ except Exception:  # ImportError, missing compiled ops, ABI mismatch …
 
 
 # --------------------------------------------------------------------------- IoU
-def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
-    """IoU of every pair: [..., N, 4] x [..., M, 4] corner boxes -> [..., N, M] (torchvision's
-    formula: area = (x2 - x1) * (y2 - y1), no +1; a zero union gives NaN, which never suppresses)."""
-    area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
-    area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])
-    lt = torch.maximum(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
-    rb = torch.minimum(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    return inter / (area1[..., :, None] + area2[..., None, :] - inter)
-
-
 def _prepare_boxes(boxes: torch.Tensor, tf_style: bool) -> Tuple[List[torch.Tensor], torch.Tensor]:
     """Contiguous coordinate planes [a1, b1, a2, b2] (each [..., M]) and areas for repeated
     one-to-many IoU. ``tf_style``: TensorFlow's NMS kernel — corners re-ordered with min/max, and a
@@ -83,8 +71,8 @@ def _sort_desc(scores: torch.Tensor) -> torch.Tensor:
 
 def _planes(boxes: torch.Tensor) -> List[torch.Tensor]:
     """[N, 4] corner boxes -> contiguous [a1, b1, a2, b2, area] vectors."""
-    c = [boxes[:, i].contiguous() for i in range(4)]
-    return c + [(c[2] - c[0]) * (c[3] - c[1])]
+    c, area = _prepare_boxes(boxes, tf_style=False)
+    return c + [area]
 
 
 def _iou_planes(p: List[torch.Tensor], q: List[torch.Tensor]) -> torch.Tensor:
@@ -106,10 +94,10 @@ def _greedy_blocked(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: fl
     dev = boxes.device
     if n == 0:
         return torch.zeros(0, dtype=torch.long, device=dev)
-    order = _sort_desc(scores)
-    lab = None
+    by_score = _sort_desc(scores)
+    order, lab = by_score, None
     if idxs is not None:
-        order = order[torch.sort(idxs[order], stable=True).indices]  # group-major, score order inside
+        order = by_score[torch.sort(idxs[by_score], stable=True).indices]  # group-major, score order inside
         lab = idxs[order]
     pl = _planes(boxes[order].float())
     kept = torch.empty(n, dtype=torch.long, device=dev)  # positions in the sorted order
@@ -136,11 +124,12 @@ def _greedy_blocked(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: fl
         if local.size:
             kept[n_kept:n_kept + local.size] = torch.from_numpy(local).to(dev) + start
             n_kept += local.size
-    kept = kept[:n_kept]
-    if lab is not None:  # back to score order; ties by original index
-        kept = kept[torch.sort(order[kept]).indices]
-        kept = kept[torch.sort(scores[order[kept]], descending=True, stable=True).indices]
-    return order[kept]
+    kept = order[kept[:n_kept]]
+    if lab is None:
+        return kept
+    is_kept = torch.zeros(n, dtype=torch.bool, device=dev)  # back to score order (ties: lower index)
+    is_kept[kept] = True
+    return by_score[is_kept[by_score]]
 
 
 def _resolve_block(sup: np.ndarray, alive: np.ndarray) -> np.ndarray:
@@ -308,6 +297,32 @@ def official_postprocess(classification: torch.Tensor, regression: torch.Tensor,
 
 
 # --------------------------------------------------------------------------- fast detect
+def to_xyxy_clipped(boxes_yxyx: torch.Tensor, image_size: Tuple[int, int]) -> torch.Tensor:
+    """[..., 4] (y1, x1, y2, x2) pixels -> (x1, y1, x2, y2) clipped to [0, W] x [0, H]."""
+    h, w = float(image_size[0]), float(image_size[1])
+    y1, x1, y2, x2 = boxes_yxyx.unbind(-1)
+    return torch.stack([x1.clamp(0, w), y1.clamp(0, h), x2.clamp(0, w), y2.clamp(0, h)], -1)
+
+
+def candidates(best: torch.Tensor, labels: torch.Tensor, regression: torch.Tensor, anchors: torch.Tensor,
+               image_size: Tuple[int, int], score_threshold: float, k: int
+               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The NMS candidates of ``detect`` and of the exported NMS graph.
+
+    ``best, labels = classification.max(-1)``: each anchor keeps its best class (first maximum,
+    [B, A] each), regression [B, A, 4], anchors [1, A, 4] yxyx pixels. The ``k`` best anchors above
+    ``score_threshold`` are taken and put back in anchor order, so that NMS ties go to the lower
+    anchor index. Returns scores [B, k] (-inf where fewer than k pass), boxes [B, k, 4]
+    (x1, y1, x2, y2) decoded and clipped to the input, labels [B, k] (0-based). Traceable (``k``
+    is a Python int).
+    """
+    masked = torch.where(best > score_threshold, best, torch.full_like(best, float('-inf')))
+    top_idx = torch.sort(masked.topk(k, dim=1).indices, dim=1).values
+    reg = regression.gather(1, top_idx.unsqueeze(-1).expand(-1, -1, 4))
+    boxes = to_xyxy_clipped(decode_boxes(reg, anchors[0][top_idx]), image_size)
+    return masked.gather(1, top_idx), boxes, labels.gather(1, top_idx)
+
+
 def detect(classification: torch.Tensor, regression: torch.Tensor, anchors: torch.Tensor,
            image_size: Tuple[int, int], score_threshold: float = 0.05, iou_threshold: float = 0.5,
            max_det: int = 100, nms: str = 'hard', class_agnostic: bool = False,
@@ -330,38 +345,23 @@ def detect(classification: torch.Tensor, regression: torch.Tensor, anchors: torc
     """
     if nms not in ('hard', 'gaussian', 'official'):
         raise ValueError(f"nms must be 'hard', 'gaussian' or 'official', got {nms!r}")
-    h, w = float(image_size[0]), float(image_size[1])
     bsz = classification.shape[0]
     if nms == 'official':
         boxes, scores, classes, valid = official_postprocess(
             classification, regression, anchors, image_size, method='gaussian', mode='per_class',
             max_output=max_det)
-        y1, x1, y2, x2 = boxes.unbind(-1)
-        boxes = torch.stack([x1.clamp(0, w), y1.clamp(0, h), x2.clamp(0, w), y2.clamp(0, h)], -1)
+        boxes = to_xyxy_clipped(boxes, image_size)
         labels = classes - 1
         keep = (torch.arange(boxes.shape[1], device=boxes.device)[None] < valid[:, None]) & (scores > score_threshold)
     else:
-        cls = classification.float()
-        best_scores = cls.amax(-1)  # [B, A]; the argmax only for the top-k rows below
-        passing = best_scores > score_threshold
+        best, best_labels = classification.float().max(-1)  # [B, A]
         # no wider than the most candidates any image has (>= 1 column, so gathers stay valid): the
         # NMS below then works on a few columns, not pre_nms_topk, when a few dozen boxes pass
-        most = int(passing.sum(1).max()) if passing.numel() else 0
-        k = min(int(pre_nms_topk), best_scores.shape[1], max(most, 1))
-        masked = best_scores.masked_fill(~passing, float('-inf'))
-        top_scores, top_idx = masked.topk(k, dim=1) if k else (masked[:, :0], masked[:, :0].long())
-        # deterministic candidate order: score descending, anchor index ascending
-        top_idx = torch.sort(top_idx, dim=1).values
-        top_scores = masked.gather(1, top_idx)
-        order = torch.sort(top_scores, dim=1, descending=True, stable=True).indices
-        top_idx = top_idx.gather(1, order)
-        top_scores = top_scores.gather(1, order)
+        most = int((best > score_threshold).sum(1).max()) if best.numel() else 0
+        k = min(int(pre_nms_topk), best.shape[1], max(most, 1))
+        top_scores, cand, cand_labels = candidates(best, best_labels, regression.float(), anchors.float(),
+                                                   image_size, score_threshold, k)
         valid = torch.isfinite(top_scores)
-        reg = regression.float().gather(1, top_idx[..., None].expand(-1, -1, 4))
-        anc = anchors.float()[0][top_idx]  # [B, k, 4]
-        y1, x1, y2, x2 = decode_boxes(reg, anc).unbind(-1)
-        cand = torch.stack([x1.clamp(0, w), y1.clamp(0, h), x2.clamp(0, w), y2.clamp(0, h)], -1)
-        cand_labels = cls.gather(1, top_idx[..., None].expand(-1, -1, cls.shape[-1])).argmax(-1)
         sigma = OFFICIAL_SOFT_SIGMA if nms == 'gaussian' else 0.0
         sel, scores, count = _select_padded(cand, top_scores, valid, None if class_agnostic else cand_labels,
                                             float(iou_threshold), sigma, float(score_threshold), int(max_det),

@@ -14,12 +14,10 @@ import cv2
 import numpy as np
 import torch
 
-from .config import as_hw
-from .data.transforms import letterbox_scale, normalize_pad, scaled_size
+from .config import IMAGENET_MEAN, IMAGENET_STD, as_hw
+from .data.transforms import clip_boxes, letterbox_scale, normalize_pad, scaled_size
 from .errors import UserError
 
-IMAGENET_MEAN: Tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: Tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 ImageLike = Union[str, os.PathLike, np.ndarray, torch.Tensor]
 
@@ -33,17 +31,12 @@ class ImageMeta:
 
     scale: network pixels per original pixel (min(H / h, W / w)); orig_hw: (h, w) of the original;
     input_hw: (H, W) of the network input; resized_hw: (h', w') of the image content inside the
-    input (top-left corner, the rest is padding). Per axis, x_net = x_orig * w' / w exactly.
+    input (top-left corner, the rest is padding; h' = floor(h * scale), the official truncation).
     """
     scale: float
     orig_hw: Tuple[int, int]
     input_hw: Tuple[int, int]
     resized_hw: Tuple[int, int]
-
-    @property
-    def scale_xy(self) -> Tuple[float, float]:
-        """Exact per-axis factors (network px per original px) along x and y."""
-        return self.resized_hw[1] / self.orig_hw[1], self.resized_hw[0] / self.orig_hw[0]
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -119,15 +112,13 @@ def letterbox(image: np.ndarray, size: Union[int, Sequence[int]], mean: Sequence
 
 def boxes_to_original(boxes: Union[np.ndarray, torch.Tensor], meta: ImageMeta) -> np.ndarray:
     """(x1, y1, x2, y2) network-input pixels [N, 4] -> (x1, y1, x2, y2) original-image pixels,
-    float32 numpy, clipped to [0, w] x [0, h] of the original."""
+    float32 numpy, clipped to [0, w] x [0, h] of the original. Divides by the one ``meta.scale``,
+    like the official inference and this project's evaluation (``evaluation.to_original_pixels``)
+    and the inverse of how training maps ground-truth boxes; the truncated resize makes the image
+    content up to 1 network pixel smaller than ``scale`` says, which this ignores, as they do."""
     b = boxes.detach().cpu().float().numpy() if isinstance(boxes, torch.Tensor) else np.asarray(boxes, np.float32)
-    b = b.reshape(-1, 4).astype(np.float32)
-    sx, sy = meta.scale_xy
     h, w = meta.orig_hw
-    out = b / np.array([sx, sy, sx, sy], dtype=np.float32)
-    out[:, [0, 2]] = np.clip(out[:, [0, 2]], 0, w)
-    out[:, [1, 3]] = np.clip(out[:, [1, 3]], 0, h)
-    return out
+    return clip_boxes(b.reshape(-1, 4) / np.float32(meta.scale), h, w)
 
 
 def load_image(image: ImageLike, bgr: bool = False) -> np.ndarray:

@@ -15,13 +15,9 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import yaml
 
+from .config import DEFAULT_SCALES, IMAGENET_MEAN, IMAGENET_STD, OFFICIAL_RATIOS
 from .errors import UserError
 
-IMAGENET_MEAN: Tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: Tuple[float, float, float] = (0.229, 0.224, 0.225)
-OFFICIAL_SCALES: Tuple[float, ...] = (2 ** 0, 2 ** (1.0 / 3.0), 2 ** (2.0 / 3.0))
-OFFICIAL_RATIOS: Tuple[Tuple[float, float], ...] = (
-    (1.0, 1.0), (2 ** 0.5, 2 ** -0.5), (2 ** -0.5, 2 ** 0.5))
 
 # Packaged projects, used when the requested projects_dir does not hold the file.
 PACKAGE_PROJECTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'projects')
@@ -205,7 +201,7 @@ def load_project(name_or_path: str, projects_dir: str = 'projects') -> Project:
     std = _float_list(raw.get('std', list(IMAGENET_STD)), 'std', path, length=3)
     if any(s <= 0 for s in std):
         raise UserError(f'{path}: field \'std\' must be positive, got {std}')
-    scales = _float_list(raw.get('anchors_scales', list(OFFICIAL_SCALES)), 'anchors_scales', path)
+    scales = _float_list(raw.get('anchors_scales', list(DEFAULT_SCALES)), 'anchors_scales', path)
     if not scales or any(s <= 0 for s in scales):
         raise UserError(f'{path}: field \'anchors_scales\' must be a non-empty list of positive numbers, got {scales}')
     ratios = _ratio_list(raw.get('anchors_ratios', [list(r) for r in OFFICIAL_RATIOS]), path)

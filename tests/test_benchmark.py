@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -19,6 +20,31 @@ FIELDS = ('latency_ms_median', 'latency_ms_p90', 'latency_ms_mean', 'latency_ms_
           'settings', 'batch_size', 'image_size', 'compound_coef')
 
 
+def _cpuinfo_model_name():
+    """The first 'model name' of /proc/cpuinfo, read here independently of benchmark.py; None if absent."""
+    try:
+        with open('/proc/cpuinfo', encoding='utf-8', errors='replace') as f:
+            for line in f:
+                key, sep, value = line.partition(':')
+                if sep and key.strip() == 'model name':
+                    return value.strip()
+    except OSError:
+        pass
+    return None
+
+
+def _status_mb(field):
+    """VmRSS / VmHWM of this (pytest) process in MiB, from /proc/self/status; None off Linux."""
+    try:
+        with open('/proc/self/status', encoding='utf-8') as f:
+            for line in f:
+                if line.startswith(field + ':'):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def _check_report(r: dict, backend: str, mode: str, batch: int, iters: int) -> None:
     for f in FIELDS:
         assert f in r, f
@@ -26,35 +52,100 @@ def _check_report(r: dict, backend: str, mode: str, batch: int, iters: int) -> N
     assert 0 < r['latency_ms_min'] <= r['latency_ms_median'] <= r['latency_ms_p90'] <= r['latency_ms_max']
     assert r['fps'] == pytest.approx(1000.0 / r['latency_ms_median'], rel=1e-3)
     assert r['images_per_second'] == pytest.approx(batch * r['fps'], rel=1e-3)
-    assert r['peak_memory_mb'] > 20  # the process holds torch and a model
-    assert r['device'] == benchmark.cpu_model_name() and r['device']
+    assert r['device_type'] == 'cpu'
+    if os.path.exists('/proc/self/status'):  # Linux: the kernel's high-water mark, reset after warm-up
+        since = ' since warm-up' if os.access('/proc/self/clear_refs', os.W_OK) else ''
+        assert r['peak_memory_kind'] == 'process peak RSS (VmHWM)' + since
+    cpu = _cpuinfo_model_name()
+    if cpu is not None:  # else (no 'model name' line, e.g. some ARM kernels) there is nothing to compare with
+        assert r['device'] == cpu
+    assert isinstance(r['device'], str) and r['device']
     assert r['torch_version'] == torch.__version__
     assert r['settings']['iters'] == iters
 
 
+def _check_peak_in_process(r: dict, rss_before_mb, hwm_after_mb) -> None:
+    """benchmark.main ran in this process: its peak is this process's resident memory in MiB. It
+    cannot exceed our own high-water mark read afterwards, and the memory this process already held
+    before the call (torch, the test modules) stays resident, so the peak is at least most of it."""
+    if rss_before_mb is None or hwm_after_mb is None:  # not Linux: no counters to compare with
+        return
+    assert 0.8 * rss_before_mb <= r['peak_memory_mb'] <= hwm_after_mb + 0.1, (rss_before_mb, hwm_after_mb)
+
+
+def _run_measured(args, tmp_path, timeout=300):
+    """Run benchmark.py in a child; returns (code, stdout, stderr, the child's own peak RSS in MiB
+    from wait4's rusage: an independent measurement of the same kernel counter)."""
+    out, err = tmp_path / 'stdout.txt', tmp_path / 'stderr.txt'
+    with open(out, 'w') as fo, open(err, 'w') as fe:
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'benchmark.py')] + args, cwd=str(tmp_path),
+                                stdout=fo, stderr=fe)
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.monotonic() > deadline:
+            proc.kill()
+            os.wait4(proc.pid, 0)
+            pytest.fail(f'benchmark.py {args} ran past {timeout}s')
+        time.sleep(0.05)
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: keep Popen from waiting again
+    return proc.returncode, out.read_text(), err.read_text(), usage.ru_maxrss / 1024  # KiB on Linux
+
+
+def _check_peak_child(r: dict, child_peak_mb: float) -> None:
+    """The child's reported peak (since warm-up) is at most its lifetime peak and, as the model, the
+    input and the activations are all resident after the warm-up, most of it."""
+    assert 0.5 * child_peak_mb <= r['peak_memory_mb'] <= child_peak_mb + 0.1, child_peak_mb
+
+
+linux_only = pytest.mark.skipif(not (sys.platform.startswith('linux') and hasattr(os, 'wait4')),
+                                reason='peak memory and malloc tuning are checked against Linux /proc and glibc')
+
+
+@linux_only
 def test_cli_writes_json(tmp_path):
+    """Default on CPU: the glibc allocator is tuned (--tune_malloc defaults to on for --device cpu)."""
     out = tmp_path / 'r.json'
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmark.py'), '-c', '0', '--image_size', '256',
-                           '--iters', '2', '--warmup', '1', '--threads', '2', '--tune_malloc', '--json', str(out)],
-                          cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    code, stdout, stderr, child_peak = _run_measured(['-c', '0', '--image_size', '256', '--iters', '2', '--warmup',
+                                                      '1', '--threads', '2', '--json', str(out)], tmp_path)
+    assert code == 0, stderr
     r = json.loads(out.read_text())
     _check_report(r, 'torch', 'end2end', 1, 2)
+    _check_peak_child(r, child_peak)
     assert r['threads'] == 2 and r['image_size'] == [256, 256] and r['input'].startswith('synthetic 640x480')
-    assert r['malloc_tuned'] == sys.platform.startswith('linux') and r['settings']['tune_malloc']
+    assert r['settings']['tune_malloc'] is True and r['malloc_tuned'] is True
     st = r['stage_ms_median']
     assert set(st) == {'preprocess', 'forward', 'postprocess'} and all(v > 0 for v in st.values())
     assert sum(st.values()) <= r['latency_ms_max'] * 1.01
-    assert 'latency median' in proc.stdout
+    assert 'latency median' in stdout
+
+
+@linux_only
+def test_cli_no_tune_malloc(tmp_path):
+    out = tmp_path / 'r.json'
+    code, _, stderr, child_peak = _run_measured(['-c', '0', '--image_size', '128', '--mode', 'forward', '--iters',
+                                                 '2', '--warmup', '1', '--threads', '1', '--no-tune_malloc',
+                                                 '--json', str(out)], tmp_path)
+    assert code == 0, stderr
+    r = json.loads(out.read_text())
+    _check_report(r, 'torch', 'forward', 1, 2)
+    _check_peak_child(r, child_peak)
+    assert r['settings']['tune_malloc'] is False and r['malloc_tuned'] is False
 
 
 def test_onnxruntime_backend_batch(tmp_path):
     out = tmp_path / 'ort.json'
+    rss_before = _status_mb('VmRSS')
     assert benchmark.main(['-c', '0', '--image_size', '128', '--batch_size', '2', '--mode', 'forward',
                            '--backend', 'onnxruntime', '--iters', '2', '--warmup', '1', '--threads', '2',
-                           '--json', str(out)]) == 0
+                           '--no-tune_malloc', '--json', str(out)]) == 0
+    hwm_after = _status_mb('VmHWM')
     r = json.loads(out.read_text())
     _check_report(r, 'onnxruntime', 'forward', 2, 2)
+    assert r['settings']['tune_malloc'] is False and r['malloc_tuned'] is False
+    _check_peak_in_process(r, rss_before, hwm_after)
     assert 'onnxruntime_version' in r and 'stage_ms_median' not in r
 
 
@@ -70,7 +161,8 @@ def test_end2end_runs_postprocessing_on_real_detections(tmp_path):
     torch.save(model.state_dict(), str(w))
     out = tmp_path / 'e2e.json'
     assert benchmark.main(['-c', '0', '-w', str(w), '--image_size', '128', '--iters', '1', '--warmup', '0',
-                           '--score_threshold', '0.5', '--max_det', '30', '--json', str(out)]) == 0
+                           '--score_threshold', '0.5', '--max_det', '30', '--no-tune_malloc',
+                           '--json', str(out)]) == 0
     r = json.loads(out.read_text())
     assert 0 < r['num_detections'] <= 30
     assert r['note_num_classes'] == 6
@@ -86,15 +178,21 @@ def test_synthetic_image_is_fixed_and_camera_like():
 
 
 def test_user_errors():
+    # in-process calls: --no-tune_malloc keeps benchmark from changing this pytest process's allocator
+    no_tune = ['--no-tune_malloc']
     with pytest.raises(UserError, match='multiple of 128'):
-        benchmark.main(['-c', '0', '--image_size', '300', '--iters', '1'])
-    with pytest.raises(UserError, match='CUDA|cuda'):
-        benchmark.main(['-c', '0', '--device', 'cuda:0', '--iters', '1']) if not torch.cuda.is_available() \
-            else benchmark.main(['-c', '0', '--cuda_graphs', '--device', 'cpu', '--image_size', '128', '--iters', '1'])
+        benchmark.main(['-c', '0', '--image_size', '300', '--iters', '1'] + no_tune)
+    with pytest.raises(UserError, match='--cuda_graphs needs --device cuda'):  # refused on CPU, GPU or not
+        benchmark.main(['-c', '0', '--cuda_graphs', '--device', 'cpu', '--image_size', '128', '--iters', '1']
+                       + no_tune)
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match='CUDA|cuda'):
+            benchmark.main(['-c', '0', '--device', 'cuda:0', '--iters', '1'] + no_tune)
     with pytest.raises(UserError, match='camera_size'):
-        benchmark.main(['-c', '0', '--camera_size', '640by480', '--iters', '1'])
+        benchmark.main(['-c', '0', '--camera_size', '640by480', '--iters', '1'] + no_tune)
     with pytest.raises(UserError, match='float16'):
-        benchmark.main(['-c', '0', '--half', '--half_dtype', 'float16', '--image_size', '128', '--iters', '1'])
+        benchmark.main(['-c', '0', '--half', '--half_dtype', 'float16', '--image_size', '128', '--iters', '1']
+                       + no_tune)
 
 
 def test_cli_error_is_one_line(tmp_path):

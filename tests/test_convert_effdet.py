@@ -153,9 +153,10 @@ def test_effdet_d0_fixture_parity():
         for got, want in ((got_cls, cls_ref), (got_box, box_ref)):
             diff = np.abs(got - want)
             worst = max(worst, float(diff.max()))
-            assert (diff <= 1e-4 + 1e-4 * np.abs(want)).all(), (lvl, float(diff.max()))
+            # float32 head outputs: measured max |diff| 1.9e-6 (class logits, |ref| <= 4.8), 1 and 2 threads
+            assert (diff <= 1e-5 + 1e-5 * np.abs(want)).all(), (lvl, float(diff.max()))
     assert start == logits.shape[1]
-    assert worst < 1e-4
+    assert worst < 1e-5
 
 
 def test_round_trip_d1_through_effdet_layout():

@@ -13,7 +13,7 @@ from pycocotools.cocoeval import COCOeval
 
 from conftest import need_shared, pycocotools_coco
 from efficientdet.errors import UserError
-from efficientdet.evaluation import (STAT_NAMES, COCOEvaluator, format_summary, load_coco,
+from efficientdet.evaluation import (STAT_NAMES, COCOEvaluator, coco_from_dict, format_summary, load_coco,
                                      resolve_category_ids, run_coco_eval, to_original_pixels)
 
 
@@ -399,3 +399,23 @@ def test_run_coco_eval_errors(coco):
         run_coco_eval(model, _FakeDataset(coco, []), progress=False)
     with pytest.raises(UserError, match='CUDA'):
         run_coco_eval(model, _FakeDataset(coco, coco.getImgIds()[:1]), half=True, device='cpu', progress=False)
+
+
+def test_cleaned_training_annotations_evaluate_without_a_second_validator():
+    """The dataset's cleaned json (float ids normalised, defaults filled) is what evaluation scores:
+    an id written as 1.0 trains and evaluates, an unknown category is skipped and counted."""
+    from efficientdet.data.dataset import index_coco
+    data = {'images': [{'id': 1.0, 'file_name': 'a.jpg', 'height': 100, 'width': 100}],
+            'categories': [{'id': 3, 'name': 'x'}],
+            'annotations': [{'id': 1.0, 'image_id': 1.0, 'category_id': 3.0, 'bbox': [10, 10, 20, 20]},
+                            {'id': 2, 'image_id': 1, 'category_id': 9, 'bbox': [0, 0, 5, 5]}]}
+    index = index_coco(data, 'a.json', '', None, check_files=False)
+    assert index.issues.counts['unknown_category'] == 1
+    coco = coco_from_dict(index.coco_dataset, 'a.json', validate=False)
+    ann = coco.dataset['annotations']
+    assert len(ann) == 1 and type(ann[0]['image_id']) is int and ann[0]['area'] == 400
+    ev = COCOEvaluator(coco)
+    ev.update([1], [{'boxes': [[10, 10, 30, 30]], 'scores': [0.9], 'labels': [0]}])
+    assert ev.compute()['AP'] == pytest.approx(1.0)
+    with pytest.raises(UserError, match=r'images\[0\] has no integer "id"'):  # the evaluator's own check: strict
+        coco_from_dict(data, 'a.json')

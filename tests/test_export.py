@@ -171,6 +171,19 @@ def test_onnx_export_matches_torch(d0, tmp_path):
     assert pads.count([0, 0, 1, 1]) == 3 and pads.count([1, 1, 2, 2]) == 2  # stem, 3x3 and 5x5 stride-2 dw
 
 
+def test_onnx_static_batch_export_is_verified(d0, tmp_path):
+    """--static-batch fixes the batch to 1: the verification must feed a batch of 1 (it used to
+    feed 2 and crash inside onnxruntime), and a failed write leaves no temp file behind."""
+    import onnx
+    from efficientdet.export import export_onnx
+    path = tmp_path / 'd0_static.onnx'
+    diffs = export_onnx(d0, str(path), 128, dynamic_batch=False)
+    assert max(diffs.values()) <= ATOL
+    dim = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim.dim_value == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['d0_static.onnx']
+
+
 def _confident_model() -> EfficientDetBackbone:
     """A model whose class scores are high and varied, so NMS has real work to do."""
     m = _make(0, num_classes=6, seed=2)

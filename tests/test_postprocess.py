@@ -287,16 +287,27 @@ def test_detect_topk_limits_candidates():
     assert (top['scores'] >= tenth).all()
 
 
-def test_detect_official_is_per_class_soft_nms(tf_d0):
+@pytest.mark.parametrize('thr', [0.0, 0.36])
+def test_detect_official_matches_tf_per_class_soft_nms(tf_d0, thr):
+    """detect(nms='official') against the official TF per-class gaussian soft-NMS outputs themselves:
+    TF's boxes (y1, x1, y2, x2, not clipped in per_class mode) as x1, y1, x2, y2 clipped to the
+    256x256 input, 1-based classes as 0-based labels; the score threshold cuts the TF list."""
     cls, reg, anchors = _tf_inputs(tf_d0)
-    got = detect(cls, reg, anchors, (256, 256), score_threshold=0.0, nms='official')
-    boxes, scores, classes, valid = official_postprocess(cls, reg, anchors, (256, 256), method='gaussian',
-                                                         mode='per_class')
+    got = detect(cls, reg, anchors, (256, 256), score_threshold=thr, nms='official')
+    key = 'per_class_gaussian_'
+    assert len(got) == 2
     for i in range(2):
-        n = int(valid[i])
-        torch.testing.assert_close(got[i]['scores'], scores[i, :n])
-        assert got[i]['labels'].tolist() == (classes[i, :n] - 1).tolist()
-        torch.testing.assert_close(got[i]['boxes'], boxes[i, :n][:, [1, 0, 3, 2]].clamp(0, 256))
+        ref_scores = tf_d0[key + 'scores'][i][:int(tf_d0[key + 'valid'][i])]
+        assert not (np.abs(ref_scores - thr) < 1e-4).any()  # no entry on the edge of the threshold
+        n = int((ref_scores > thr).sum())
+        assert 0 < n and (thr == 0.0) == (n == len(ref_scores))
+        ref_boxes = np.clip(tf_d0[key + 'boxes_yxyx'][i][:n][:, [1, 0, 3, 2]], 0, 256)
+        ref_classes = tf_d0[key + 'classes'][i][:n] - 1
+        d = got[i]
+        assert len(d['scores']) == n and d['labels'].dtype == torch.long
+        assert (d['boxes'] >= 0).all() and (d['boxes'] <= 256).all()
+        assert_same_detections(d['boxes'].numpy(), d['scores'].numpy(), d['labels'].numpy().astype(np.float32),
+                               ref_boxes, ref_scores[:n], ref_classes, n)
 
 
 def test_detect_rejects_unknown_method():

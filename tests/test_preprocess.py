@@ -106,9 +106,9 @@ def test_boxes_map_back_to_the_original():
     net_box = np.array([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], np.float32)
     back = boxes_to_original(net_box, meta)
     np.testing.assert_allclose(back[0], [x1, y1, x2, y2], atol=2.5)
-    # exact inverse of the forward mapping, and clipping to the original image
-    sx, sy = meta.scale_xy
-    fwd = np.array([[10.0 * sx, 20.0 * sy, 400.0 * sx, 300.0 * sy], [-5, -5, 600, 600]], np.float32)
+    # the inverse of the training / official mapping (one scale), and clipping to the original
+    s = meta.scale
+    fwd = np.array([[10.0 * s, 20.0 * s, 400.0 * s, 300.0 * s], [-5, -5, 600, 600]], np.float32)
     back = boxes_to_original(torch.from_numpy(fwd), meta)
     np.testing.assert_allclose(back[0], [10, 20, 400, 300], rtol=1e-5)
     assert back[1].tolist() == [0, 0, w, h]
@@ -174,3 +174,15 @@ def test_draw_detections_colours_are_stable_and_drawn():
     assert (out[60, 60] == 0).all()  # inside stays
     rgb = draw_detections(img, [[30, 40, 90, 80]], [0.87], [2], ['a', 'b', 'c'], rgb=True, thickness=2)
     assert tuple(rgb[80, 60]) == class_color(2, rgb=True)
+
+
+def test_inference_and_evaluation_map_boxes_back_the_same_way():
+    """Detector (boxes_to_original) and mAP evaluation (to_original_pixels) use one mapping."""
+    from efficientdet.evaluation import to_original_pixels
+    img = np.zeros((333, 500, 3), np.uint8)
+    _, meta = letterbox(img, 512)
+    net = torch.tensor([[3.0, 4.0, 505.0, 340.0], [-9.0, 100.0, 600.0, 700.0]])
+    ours = boxes_to_original(net, meta)
+    ev = to_original_pixels(net, torch.tensor([0, 0]), torch.tensor([meta.scale]), torch.tensor([meta.orig_hw]))
+    np.testing.assert_allclose(ours, ev.numpy(), rtol=1e-6, atol=1e-4)
+    np.testing.assert_allclose(ours[1], [0.0, 100.0 / meta.scale, 500.0, 333.0], rtol=1e-6)

@@ -85,9 +85,58 @@ def test_sigkill_while_saving_leaves_a_loadable_checkpoint(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         state = safe_load(str(path))  # old or new, never torn
-        assert int(state['step']) >= 0 and state['w'].ndim == 1
+        assert set(state) == {'w', 'step'}
+        step = int(state['step'])
+        if step == 0:  # the file written above, untouched
+            assert torch.equal(state['w'], torch.zeros(3))
+        else:  # one complete save of the writer: its 4M-element tensor and a step it reached
+            assert step >= 1
+            assert torch.equal(state['w'], torch.arange(4_000_000, dtype=torch.float32))
     leftovers = [p for p in os.listdir(tmp_path) if p != 'last.ckpt']
     assert all(p.endswith('.tmp') for p in leftovers)  # a killed writer can only leave its temp file
+
+
+@pytest.mark.parametrize('fail_in', ['replace', 'write'])
+def test_failed_atomic_write_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch, fail_in):
+    """Deterministic: an error while writing the temp file or renaming it over the target leaves
+    the previous file byte-for-byte intact and removes the temp file (atomic_save and atomic_write)."""
+    from efficientdet import checkpoint
+    ckpt, txt = tmp_path / 'last.ckpt', tmp_path / 'log.json'
+    atomic_save({'w': torch.arange(5.0), 'step': torch.tensor(7)}, str(ckpt))
+    checkpoint.atomic_write(str(txt), lambda f: f.write('{"old": 1}'), binary=False)
+    before = {p: p.read_bytes() for p in (ckpt, txt)}
+
+    class Boom(OSError):
+        pass
+
+    def fail(*args, **kwargs):
+        raise Boom('injected failure')
+
+    if fail_in == 'replace':
+        monkeypatch.setattr(checkpoint.os, 'replace', fail)
+        save_new = lambda: atomic_save({'w': torch.ones(9), 'step': torch.tensor(8)}, str(ckpt))  # noqa: E731
+        write_new = lambda: checkpoint.atomic_write(str(txt), lambda f: f.write('{"new": 2}'),  # noqa: E731
+                                                    binary=False)
+    else:
+        save_new = lambda: checkpoint.atomic_write(str(ckpt), lambda f: (f.write(b'partial'), fail()))  # noqa: E731
+        write_new = lambda: checkpoint.atomic_write(str(txt), lambda f: (f.write('{"ne'), fail()),  # noqa: E731
+                                                    binary=False)
+    for attempt in (save_new, write_new):
+        with pytest.raises(Boom):
+            attempt()
+        assert sorted(os.listdir(tmp_path)) == ['last.ckpt', 'log.json']  # no temp file left behind
+        assert {p: p.read_bytes() for p in (ckpt, txt)} == before
+    # a failure when there was no previous file leaves nothing at all
+    fresh = tmp_path / 'fresh.ckpt'
+    with pytest.raises(Boom):
+        if fail_in == 'replace':
+            atomic_save({'w': torch.ones(2)}, str(fresh))
+        else:
+            checkpoint.atomic_write(str(fresh), lambda f: fail())
+    assert sorted(os.listdir(tmp_path)) == ['last.ckpt', 'log.json']
+    monkeypatch.undo()
+    state = safe_load(str(ckpt))
+    assert int(state['step']) == 7 and torch.equal(state['w'], torch.arange(5.0))
 
 
 @pytest.fixture(scope='module')
@@ -191,10 +240,28 @@ def test_dirty_data_is_survived_and_counted_by_training(tiny, tmp_path):
         ann['images'].append(dict(id=999, file_name='missing.jpg', height=128, width=128))  # missing file
         ann_path.write_text(json.dumps(ann))
     root = _broken_copy(tiny, tmp_path, dirty)
+    n_boxes = len(json.loads((tiny / 'data' / 'tiny' / 'annotations' / 'instances_train.json').read_text())
+                  ['annotations'])
     code, out, err = _run(_train_args(root, tmp_path / 'out', '--max_steps', '2'))
     assert code == 0, err
     text = out + err
-    assert 'skipped' in text and 'Traceback' not in text
+    assert 'Traceback' not in text
+    # CocoDataset.summary(): '<set>: N images (..), M boxes (..); skipped: kind=n, ...' -- once when the
+    # set is indexed (the corrupt image is found only when it is read) and again after the epoch
+    train_lines = [ln for ln in out.splitlines() if ln.startswith('train: ')]
+    assert len(train_lines) == 2, out
+
+    def skipped(line):
+        assert '; skipped: ' in line, line
+        part = line.split('; skipped: ', 1)[1].split(' (python -m', 1)[0].split(';', 1)[0]
+        return dict((k, int(v)) for k, v in (item.split('=') for item in part.split(', ')))
+
+    indexed = {'missing_image': 1, 'annotation_missing_fields': 1, 'bad_box': 2}  # bad_box: -5 wide, outside
+    assert skipped(train_lines[0]) == indexed
+    assert skipped(train_lines[1]) == dict(indexed, corrupt_image=1)  # both batches read all 4 images
+    # the missing file is skipped (4 images left); 3 annotations gone (2 bad boxes, 1 without category)
+    assert train_lines[1].startswith(f'train: 4 images (0 without boxes), {n_boxes - 3} boxes'), train_lines[1]
+    assert any(ln.startswith('val: ') and ln.endswith('; nothing skipped') for ln in out.splitlines()), out
     code, out, err = _run(['-m', 'efficientdet.data.check', '-p', 'tiny', '--projects_dir', str(root / 'projects'),
                            '--data_path', str(root / 'data')])
     assert code == 1 and 'Traceback' not in err, err
@@ -244,4 +311,6 @@ def test_preprocessing_property_any_size_and_channels(h, w, channels, dtype, siz
     assert 1 <= nh <= hh and 1 <= nw <= ww and (nh == hh or nw == ww)
     assert float(x[:, nh:, :].abs().max() if nh < hh else 0) == 0.0  # bottom padding is zero
     full = boxes_to_original(torch.tensor([[0.0, 0.0, float(nw), float(nh)]]), meta)
-    assert np.allclose(full, [[0, 0, w, h]], atol=1e-3)
+    # one scale back, like training and the official code: the truncated resize leaves the content
+    # up to one network pixel short, i.e. up to 1 / scale original pixels
+    assert np.allclose(full, [[0, 0, w, h]], atol=1.0 / meta.scale + 1e-3)

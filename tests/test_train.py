@@ -81,6 +81,25 @@ def test_warmup_cosine_schedule():
     assert sd['lr_lambdas'][0]['total_steps'] == 110  # settings travel with the state
 
 
+def test_resume_keeps_this_runs_schedule_and_restores_the_step():
+    """A resume with a longer run (--num_epochs raised) gets the new total and warm-up steps and the
+    saved position, at the level that restores the scheduler (no patching after the load)."""
+    def trainer(total, warmup):
+        m = torch.nn.Linear(2, 2)
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        return Trainer(m, torch.nn.Module(), opt, build_scheduler(opt, total, warmup))
+    a = trainer(20, 4)
+    for _ in range(6):
+        a.optimizer.step()
+        a.scheduler.step()
+    a.step = 6
+    b = trainer(40, 8)
+    b.load_state_dict(a.state_dict(), restore_rng=False)
+    fn = b.scheduler.lr_lambdas[0]
+    assert (fn.total_steps, fn.warmup_steps) == (40, 8) and b.scheduler.last_epoch == 6 and b.step == 6
+    assert b.optimizer.param_groups[0]['lr'] == pytest.approx(0.1 * fn(6))
+
+
 # ----------------------------------------------------------------------------- EMA
 def test_ema_ramp_and_update():
     m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))

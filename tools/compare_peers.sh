@@ -74,16 +74,12 @@ for r in $(seq 1 "$ROUNDS"); do
        | grep -E 'median' > "$OUT/peer_$r.txt") || echo "peer run failed in round $r" >&2
   fi
   if [[ $have_effdet_onnx == 1 ]]; then
-    $PY - "$OUT/effdet.onnx" "$SIZE" "$THREADS" "$ITERS" > "$OUT/peer_ort_$r.txt" <<'PY'
+    PYTHONPATH="$HERE" $PY - "$OUT/effdet.onnx" "$SIZE" "$THREADS" "$ITERS" > "$OUT/peer_ort_$r.txt" <<'PY'
 import statistics, sys, time
 import numpy as np
-import onnxruntime as ort
+from efficientdet.backends import OnnxRuntimeModel  # the very session settings of our backend
 path, size, threads, iters = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-so = ort.SessionOptions()
-so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-sess = ort.InferenceSession(path, so, providers=['CPUExecutionProvider'])
+sess = OnnxRuntimeModel(path, threads).session
 feed = {sess.get_inputs()[0].name: np.random.default_rng(0).standard_normal((1, 3, size, size), np.float32)}
 for _ in range(3):
     sess.run(None, feed)

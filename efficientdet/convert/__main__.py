@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from typing import List, Optional
 
-from ..checkpoint import atomic_save
+from ..checkpoint import atomic_save, num_parameters
 from ..errors import UserError, run_cli
 from . import effdet
 from .tf import ConversionError, read_tf_input, tf_to_state_dict
@@ -25,7 +25,7 @@ def _cmd_tf(args: argparse.Namespace) -> int:
     except ConversionError as e:
         raise UserError(f'{args.input}: {e}') from None
     atomic_save(sd, args.output)
-    n = sum(v.numel() for k, v in sd.items() if not k.endswith(('running_mean', 'running_var', 'num_batches_tracked')))
+    n = num_parameters(sd)
     print(f'wrote {args.output}: efficientdet-d{args.compound_coef}, {len(sd)} tensors, {n:,} parameters')
     return 0
 

@@ -21,11 +21,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..config import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import UserError
 from .transforms import DetectionTransform, Size, as_hw, normalize_pad
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 CROWD_CLASS = -2
 PAD_VALUE = -1.0
 # Boxes whose width or height is at most this many image pixels after clipping are dropped.
@@ -235,7 +234,7 @@ def index_coco(data: Dict[str, Any], ann_file: str, image_dir: str, obj_list: Op
             issues.add('missing_image', f'image id {iid}: {path}')
             continue
         img_rows.append((iid, path, h, w))
-        clean_images.append(im)
+        clean_images.append(im if type(im['id']) is int else dict(im, id=iid))  # 1.0 -> 1: pycocotools needs ints
     row_of = {r[0]: k for k, r in enumerate(img_rows)}
 
     # Annotations: field checks in Python (JSON objects), box checks vectorised below.
@@ -268,8 +267,10 @@ def index_coco(data: Dict[str, Any], ann_file: str, image_dir: str, obj_list: Op
         if iid not in row_of:  # its image was skipped (and counted) already
             continue
         crowd = bool(a.get('iscrowd', 0))
-        if 'area' not in a or 'iscrowd' not in a:
-            a = dict(a, area=a.get('area', bbox[2] * bbox[3]), iscrowd=int(crowd))
+        if not (all(type(a[k]) is int for k in ('id', 'image_id', 'category_id')) and 'area' in a
+                and 'iscrowd' in a):  # copy only what needs ints or COCO's defaults
+            a = dict(a, id=aid, image_id=iid, category_id=cid, area=a.get('area', bbox[2] * bbox[3]),
+                     iscrowd=int(crowd))
         clean_anns.append(a)
         raw_boxes.append(bbox)
         ann_img.append(row_of[iid])
@@ -403,7 +404,7 @@ class CocoDataset(Dataset):
         """pycocotools ``COCO`` over the cleaned annotations (built on first use)."""
         if self._coco is None:
             from ..evaluation import coco_from_dict
-            self._coco = coco_from_dict(self.index.coco_dataset, self.ann_file)
+            self._coco = coco_from_dict(self.index.coco_dataset, self.ann_file, validate=False)
         return self._coco
 
     @property

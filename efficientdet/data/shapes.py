@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Tuple
 import cv2
 import numpy as np
 
+from ..checkpoint import atomic_write
 from ..errors import UserError, run_cli
 
 CLASSES: Tuple[str, ...] = ('rectangle', 'circle', 'triangle')
@@ -169,10 +170,7 @@ def generate_split(root: str, split: str, num_images: int, image_size: int, seed
                 annotations=annotations,
                 categories=[dict(id=k + 1, name=n, supercategory='shape') for k, n in enumerate(CLASSES)])
     path = os.path.join(ann_dir, f'instances_{split}.json')
-    tmp = path + '.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: json.dump(data, f), binary=False)
     return data
 
 
