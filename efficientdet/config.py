@@ -6,8 +6,9 @@ EfficientNet builder. Nothing here branches on the variant; the model reads thes
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -120,10 +121,46 @@ CONFIGS = {
 }
 
 
-def get_config(compound_coef: int) -> EfficientDetConfig:
-    if compound_coef not in CONFIGS:
-        raise ValueError(f'compound_coef must be 0-8 (8 = D7x), got {compound_coef!r}')
-    return CONFIGS[compound_coef]
+# A variant is keyed by an int for D0-D7x (0-8, 8 = D7x) and by a name for the Lite family.
+Variant = Union[int, str]
+LITE_VARIANTS: Tuple[str, ...] = ('lite0', 'lite1', 'lite2', 'lite3', 'lite3x', 'lite4')
+VARIANT_HELP = '0-8 (EfficientDet D0-D7, 8 = D7x; also d0..d7, d7x) or lite0, lite1, lite2, lite3, lite3x, lite4'
+
+
+def parse_variant(value: Union[int, str]) -> Variant:
+    """``0``, ``'0'``, ``'d0'``, ``'efficientdet-d7x'``, ``'lite3x'`` … → the variant key
+    (int 0-8 or a Lite name). Raises ValueError naming the accepted values."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        key: Variant = int(value)
+    else:
+        text = str(value).strip().lower()
+        for prefix in ('efficientdet-', 'efficientdet_', 'tf_efficientdet_'):
+            if text.startswith(prefix):
+                text = text[len(prefix):]
+        if text == 'd7x':
+            key = 8
+        elif re.fullmatch(r'd?[0-8]', text):
+            key = int(text.lstrip('d'))
+        else:
+            key = text
+    if key in CONFIGS or key in LITE_VARIANTS:
+        return key
+    raise ValueError(f'unknown EfficientDet variant {value!r}: use {VARIANT_HELP}')
+
+
+def variant_tag(key: Variant) -> str:
+    """Short name used in file names and messages: ``d0`` … ``d7``, ``d7x``, ``lite0`` …"""
+    key = parse_variant(key)
+    if isinstance(key, str):
+        return key
+    return 'd7x' if key == 8 else f'd{key}'
+
+
+def get_config(compound_coef: Variant) -> EfficientDetConfig:
+    key = parse_variant(compound_coef)
+    if key not in CONFIGS:
+        raise ValueError(f'variant {compound_coef!r} has no configuration: use {VARIANT_HELP}')
+    return CONFIGS[key]
 
 
 def as_hw(size) -> Tuple[int, int]:
