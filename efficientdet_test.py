@@ -1,10 +1,12 @@
 """Detect objects in images with a trained EfficientDet.
 
     python efficientdet_test.py img1.jpg img2.png -p shape -c 0 -w weights/efficientdet-d0-shape.pth
+    python efficientdet_test.py photos/ -p coco -c 0 -w efficientdet-d0.pth --batch_size 8
 
-For every image writes an annotated copy and a JSON of its detections (x1, y1, x2, y2 in
-original-image pixels, score, class id, class name) to --output, and prints one summary line.
-Images that are missing or unreadable are reported by name and skipped; the exit code is then 1.
+Inputs are image files and folders (every image file directly inside, in name order). For every
+image writes an annotated copy and a JSON of its detections (x1, y1, x2, y2 in original-image
+pixels, score, class id, class name) to --output, and prints one summary line. Images that are
+missing or unreadable are reported by name and skipped; the exit code is then 1.
 """
 from __future__ import annotations
 
@@ -16,20 +18,23 @@ from typing import Dict, List, Optional, Sequence
 
 import cv2
 
+from efficientdet.cli import add_model_args, image_size_arg
+from efficientdet.config import variant_tag
 from efficientdet.errors import UserError, run_cli
 
 DEFAULT_IMAGE = os.path.join('assets', 'demo_shapes.jpg')
 _WRITABLE = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
+_READABLE = _WRITABLE
 
 
 def add_inference_args(p: argparse.ArgumentParser) -> None:
     """Options shared with efficientdet_test_videos.py (Yet-Another's -p / -c / -w names)."""
     p.add_argument('-p', '--project', default='shape', help='project name (projects/NAME.yml) or yml path')
-    p.add_argument('-c', '--compound_coef', type=int, default=0, help='EfficientDet variant 0-8 (8 = D7x)')
+    add_model_args(p)
     p.add_argument('-w', '--weights', default=None,
-                   help='weights file (default: weights/efficientdet-d{c}-{project}.pth)')
+                   help='weights file: .pth of this project / Yet-Another / effdet, or official TF .npz '
+                        '(default: weights/efficientdet-d{c}-{project}.pth)')
     p.add_argument('--projects_dir', default='projects', help='folder holding the project files')
-    p.add_argument('--image_size', type=int, default=None, help='network input size (default: the variant\'s)')
     p.add_argument('--threshold', type=float, default=0.2, help='score threshold')
     p.add_argument('--iou', type=float, default=0.2, help='NMS IoU threshold')
     p.add_argument('--nms', choices=('hard', 'gaussian', 'official'), default='hard', help='NMS method')
@@ -40,12 +45,12 @@ def add_inference_args(p: argparse.ArgumentParser) -> None:
                    help='torch runs the .pth; onnxruntime / torchscript run an exported file given with -w')
 
 
-def default_weights(project: str, compound_coef: int) -> str:
+def default_weights(project: str, compound_coef) -> str:
     stem = os.path.splitext(os.path.basename(project))[0]
-    return os.path.join('weights', f'efficientdet-d{compound_coef}-{stem}.pth')
+    return os.path.join('weights', f'efficientdet-{variant_tag(compound_coef)}-{stem}.pth')
 
 
-def build_detector(args: argparse.Namespace):
+def build_detector(args: argparse.Namespace, batch_size: int = 1):
     """Detector from parsed options; a missing weights file is a UserError saying how to get it."""
     from efficientdet.detector import Detector
     if args.backend != 'torch':
@@ -53,20 +58,20 @@ def build_detector(args: argparse.Namespace):
             raise UserError(f'--backend {args.backend} needs the exported file: pass -w PATH (export one with '
                             f'python -m efficientdet.export {"onnx" if args.backend == "onnxruntime" else "torchscript"} ...)')
         return Detector.from_exported(args.weights, backend=args.backend, project=args.project,
-                                      projects_dir=args.projects_dir, image_size=args.image_size,
+                                      projects_dir=args.projects_dir, image_size=image_size_arg(args.image_size),
                                       device=args.device, threshold=args.threshold, iou=args.iou, nms=args.nms,
-                                      max_det=args.max_det, batch_size=1)
+                                      max_det=args.max_det, batch_size=batch_size)
     weights = args.weights or default_weights(args.project, args.compound_coef)
     if not os.path.isfile(weights):
         stem = os.path.splitext(os.path.basename(args.project))[0]
         hint = (f'train them with `python train.py -p {args.project} -c {args.compound_coef}` and copy the '
                 f'saved .pth there' if args.weights is None else 'check the path given with -w')
         raise UserError(f'{weights}: no such weights file; {hint} (or pass -w PATH to a checkpoint of '
-                        f'efficientdet-d{args.compound_coef} trained on project {stem!r})')
+                        f'efficientdet-{variant_tag(args.compound_coef)} trained on project {stem!r})')
     return Detector.from_checkpoint(weights, compound_coef=args.compound_coef, project=args.project,
-                                    projects_dir=args.projects_dir, image_size=args.image_size,
+                                    projects_dir=args.projects_dir, image_size=image_size_arg(args.image_size),
                                     device=args.device, half=args.half, threshold=args.threshold, iou=args.iou,
-                                    nms=args.nms, max_det=args.max_det, batch_size=1)
+                                    nms=args.nms, max_det=args.max_det, batch_size=batch_size, compat=args.compat)
 
 
 def summary_line(name: str, det) -> str:
@@ -89,41 +94,66 @@ def _unique_stem(path: str, used: Dict[str, int]) -> str:
     return stem if k == 0 else f'{stem}_{k}'
 
 
+def expand_inputs(paths: Sequence[str]) -> List[str]:
+    """Image files as given, and for each folder the image files directly inside it (name order).
+    A folder without images is a UserError; a missing file is kept (reported when read)."""
+    out: List[str] = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = sorted(os.path.join(path, f) for f in os.listdir(path)
+                           if f.lower().endswith(_READABLE) and os.path.isfile(os.path.join(path, f)))
+            if not found:
+                raise UserError(f'{path}: folder holds no image files ({", ".join(_READABLE)})')
+            out += found
+        else:
+            out.append(path)
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('images', nargs='*', help=f'image files (default: {DEFAULT_IMAGE})')
+    p.add_argument('images', nargs='*', help=f'image files or folders of images (default: {DEFAULT_IMAGE})')
     add_inference_args(p)
+    p.add_argument('--batch_size', type=int, default=1, help='images per forward pass')
     p.add_argument('-o', '--output', default='test_out', help='folder for annotated images and JSON files')
     args = p.parse_args(argv)
-    images = args.images or [DEFAULT_IMAGE]
+    if args.batch_size < 1:
+        raise UserError(f'--batch_size {args.batch_size}: must be at least 1')
+    images = expand_inputs(args.images or [DEFAULT_IMAGE])
 
     from efficientdet.preprocess import read_image
-    detector = build_detector(args)
+    detector = build_detector(args, batch_size=args.batch_size)
     os.makedirs(args.output, exist_ok=True)
     failed, used = 0, {}
-    for path in images:
-        try:
-            rgb = read_image(path)
-        except UserError as e:
-            print(f'error: {e} (skipped)', file=sys.stderr)
-            failed += 1
-            continue
-        det = detector(rgb)[0]
-        stem = _unique_stem(path, used)
-        ext = os.path.splitext(path)[1].lower()
-        ext = ext if ext in _WRITABLE else '.jpg'
-        out_img = os.path.join(args.output, stem + ext)
-        bgr = det.draw(rgb, rgb=True)[..., ::-1]
-        if not cv2.imwrite(out_img, bgr):
-            raise UserError(f'{out_img}: could not write the annotated image (is --output writable?)')
-        record = {'image': path, 'width': int(rgb.shape[1]), 'height': int(rgb.shape[0]),
-                  'detections': det.to_list()}
-        with open(os.path.join(args.output, stem + '.json'), 'w', encoding='utf-8') as f:
-            json.dump(record, f, indent=1)
-        print(summary_line(os.path.basename(path), det))
+    for start in range(0, len(images), args.batch_size):
+        chunk = []
+        for path in images[start:start + args.batch_size]:
+            try:
+                chunk.append((path, read_image(path)))
+            except UserError as e:
+                print(f'error: {e} (skipped)', file=sys.stderr)
+                failed += 1
+        dets = detector([rgb for _, rgb in chunk]) if chunk else []
+        for (path, rgb), det in zip(chunk, dets):
+            _write_outputs(args.output, path, rgb, det, used)
+            print(summary_line(os.path.basename(path), det))
     if failed:
         print(f'{failed} of {len(images)} image(s) could not be read', file=sys.stderr)
     return 1 if failed else 0
+
+
+def _write_outputs(folder: str, path: str, rgb, det, used: Dict[str, int]) -> None:
+    """The annotated copy and the JSON of one image's detections."""
+    stem = _unique_stem(path, used)
+    ext = os.path.splitext(path)[1].lower()
+    ext = ext if ext in _WRITABLE else '.jpg'
+    out_img = os.path.join(folder, stem + ext)
+    bgr = det.draw(rgb, rgb=True)[..., ::-1]
+    if not cv2.imwrite(out_img, bgr):
+        raise UserError(f'{out_img}: could not write the annotated image (is --output writable?)')
+    record = {'image': path, 'width': int(rgb.shape[1]), 'height': int(rgb.shape[0]), 'detections': det.to_list()}
+    with open(os.path.join(folder, stem + '.json'), 'w', encoding='utf-8') as f:
+        json.dump(record, f, indent=1)
 
 
 if __name__ == '__main__':

@@ -1,10 +1,13 @@
-"""Detect objects in a video file or a camera stream and write an annotated video.
+"""Detect objects in a video file, a camera or a network stream and write an annotated video.
 
     python efficientdet_test_videos.py clip.mp4 -p shape -c 0 -w weights/efficientdet-d0-shape.pth
-    python efficientdet_test_videos.py 0 --output camera.mp4      # camera index 0, Ctrl+C to stop
+    python efficientdet_test_videos.py 0 --show --output camera.mp4      # camera index 0, live window
+    python efficientdet_test_videos.py rtsp://host:554/stream -p coco -w efficientdet-d0.pth
 
-Each frame gets its boxes and the processing speed (FPS) drawn on it. Ctrl+C stops cleanly: the
-frames written so far stay in a playable file.
+The source is a camera index, a video file, or anything else OpenCV's VideoCapture opens (rtsp://,
+http(s):// URLs, GStreamer pipelines). Each frame gets its boxes and the processing speed (FPS)
+drawn on it; ``--show`` also displays it live (q or Esc closes). Ctrl+C stops cleanly: the frames
+written so far stay in a playable file (exit code 130).
 """
 from __future__ import annotations
 
@@ -18,19 +21,29 @@ import cv2
 from efficientdet.errors import UserError, run_cli
 from efficientdet_test import add_inference_args, build_detector
 
+WINDOW = 'EfficientDet (q or Esc to stop)'
+
+
+def is_stream(source: str) -> bool:
+    """A URL (``scheme://…``) or a GStreamer pipeline (``… ! …``): handed to OpenCV as is."""
+    return '://' in source or ' ! ' in source
+
 
 def open_source(source: str) -> Union[int, str]:
-    """A camera index ('0', '1' …) or a video path (must exist)."""
+    """A camera index ('0', '1' …), a video path (must exist) or a stream URL / pipeline."""
     if source.isdigit():
         return int(source)
-    if not os.path.isfile(source):
-        raise UserError(f'{source}: no such video file (give a path, or a camera index such as 0)')
+    if not is_stream(source) and not os.path.isfile(source):
+        raise UserError(f'{source}: no such video file (give a path, a camera index such as 0, or a stream URL '
+                        'such as rtsp://host/stream)')
     return source
 
 
 def default_output(source: Union[int, str]) -> str:
     if isinstance(source, int):
         return os.path.join('test_out', f'camera{source}.mp4')
+    if is_stream(source):
+        return os.path.join('test_out', 'stream_det.mp4')
     return os.path.join('test_out', os.path.splitext(os.path.basename(source))[0] + '_det.mp4')
 
 
@@ -42,19 +55,33 @@ def draw_fps(frame, fps: float) -> None:
     cv2.putText(frame, text, (8, int(28 * scale)), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thick, cv2.LINE_AA)
 
 
+def open_window() -> None:
+    """The live window of ``--show``; UserError when this OpenCV build or machine has no GUI."""
+    try:
+        cv2.namedWindow(WINDOW, cv2.WINDOW_NORMAL)
+    except cv2.error as e:
+        detail = str(e).strip().splitlines()[-1][:120] if str(e).strip() else 'no GUI backend'
+        raise UserError(f'--show: cannot open a window ({detail}); OpenCV needs a GUI build (opencv-python, '
+                        'not -headless) and a display. Drop --show to only write the video') from None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('source', help='video file or camera index (0, 1, …)')
+    p.add_argument('source', help='video file, camera index (0, 1, …) or stream URL (rtsp://, http://, …)')
     add_inference_args(p)
     p.add_argument('-o', '--output', default=None, help='output video (.mp4; default test_out/NAME_det.mp4)')
     p.add_argument('--no_progress', action='store_true', help='no progress bar')
+    p.add_argument('--show', action='store_true', help='show the annotated frames in a window (q or Esc stops)')
     args = p.parse_args(argv)
 
     source = open_source(args.source)
     detector = build_detector(args)
+    if args.show:
+        open_window()
     cap = cv2.VideoCapture(source)
     if not cap.isOpened():
-        what = f'camera {source}' if isinstance(source, int) else f'{source}: not a readable video'
+        what = (f'camera {source}' if isinstance(source, int)
+                else f'{source}: not a reachable stream' if is_stream(source) else f'{source}: not a readable video')
         raise UserError(f'{what}: cannot open it')
     writer = None
     written = 0
@@ -65,7 +92,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         fps_in = fps_in if 0 < fps_in < 1000 else 30.0
         total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0) if isinstance(source, str) else 0
         bar = None
-        if isinstance(source, str) and not args.no_progress:
+        if isinstance(source, str) and not is_stream(source) and not args.no_progress:
             from tqdm import tqdm
             bar = tqdm(total=total if total > 0 else None, unit='frame', desc=os.path.basename(source))
         fps_smooth = 0.0
@@ -92,6 +119,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 written += 1
                 if bar is not None:
                     bar.update(1)
+                if args.show:
+                    cv2.imshow(WINDOW, out)
+                    if cv2.waitKey(1) & 0xFF in (ord('q'), 27):
+                        break
         except KeyboardInterrupt:
             interrupted = True
         finally:
@@ -101,6 +132,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cap.release()
         if writer is not None:
             writer.release()
+        if args.show:
+            cv2.destroyAllWindows()
     if written == 0 and not interrupted:
         raise UserError(f'{args.source}: no frames could be read')
     state = 'stopped by Ctrl+C; ' if interrupted else ''

@@ -1,23 +1,26 @@
-"""Train EfficientDet D0–D7x on a COCO-format dataset (Yet-Another-EfficientDet-Pytorch's CLI).
+"""Train EfficientDet (D0–D7x, Lite0–Lite4) on a COCO-format dataset (Yet-Another-EfficientDet-Pytorch's CLI).
 
     python train.py -p shape -c 0 --image_size 256 --batch_size 8 --num_epochs 30
     python train.py -p coco -c 2 --batch_size 32 -w weights/efficientdet-d2.pth   # fine-tune
     python train.py -p coco -c 2 -w last                                           # resume exactly
+    python train.py -p coco -c 4 --batch_size 64 --accumulate 8 --grad_checkpoint  # big model, small memory
+    python train.py -p mine -c 3 --backbone_weights tf_efficientnet_b3.pth         # from an ImageNet backbone
     torchrun --nproc_per_node 4 train.py -p coco -c 3 --batch_size 64              # 4 GPUs (DDP)
 
-Checkpoints go to {saved_path}/{project_name}/: efficientdet-d{c}_{epoch}_{step}.pth and best.pth
-(plain state_dicts, EMA weights when --ema is on) and last.ckpt (the whole training state, for
--w last). Ctrl+C or SIGTERM: the current step finishes, last.ckpt is written, the run exits.
+Checkpoints go to {saved_path}/{project_name}/: best.pth (the better of the raw and the EMA
+weights at the best validation), efficientdet-{variant}_{epoch}_{step}.pth (EMA weights when --ema
+is on), all plain state_dicts with BN statistics re-estimated for those weights, and last.ckpt (the
+whole training state, for -w last). Ctrl+C or SIGTERM: the current step finishes, last.ckpt is
+written, the run exits with status 130 / 143. The loop and its behaviours (hooks) live in
+efficientdet/training; docs/training.md says how to add one.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import math
 import os
-import signal
-import sys
-import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -25,33 +28,56 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
-from efficientdet.checkpoint import atomic_save, safe_load
-from efficientdet.config import check_image_size, get_config
-from efficientdet.engine import (EpochSampler, ModelEMA, Trainer, build_optimizer, build_scheduler,
-                                 freeze_for_head_only, rng_state, set_rng_state, set_train_mode)
-from efficientdet.cli import str2bool
+from efficientdet.checkpoint import safe_load
+from efficientdet.cli import add_model_args, image_size_arg, str2bool
+from efficientdet.config import resolve_normalization, variant_tag
 from efficientdet.errors import UserError, run_cli
+from efficientdet.factory import build_model, resolve_image_size, resolve_variant
 from efficientdet.loss import DetectionLoss
-from efficientdet.model import EfficientDetBackbone
 from efficientdet.project import load_project
-
+from efficientdet.training import (BestCheckpointHook, CheckpointHook, DataOrderHook, EarlyStoppingHook, EpochSampler, Hook,
+                                   ModelEMA, ProgressHook, SignalHook, TensorBoardHook, Trainer, ValidationHook,
+                                   build_optimizer, build_scheduler, freeze_for_head_only, freeze_parameters,
+                                   set_train_mode, trainable_bn_names)
+from efficientdet.training.validation import BNCalibrator, evaluate, evaluate_candidates
 
 
 def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser('EfficientDet training (Yet-Another-EfficientDet-Pytorch compatible options)')
+    p = argparse.ArgumentParser(prog='train.py',
+                                description='EfficientDet training (Yet-Another-EfficientDet-Pytorch compatible '
+                                            'options)')
     p.add_argument('-p', '--project', type=str, default='coco', help='project file projects/NAME.yml')
-    p.add_argument('-c', '--compound_coef', type=int, default=0, help='EfficientDet D0-D7 (8 = D7x)')
+    add_model_args(p)
     p.add_argument('-n', '--num_workers', type=int, default=min(12, os.cpu_count() or 1),
                    help='data-loader worker processes (per process)')
-    p.add_argument('--batch_size', type=int, default=12, help='images per step over all processes/GPUs')
+    p.add_argument('--batch_size', type=int, default=12,
+                   help='images per optimizer step over all processes/GPUs and --accumulate micro-batches')
+    p.add_argument('--accumulate', type=int, default=1, metavar='N',
+                   help='micro-batches per optimizer step (gradient accumulation): each process holds '
+                        'batch_size / (processes x N) images at a time; the loss is normalised over the '
+                        'positives of the whole step, so the gradients are those of one big batch')
+    p.add_argument('--grad_checkpoint', action='store_true',
+                   help='activation checkpointing of the backbone blocks and BiFPN cells: much less memory, '
+                        'about one extra forward pass of them per step, same gradients')
     p.add_argument('--head_only', type=str2bool, nargs='?', const=True, default=False,
-                   help='train only the box/class heads (backbone and BiFPN frozen, their BN in eval mode)')
+                   help='train only the box/class heads (== --freeze "(backbone_net|bifpn)\\.")')
+    p.add_argument('--freeze', type=str, default=None, metavar='REGEX',
+                   help='freeze the parameters whose names match REGEX from their start, like the official '
+                        'var_freeze_expr (e.g. backbone_net, or "backbone_net\\.model\\._(conv_stem|bn0|blocks\\.[0-4]\\.)"); '
+                        'modules left without a trainable parameter run in eval mode')
+    p.add_argument('--freeze_bn', action='store_true',
+                   help='every BatchNorm layer in eval mode: running statistics frozen (their affine '
+                        'parameters still train unless --freeze covers them)')
+    p.add_argument('--backbone_weights', type=str, default=None, metavar='FILE',
+                   help='an ImageNet EfficientNet checkpoint for the backbone only: a timm tf_efficientnet_bN '
+                        'state_dict (.pth) or the official efficientnet-bN variables (.npz, or a TF checkpoint '
+                        'folder with TensorFlow installed)')
     p.add_argument('--lr', type=float, default=None,
                    help='peak learning rate (default: official 0.08 x batch/64 for sgd, 1e-3 for adamw)')
     p.add_argument('--optim', type=str, default='sgd', choices=['sgd', 'adamw'])
     p.add_argument('--num_epochs', type=int, default=500)
     p.add_argument('--val_interval', type=int, default=1, help='epochs between validations')
-    p.add_argument('--save_interval', type=int, default=500, help='steps between checkpoints')
+    p.add_argument('--save_interval', type=int, default=500, help='optimizer steps between checkpoints (0: off)')
     p.add_argument('--es_min_delta', type=float, default=0.0, help='early stopping: minimum improvement')
     p.add_argument('--es_patience', type=int, default=0,
                    help='early stopping: validations without improvement before stopping (0: off)')
@@ -67,14 +93,18 @@ def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     # additions
     p.add_argument('--amp', action='store_true', help='mixed precision (CUDA only)')
     p.add_argument('--ema', action=argparse.BooleanOptionalAction, default=True,
-                   help='keep an EMA of the weights (decay --ema_decay), validated and saved')
+                   help='keep an EMA of the weights (decay --ema_decay); raw and EMA weights are both validated')
     p.add_argument('--ema_decay', type=float, default=0.9998)
-    p.add_argument('--image_size', type=int, default=None, help='input size (default: the variant\'s, 512 for D0)')
+    p.add_argument('--bn_images', type=int, default=256,
+                   help='training images over which the BN statistics of validated and saved weights are '
+                        're-estimated, so that they match those weights (0: keep the running statistics)')
+    p.add_argument('--bn_compare', action='store_true',
+                   help='also validate the raw and EMA weights with their running BN statistics (measurement)')
     p.add_argument('--subset', type=float, default=None, metavar='FRACTION',
                    help='use this fraction of the train and val images (quick experiments)')
     p.add_argument('--seed', type=int, default=42)
     p.add_argument('--projects_dir', type=str, default='projects')
-    p.add_argument('--max_steps', type=int, default=None, help='stop after this many steps in total')
+    p.add_argument('--max_steps', type=int, default=None, help='stop after this many optimizer steps in total')
     p.add_argument('--warmup_epochs', type=float, default=1.0, help='linear LR warm-up length (official 1.0)')
     p.add_argument('--label_smoothing', type=float, default=0.0)
     p.add_argument('--weight_decay', type=float, default=None, help='default 4e-5 (sgd, official) / 1e-2 (adamw)')
@@ -131,14 +161,13 @@ def collate(batch):
     return collate_fn(batch)
 
 
-def build_data(args, project, image_size: int, rank: int, world: int, local_bs: int):
-    from efficientdet.data import CocoDataset
+def build_data(args, project, image_size: Tuple[int, int], rank: int, world: int, local_bs: int):
+    """Train/val datasets and loaders; ``local_bs`` images per loader batch (one micro-batch)."""
+    from efficientdet.data import build_dataset
     from efficientdet.data.dataset import seed_worker
-    root = os.path.join(args.data_path, project.project_name)
-    train_ds = CocoDataset(root, project.train_set, project.obj_list, image_size, project.mean, project.std,
-                           augment=True)
-    val_ds = CocoDataset(root, project.val_set, project.obj_list, image_size, project.mean, project.std,
-                         augment=False)
+    mean, std = resolve_normalization(args.compound_coef, project.mean, project.std)
+    train_ds = build_dataset(project, project.train_set, image_size, args.data_path, augment=True, mean=mean, std=std)
+    val_ds = build_dataset(project, project.val_set, image_size, args.data_path, augment=False, mean=mean, std=std)
     idx = subset_indices(len(train_ds), args.subset, args.seed)
     train_items = Subset(train_ds, idx) if idx is not None else train_ds
     val_count = len(val_ds) if args.subset is None else max(1, int(math.ceil(len(val_ds) * args.subset)))
@@ -155,65 +184,6 @@ def build_data(args, project, image_size: int, rank: int, world: int, local_bs: 
     val_loader = DataLoader(Subset(val_ds, range(val_count)), batch_size=local_bs, shuffle=False,
                             drop_last=False, **loader_kw)
     return train_ds, val_ds, train_loader, val_loader, val_count
-
-
-class StopFlag:
-    """SIGINT/SIGTERM → finish the step, save last.ckpt, exit. A second Ctrl+C aborts at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = {}
-
-    def install(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-
-    def restore(self) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        self._old = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        name = signal.Signals(signum).name
-        print(f'\n[{name}] stopping after this step and saving last.ckpt (Ctrl+C again aborts without saving)',
-              file=sys.stderr, flush=True)
-
-
-def to_plain(v: Any) -> Any:
-    return v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
-
-
-# ----------------------------------------------------------------------------- validation
-@torch.no_grad()
-def validate(model, criterion, loader, device, stop: StopFlag) -> Dict[str, float]:
-    """Mean val losses of ``model`` (eval mode) over ``loader``."""
-    was = model.training
-    model.eval()
-    sums = np.zeros(3)
-    n = 0
-    try:
-        for batch in loader:
-            if stop.requested:
-                break
-            imgs = batch['img'].to(device)
-            _, reg, cls, anchors = model(imgs, return_logits=True)
-            out = criterion(cls, reg, anchors, batch['annot'].to(device))
-            vals = np.array([float(out['loss']), float(out['cls_loss']), float(out['box_loss'])])
-            if np.all(np.isfinite(vals)):
-                sums += vals
-                n += 1
-    finally:
-        model.train(was)
-    if n == 0:
-        return {'loss': float('nan'), 'cls_loss': float('nan'), 'box_loss': float('nan')}
-    m = sums / n
-    return {'loss': float(m[0]), 'cls_loss': float(m[1]), 'box_loss': float(m[2])}
 
 
 @torch.no_grad()
@@ -245,6 +215,29 @@ def write_debug_images(model, loader, device, obj_list, mean, std, folder: str, 
         cv2.imwrite(os.path.join(folder, f'{tag}_{i}.jpg'), out)
 
 
+def to_plain(v: Any) -> Any:
+    if isinstance(v, (list, tuple)):
+        return [to_plain(x) for x in v]
+    return v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+
+
+class DebugImagesHook(Hook):
+    """--debug: after each validation, a few validation images with the chosen weights' detections."""
+
+    name = 'debug_images'
+
+    def __init__(self, loader, device, project, mean, std, folder: str, calibrate, is_main: bool):
+        self.loader, self.device, self.project, self.mean, self.std = loader, device, project, mean, std
+        self.folder, self.calibrate, self.is_main = folder, calibrate, is_main
+
+    def on_validation(self, trainer, report):
+        if self.is_main and report.get('state_dict') is not None:
+            model = self.calibrate.scratch
+            model.load_state_dict(report['state_dict'])
+            write_debug_images(model, self.loader, self.device, self.project.obj_list, self.mean, self.std,
+                               self.folder, f'epoch{report["epoch"]}')
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv: Optional[List[str]] = None) -> int:
     args = get_args(argv)
@@ -257,22 +250,23 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def train(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> int:
+    """Build everything from ``args``, run the trainer; returns the exit status (0, or 128 + signal)."""
     is_main = rank == 0
     log = print if is_main else (lambda *a, **k: None)
     project = load_project(args.project, args.projects_dir)
     if project.num_gpus == 0 and device.type == 'cuda' and world == 1:
         device = torch.device('cpu')
-    cfg = get_config(args.compound_coef) if 0 <= args.compound_coef <= 8 else None
-    if cfg is None:
-        raise UserError(f'-c/--compound_coef must be 0-8 (8 = D7x), got {args.compound_coef}')
-    image_size = args.image_size or cfg.input_size
-    try:
-        check_image_size(image_size, image_size, args.compound_coef)
-    except ValueError as e:
-        raise UserError(f'--image_size: {e}') from None
-    if args.batch_size < world or args.batch_size % world:
-        raise UserError(f'--batch_size {args.batch_size} must be a multiple of the {world} processes')
-    local_bs = args.batch_size // world
+    variant = resolve_variant(args.compound_coef)
+    args.compound_coef = variant
+    tag = variant_tag(variant)
+    image_size = resolve_image_size(variant, image_size_arg(args.image_size))
+    if args.accumulate < 1:
+        raise UserError(f'--accumulate must be at least 1, got {args.accumulate}')
+    per_step = world * args.accumulate
+    if args.batch_size < per_step or args.batch_size % per_step:
+        raise UserError(f'--batch_size {args.batch_size} must be a multiple of {per_step} (= {world} processes x '
+                        f'--accumulate {args.accumulate})')
+    local_bs = args.batch_size // per_step  # images per process per micro-batch
     if args.num_epochs < 1:
         raise UserError(f'--num_epochs must be at least 1, got {args.num_epochs}')
     if args.amp and device.type != 'cuda':
@@ -280,18 +274,22 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     es_metric = args.es_metric or ('loss' if args.no_map else 'map')
     if es_metric == 'map' and args.no_map:
         raise UserError('--es_metric map needs the COCO evaluation; drop --no_map')
+    if args.backbone_weights and args.load_weights:
+        raise UserError('--backbone_weights and -w both give initial weights; pass one of them')
     seed_everything(args.seed + rank)
 
     train_ds, val_ds, train_loader, val_loader, val_count = build_data(args, project, image_size, rank, world,
                                                                        local_bs)
-    iters_per_epoch = len(train_loader.sampler) // local_bs
+    images_per_step = local_bs * args.accumulate  # per process
+    steps_per_epoch = len(train_loader.sampler) // images_per_step
+    if steps_per_epoch < 1:
+        raise UserError(f'the training set has {len(train_loader.sampler) * world} images, fewer than one step of '
+                        f'{args.batch_size}; lower --batch_size')
     log(train_ds.summary())
     log(val_ds.summary())
 
-    model = EfficientDetBackbone(num_classes=len(project.obj_list), compound_coef=args.compound_coef,
-                                 ratios=project.anchors_ratios, scales=project.anchors_scales)
     save_dir = os.path.join(args.saved_path, project.project_name)
-    resume_path = None
+    resume_path, finetune_from = None, None
     if args.load_weights:
         if args.load_weights == 'last':
             resume_path = os.path.join(save_dir, 'last.ckpt')
@@ -301,18 +299,30 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
         elif args.load_weights.endswith('.ckpt'):
             resume_path = args.load_weights
         else:
-            if is_main:
-                model.load_pretrained(args.load_weights, verbose=True)
-            else:
-                model.load_pretrained(args.load_weights, verbose=False)
+            finetune_from = args.load_weights
+    model = build_model(variant, project=project, weights=finetune_from, image_size=image_size,
+                        compat=args.compat, finetune=True, verbose=is_main)
+    if args.backbone_weights:
+        from efficientdet.convert.backbone import load_backbone_weights
+        log(load_backbone_weights(model, args.backbone_weights))
+    frozen: List[str] = []
     if args.head_only:
-        frozen = freeze_for_head_only(model)
-        log(f'[info] --head_only: {", ".join(frozen)} frozen')
+        freeze_for_head_only(model)
+        log('[info] --head_only: backbone_net, bifpn frozen')
+    if args.freeze:
+        frozen = freeze_parameters(model, args.freeze)
+        log(f'[info] --freeze {args.freeze!r}: {len(frozen)} parameter tensors frozen')
     model.to(device)
     channels_last = args.channels_last if args.channels_last is not None else device.type == 'cpu'
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    set_train_mode(model, args.head_only, args.freeze_bn)
+    bn_names = trainable_bn_names(model)
     ema = ModelEMA(model, decay=args.ema_decay) if args.ema else None
+    scratch = copy.deepcopy(model).eval() if is_main else None  # plain BN: validation and saved weights
+    if args.grad_checkpoint:
+        from efficientdet.training.memory import enable_grad_checkpoint
+        log(f'[info] --grad_checkpoint: {enable_grad_checkpoint(model)} modules recompute their activations')
     use_sync_bn = world > 1 and device.type == 'cuda' and (args.sync_bn or local_bs <= 4)
     if args.sync_bn and device.type != 'cuda':
         log('[note] --sync_bn needs CUDA (SyncBatchNorm has no CPU kernel); plain BatchNorm used')
@@ -323,189 +333,93 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     lr = args.lr if args.lr is not None else (0.08 * args.batch_size / 64 if args.optim == 'sgd' else 1e-3)
     wd = args.weight_decay if args.weight_decay is not None else (4e-5 if args.optim == 'sgd' else 1e-2)
     optimizer = build_optimizer(model, args.optim, lr, args.momentum, wd)
-    total_steps = args.num_epochs * iters_per_epoch
-    scheduler = build_scheduler(optimizer, total_steps, int(round(args.warmup_epochs * iters_per_epoch)))
+    total_steps = args.num_epochs * steps_per_epoch
+    scheduler = build_scheduler(optimizer, total_steps, int(round(args.warmup_epochs * steps_per_epoch)))
     criterion = DetectionLoss(label_smoothing=args.label_smoothing, distributed=world > 1)
     val_criterion = DetectionLoss(label_smoothing=args.label_smoothing)
     ddp = None
     if world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == 'cuda' else None)
+
+    # BN statistics for validated / saved weights: a fixed, seeded set of training images
+    calibrator = None
+    if is_main:
+        bn_loader = None
+        if args.bn_images > 0:
+            order = torch.randperm(len(train_loader.dataset), generator=torch.Generator().manual_seed(args.seed))
+            count = min(len(order), max(local_bs, math.ceil(args.bn_images / local_bs) * local_bs))
+            bn_loader = DataLoader(Subset(train_loader.dataset, order[:count].tolist()), batch_size=local_bs,
+                                   num_workers=args.num_workers, collate_fn=collate, drop_last=False,
+                                   generator=torch.Generator().manual_seed(args.seed))
+
+        def bn_batches():
+            for b in bn_loader:
+                x = b['img'].to(device)
+                yield x.contiguous(memory_format=torch.channels_last) if channels_last else x
+        calibrator = BNCalibrator(scratch, bn_batches if bn_loader is not None else None, bn_names)
+
+    def candidates() -> Dict[str, Dict[str, Any]]:
+        sds = {'raw': trainer.model.state_dict()}
+        if trainer.ema is not None:
+            sds['ema'] = trainer.ema.module.state_dict()
+
+        def ev(m):
+            return evaluate(m, val_criterion, val_loader, val_ds, device, local_bs, val_count, not args.no_map,
+                            args.num_workers, lambda: signals.requested is not None)
+        return evaluate_candidates(sds, calibrator, ev, compare_running=args.bn_compare)
+
+    def weights_to_save() -> Dict[str, torch.Tensor]:
+        src = trainer.ema.module if trainer.ema is not None else trainer.model
+        return calibrator.state_dict_of(src.state_dict())
+
+    meta = {'compound_coef': variant, 'variant': tag, 'num_classes': len(project.obj_list),
+            'image_size': list(image_size), 'project': project.project_name, 'obj_list': list(project.obj_list),
+            'args': {k: to_plain(v) for k, v in vars(args).items()}}
+    signals = SignalHook(log=log)
+    tb_dir = os.path.join(args.log_path, project.project_name, 'tensorboard',
+                          datetime.datetime.now().strftime('%Y%m%d-%H%M%S'))
+    hooks = [
+        DataOrderHook(train_loader, args.seed, rank, images_per_step),
+        signals,
+        ProgressHook(steps_per_epoch, args.num_epochs, enabled=is_main, log=log, epoch_summary=train_ds.summary),
+        TensorBoardHook(tb_dir, enabled=is_main),
+        ValidationHook(candidates, es_metric, args.val_interval, args.num_epochs, is_main=is_main, log=log),
+        BestCheckpointHook(save_dir, tag, es_metric, args.es_min_delta, is_main=is_main, log=log),
+        EarlyStoppingHook(args.es_patience, es_metric, args.es_min_delta, log=log),
+        CheckpointHook(save_dir, tag, weights_to_save, args.save_interval, meta, is_main=is_main),
+    ]
+    if args.debug:
+        mean, std = resolve_normalization(variant, project.mean, project.std)
+        hooks.append(DebugImagesHook(val_loader, device, project, mean, std,
+                                     os.path.join(args.log_path, project.project_name, 'debug'), calibrator, is_main))
     trainer = Trainer(model, criterion, optimizer, scheduler, ema, device=device, amp=args.amp,
                       clip_grad_norm=args.clip_grad or None, ddp_model=ddp, head_only=args.head_only,
-                      channels_last=channels_last)
+                      channels_last=channels_last, hooks=hooks, accumulate=args.accumulate, freeze_bn=args.freeze_bn)
     if resume_path:
-        state = safe_load(resume_path, map_location=device)
-        trainer.load_state_dict(state, restore_rng=world == 1, path=resume_path)
-        if world > 1:
+        # on the CPU first: each part is moved where it belongs by the load (the RNG states stay on the CPU)
+        state = safe_load(resume_path, map_location='cpu')
+        trainer.load_state_dict(state, restore_rng=True, path=resume_path)
+        if world > 1 and not trainer.rng_restorable(state):
             seed_everything(args.seed + rank + 1000003 * trainer.step)
+            log(f'[note] {resume_path} holds no RNG state for {world} processes (saved with another process count '
+                'or an older version): the random augmentation after the resume differs from an uninterrupted run')
         log(f'[info] resumed {resume_path}: epoch {trainer.epoch}, step {trainer.step}'
-            + (f', {trainer.epoch_step} batches into the epoch' if trainer.epoch_step else ''))
+            + (f', {trainer.epoch_step} steps into the epoch' if trainer.epoch_step else ''))
+    log(f'[info] {tag.upper()} {image_size[0]}x{image_size[1]}px, {len(project.obj_list)} classes, batch '
+        f'{args.batch_size} ({world} x {args.accumulate} x {local_bs}), {steps_per_epoch} steps/epoch, {args.optim} '
+        f'lr {lr:g}, device {device}{", EMA" if ema else ""}{", AMP" if trainer.amp else ""}; checkpoints in {save_dir}',
+        flush=True)
 
-    meta = {'compound_coef': args.compound_coef, 'num_classes': len(project.obj_list), 'image_size': image_size,
-            'project': project.project_name, 'obj_list': list(project.obj_list),
-            'args': {k: to_plain(v) for k, v in vars(args).items()}}
-
-    def eval_model():
-        return ema.module if ema is not None else model
-
-    def save_weights(name: str) -> None:
-        if is_main:
-            atomic_save(eval_model().state_dict(), os.path.join(save_dir, name))
-
-    def save_last() -> None:
-        if is_main:
-            atomic_save(trainer.state_dict(meta), os.path.join(save_dir, 'last.ckpt'))
-
-    from tqdm import tqdm
-    done = False
-    stopped_by_signal = False
-    stop = StopFlag()
-    writer = None
-    try:
-        stop.install()
-        if is_main:
-            from tensorboardX import SummaryWriter
-            tb_dir = os.path.join(args.log_path, project.project_name, 'tensorboard',
-                                  datetime.datetime.now().strftime('%Y%m%d-%H%M%S'))
-            writer = SummaryWriter(tb_dir)
-            os.makedirs(save_dir, exist_ok=True)
-            log(f'[info] D{args.compound_coef} {image_size}px, {len(project.obj_list)} classes, batch '
-                f'{args.batch_size} ({world} x {local_bs}), {iters_per_epoch} steps/epoch, {args.optim} lr {lr:g}, '
-                f'device {device}{", EMA" if ema else ""}{", AMP" if trainer.amp else ""}; checkpoints in {save_dir}',
-                flush=True)
-        while trainer.epoch < args.num_epochs and not done:
-            epoch = trainer.epoch
-            train_loader.sampler.set_epoch(epoch, trainer.epoch_step * local_bs)
-            train_loader.generator.manual_seed(args.seed * 1000003 + rank * 10007 + epoch * 101 + trainer.epoch_step)
-            set_train_mode(model, args.head_only)
-            bar = tqdm(train_loader, total=iters_per_epoch, initial=trainer.epoch_step, disable=not is_main,
-                       desc=f'epoch {epoch}/{args.num_epochs}', dynamic_ncols=True)
-            sums, count = np.zeros(3), 0
-            it = iter(bar)
-            while True:
-                try:
-                    batch = next(it)
-                except StopIteration:
-                    break
-                except RuntimeError:
-                    if stop.requested:  # a data worker died of the same Ctrl+C
-                        break
-                    raise
-                r = trainer.train_step(batch['img'], batch['annot'], stop_requested=stop.requested)
-                if not r['skipped']:
-                    sums += (r['loss'], r['cls_loss'], r['box_loss'])
-                    count += 1
-                    bar.set_postfix(loss=f'{r["loss"]:.4f}', cls=f'{r["cls_loss"]:.4f}', box=f'{r["box_loss"]:.5f}',
-                                    lr=f'{r["lr"]:.2e}', refresh=False)
-                    if writer is not None:
-                        for k in ('loss', 'cls_loss', 'box_loss'):
-                            writer.add_scalar(f'{k}/train', r[k], trainer.step)
-                        writer.add_scalar('lr', r['lr'], trainer.step)
-                        writer.add_scalar('num_pos', r['num_pos'], trainer.step)
-                elif is_main:
-                    bar.write(f'[warn] step {trainer.step}: non-finite loss, update skipped '
-                              f'({trainer.nonfinite_in_row} in a row)')
-                if r['stop']:
-                    stopped_by_signal = done = True
-                    break
-                if args.save_interval > 0 and trainer.step % args.save_interval == 0:
-                    save_weights(f'efficientdet-d{args.compound_coef}_{epoch}_{trainer.step}.pth')
-                    save_last()
-                if args.max_steps is not None and trainer.step >= args.max_steps:
-                    done = True
-                    break
-            bar.close()
-            if stopped_by_signal:
-                break
-            epoch_finished = trainer.epoch_step >= iters_per_epoch
-            if epoch_finished:
-                trainer.end_epoch()
-            if count:
-                m = sums / count
-                log(f'epoch {epoch}: train loss {m[0]:.5f} (cls {m[1]:.5f}, box {m[2]:.6f}), '
-                    f'lr {optimizer.param_groups[0]["lr"]:.3e}, step {trainer.step}'
-                    + (f', {trainer.nonfinite_total} skipped non-finite steps' if trainer.nonfinite_total else ''))
-            log(train_ds.summary())
-            if epoch_finished and (epoch % max(args.val_interval, 1) == 0 or trainer.epoch >= args.num_epochs):
-                improved, should_stop = run_validation(args, trainer, eval_model(), val_criterion, val_loader,
-                                                       val_ds, val_count, device, stop, writer, es_metric, project,
-                                                       is_main, epoch, local_bs)
-                if improved:
-                    save_weights('best.pth')
-                    save_weights(f'efficientdet-d{args.compound_coef}_{epoch}_{trainer.step}.pth')
-                if should_stop:
-                    log(f'[info] early stopping at epoch {epoch}: best {es_metric} {trainer.best_metric:.5f} '
-                        f'at epoch {trainer.best_epoch}')
-                    done = True
-                if stop.requested and world == 1:
-                    stopped_by_signal = done = True
-            save_last()
-        if not stopped_by_signal:
-            last_epoch = trainer.epoch - 1 if trainer.epoch_step == 0 and trainer.epoch > 0 else trainer.epoch
-            save_weights(f'efficientdet-d{args.compound_coef}_{last_epoch}_{trainer.step}.pth')
-        save_last()
-        if stopped_by_signal:
-            log(f'[info] stopped at step {trainer.step}; {os.path.join(save_dir, "last.ckpt")} saved — '
-                f'continue with: python train.py -p {args.project} -c {args.compound_coef} -w last ...')
-        else:
-            log(f'[info] done: step {trainer.step}, checkpoints in {save_dir}')
-    finally:
-        stop.restore()
-        if writer is not None:
-            writer.close()
+    reason = trainer.fit(train_loader, args.num_epochs, steps_per_epoch, max_steps=args.max_steps)
+    if reason == 'signal':
+        log(f'[info] stopped at step {trainer.step}; {os.path.join(save_dir, "last.ckpt")} saved — '
+            f'continue with: python train.py -p {args.project} -c {args.compound_coef} -w last ...')
+        return signals.exit_code
+    best = trainer.hook('best')
+    log(f'[info] done: step {trainer.step}, checkpoints in {save_dir}'
+        + (f'; best.pth = {best.source} weights of epoch {best.epoch}' if best is not None and best.source else ''))
     return 0
-
-
-def run_validation(args, trainer: Trainer, model, criterion, val_loader, val_ds, val_count, device, stop, writer,
-                   es_metric: str, project, is_main: bool, epoch: int, local_bs: int) -> Tuple[bool, bool]:
-    """Validate on rank 0 (the others wait), RNG-neutral (resumed runs stay exact). Returns
-    (improved, early_stop), agreed by every process."""
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    flags = torch.zeros(2)
-    if is_main:
-        saved_rng = rng_state()
-        t0 = time.time()
-        losses = validate(model, criterion, val_loader, device, stop)
-        metrics: Dict[str, Any] = {}
-        if not args.no_map and not stop.requested:
-            from efficientdet.evaluation import run_coco_eval
-            metrics, _ = run_coco_eval(model, val_ds, batch_size=local_bs, device=device, max_images=val_count,
-                                       progress=False, num_workers=args.num_workers)
-        if args.debug:
-            write_debug_images(model, val_loader, device, project.obj_list, project.mean, project.std,
-                               os.path.join(args.log_path, project.project_name, 'debug'), f'epoch{epoch}')
-        set_rng_state(saved_rng)
-        mAP = metrics.get('AP') if metrics else None
-        msg = (f'val epoch {epoch}: loss {losses["loss"]:.5f} (cls {losses["cls_loss"]:.5f}, '
-               f'box {losses["box_loss"]:.6f})')
-        if mAP is not None:
-            msg += f', mAP {mAP:.4f}, AP50 {metrics.get("AP50", float("nan")):.4f}'
-        print(msg + f' [{time.time() - t0:.0f}s]')
-        if writer is not None:
-            for k, v in losses.items():
-                writer.add_scalar(f'{k}/val', v, trainer.step)
-            for k in ('AP', 'AP50', 'AP75'):
-                if metrics.get(k) is not None:
-                    writer.add_scalar(f'{k}/val', metrics[k], trainer.step)
-        value = mAP if es_metric == 'map' else losses['loss']
-        improved = False
-        if value is not None and math.isfinite(value):
-            if trainer.best_metric is None:
-                improved = True
-            elif es_metric == 'map':
-                improved = value > trainer.best_metric + args.es_min_delta
-            else:
-                improved = value < trainer.best_metric - args.es_min_delta
-            if improved:
-                trainer.best_metric, trainer.best_epoch = float(value), epoch
-        should_stop = args.es_patience > 0 and epoch - trainer.best_epoch > args.es_patience
-        flags = torch.tensor([float(improved), float(should_stop)])
-    if world > 1:
-        flags = flags.to(device)
-        dist.broadcast(flags, 0)
-        flags = flags.cpu()
-    return bool(flags[0]), bool(flags[1])
 
 
 if __name__ == '__main__':

@@ -25,7 +25,10 @@ def generate_anchors(image_size: Tuple[int, int], levels: Sequence[int], anchor_
     """Official anchors, float64 numpy [A, 4] (y1, x1, y2, x2) in pixels of an (H, W) image.
 
     ``ratios`` are (x, y) multipliers of the base size (official aspect 2.0 == (sqrt 2, 1/sqrt 2)).
-    Feature-map sizes follow the official successive ceil-halving of the image size.
+    Feature-map sizes follow the official successive ceil-halving of the image size; a level's
+    strides are image size / feature size per axis (320 px, 3x3 P7: 106.67 px), the base size is
+    ``anchor_scale * stride * octave`` per axis and centres start at stride / 2 (official
+    ``Anchors._generate_boxes``), so non-square inputs with unequal strides follow the official too.
     """
     h, w = int(image_size[0]), int(image_size[1])
     combos = np.array([(s, rx, ry) for s, (rx, ry) in itertools.product(scales, ratios)], dtype=np.float64)
@@ -39,9 +42,8 @@ def generate_anchors(image_size: Tuple[int, int], levels: Sequence[int], anchor_
         y = np.arange(sy / 2, h, sy)[:fh]
         x = np.arange(sx / 2, w, sx)[:fw]
         xv, yv = np.meshgrid(x, y)  # [fh, fw]
-        base = anchor_scale * sx * combos[:, 0]  # official uses stride[1] for the base size
-        half_x = (base * combos[:, 1] / 2.0)[None, :]
-        half_y = (base * combos[:, 2] / 2.0)[None, :]
+        half_x = (anchor_scale * sx * combos[:, 0] * combos[:, 1] / 2.0)[None, :]
+        half_y = (anchor_scale * sy * combos[:, 0] * combos[:, 2] / 2.0)[None, :]
         cy = yv.reshape(-1, 1)
         cx = xv.reshape(-1, 1)
         boxes = np.stack([cy - half_y, cx - half_x, cy + half_y, cx + half_x], axis=-1)  # [HW, K, 4]

@@ -2,7 +2,10 @@
 
 Node order (official): top-down from max_level-1 to min_level, fusing (P_L, up(P_{L+1}')),
 then bottom-up from min_level+1 to max_level, fusing (P_L, P_L' [not at the top], down(P_{L-1}'')).
-Each node: fuse → swish → depthwise-separable conv (one bias) → BN.
+Each node: fuse → activation (swish; ReLU6 for Lite) → depthwise-separable conv (one bias) → BN.
+Resampling follows the official ``ResampleFeatureMap`` at any input size: up = nearest resize to
+the target level's actual size (``resize_nearest_neighbor``, not a fixed x2: 3x3 → 5x5 at 320 px),
+down = 3x3 stride-2 "SAME" max-pool (ceil(size / 2)).
 Names match Yet-Another-EfficientDet-Pytorch: ``conv6_up``, ``conv4_down``, ``p6_w1``, ``p4_w2``,
 ``p5_down_channel``, ``p5_to_p6``, ``p4_down_channel_2`` …
 """
@@ -15,8 +18,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import FUSION_EPS
-from .layers import (Conv2dStaticSamePadding, MaxPool2dStaticSamePadding, MemoryEfficientSwish,
-                     SeparableConvBlock, batch_norm)
+from .layers import Conv2dStaticSamePadding, MaxPool2dStaticSamePadding, SeparableConvBlock, batch_norm, make_activation
+
+
+def upsample_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Nearest up-sampling of NCHW ``x`` to the spatial size of ``like``, as TF1's
+    ``resize_nearest_neighbor`` (source index = floor(dst * in / out)); exact x2 when sizes double."""
+    h, w = like.shape[-2], like.shape[-1]
+    if h == 2 * x.shape[-2] and w == 2 * x.shape[-1]:
+        return F.interpolate(x, scale_factor=2.0, mode='nearest')
+    return F.interpolate(x, size=(h, w), mode='nearest')
 
 
 def _channel_conv(in_ch: int, out_ch: int) -> nn.Sequential:
@@ -30,14 +41,14 @@ class BiFPN(nn.Module):
 
     def __init__(self, num_channels: int, conv_channels: Sequence[int], first_time: bool = False,
                  levels: Sequence[int] = (3, 4, 5, 6, 7), fusion: str = 'fast',
-                 pool_pad_value: float = float('-inf')):
+                 pool_pad_value: float = float('-inf'), act: str = 'swish'):
         super().__init__()
         if fusion not in ('fast', 'sum'):
             raise ValueError(f"fusion must be 'fast' or 'sum', got {fusion!r}")
         self.levels = list(levels)
         self.fusion = fusion
         self.first_time = first_time
-        self.swish = MemoryEfficientSwish()
+        self.act = make_activation(act)
         self.pool = MaxPool2dStaticSamePadding(3, 2, pad_value=pool_pad_value)
         top = self.levels[-1]
         for level in self.levels[:-1]:
@@ -95,15 +106,15 @@ class BiFPN(nn.Module):
         td = {top: td_in[top]}
         prev = td_in[top]
         for level in reversed(self.levels[:-1]):
-            up = F.interpolate(prev, scale_factor=2.0, mode='nearest')
+            up = upsample_to(prev, td_in[level])
             fused = self._fuse(f'p{level}_w1', [td_in[level], up])
-            prev = getattr(self, f'conv{level}_up')(self.swish(fused))
+            prev = getattr(self, f'conv{level}_up')(self.act(fused))
             td[level] = prev
         # bottom-up path
         outs = [prev]
         for level in self.levels[1:]:
             nodes = [bu_in[level]] + ([td[level]] if level != top else []) + [self.pool(prev)]
             fused = self._fuse(f'p{level}_w2', nodes)
-            prev = getattr(self, f'conv{level}_down')(self.swish(fused))
+            prev = getattr(self, f'conv{level}_down')(self.act(fused))
             outs.append(prev)
         return outs

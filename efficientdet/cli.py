@@ -6,6 +6,7 @@ from typing import Any, Union
 
 import torch
 
+from .config import COMPAT_MODES, VARIANT_HELP, parse_variant
 from .errors import UserError
 
 _TRUE = ('1', 'true', 'yes', 'y', 'on')
@@ -44,3 +45,36 @@ def parse_device(name: Union[str, int, torch.device, None], flag: str = '--devic
     if dev.type == 'cuda' and not torch.cuda.is_available():
         raise UserError(f'{flag} {name}: CUDA is not available on this machine; use {flag} cpu')
     return dev
+
+
+def variant_type(value: str):
+    """argparse ``type`` for ``-c``: a variant key (``config.parse_variant``: 0-8, d0, d7x, lite0 …)."""
+    try:
+        return parse_variant(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_model_args(p: argparse.ArgumentParser, variant_default: Any = 0) -> None:
+    """The options every model-building script shares: ``-c``, ``--image_size H [W]``, ``--compat``."""
+    p.add_argument('-c', '--compound_coef', type=variant_type, default=variant_default,
+                   help=f'EfficientDet variant: {VARIANT_HELP}')
+    p.add_argument('--image_size', type=int, nargs='+', default=None, metavar=('H', 'W'),
+                   help="network input size: H W, or one number for a square input (default: the variant's)")
+    p.add_argument('--compat', choices=COMPAT_MODES, default='official',
+                   help="zylo117: Yet-Another-EfficientDet-Pytorch's max-pool padding and anchor ratios "
+                        '(for its published weights)')
+
+
+def image_size_arg(value: Any, flag: str = '--image_size') -> Union[None, tuple]:
+    """``--image_size`` as parsed (None, ``[S]``, ``[H, W]`` or an int) → None or ``(H, W)``."""
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return (value, value)
+    value = list(value)
+    if len(value) == 1:
+        return (value[0], value[0])
+    if len(value) == 2:
+        return (value[0], value[1])
+    raise UserError(f'{flag} takes H W or one number, got {len(value)} numbers')

@@ -18,8 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import infer_num_classes, load_weights, read_checkpoint
-from .config import CONFIGS, as_hw, check_image_size, get_config
+from .config import DEFAULT_SCALES, as_hw, check_image_size, ratios_for, resolve_normalization
 from .cli import parse_device
 from .errors import UserError
 from .postprocess import detect
@@ -131,37 +130,32 @@ class Detector:
         variant's input size. Files of another variant or class count raise UserError saying what
         the file holds.
         """
-        from .model import EfficientDetBackbone
-        if compound_coef not in CONFIGS:
-            raise UserError(f'-c {compound_coef}: compound coefficient must be 0-8 (8 = D7x)')
-        proj_name = None
-        if project is not None:
-            from .project import load_project
-            proj = load_project(project, projects_dir)
-            proj_name = proj.project_name
-            obj_list = list(proj.obj_list) if obj_list is None else obj_list
+        from dataclasses import replace
+        from .factory import build_model
+        from .project import Project, load_project
+        proj: Optional[Project] = load_project(project, projects_dir) if project is not None else None
+        if proj is not None:
+            obj_list = list(proj.obj_list) if obj_list is None else list(obj_list)
             mean = proj.mean if mean is None else mean
             std = proj.std if std is None else std
-            ratios = proj.anchors_ratios if ratios is None else ratios
-            scales = proj.anchors_scales if scales is None else scales
-        ck = read_checkpoint(path)
-        num_anchors = (len(ratios) if ratios is not None else 3) * (len(scales) if scales is not None else 3)
-        n_file = infer_num_classes(ck.state_dict, num_anchors, ck.layout)
+        if ratios is not None or scales is not None:  # explicit anchors win over the project's
+            if proj is None:
+                if obj_list is None:
+                    raise UserError('ratios/scales given without classes: pass project or obj_list too')
+                proj = Project('<arguments>', '', '', 1, list(IMAGENET_MEAN), list(IMAGENET_STD),
+                               list(DEFAULT_SCALES), list(ratios_for(compat, None)), list(obj_list), '<arguments>')
+            proj = replace(proj, anchors_ratios=list(ratios if ratios is not None else proj.anchors_ratios),
+                           anchors_scales=list(scales if scales is not None else proj.anchors_scales))
+        if proj is not None and obj_list is not None:
+            proj = replace(proj, obj_list=list(obj_list))
+        num_classes = len(obj_list) if proj is None and obj_list is not None else None
+        model = build_model(compound_coef, num_classes=num_classes, project=proj, weights=path,
+                            image_size=image_size, compat=compat, verbose=False)
         if obj_list is None:
-            if n_file is None:
-                raise UserError(f'{path}: cannot tell how many classes the file holds; pass -p PROJECT '
-                                '(its obj_list names the classes)')
-            obj_list = [str(i) for i in range(n_file)]
-        elif n_file is not None and n_file != len(obj_list):
-            src = f'project {proj_name!r}' if proj_name else 'obj_list'
-            raise UserError(f'{path}: file holds weights for {n_file} classes but {src} lists {len(obj_list)}; '
-                            f'use the project the weights were trained with, or weights trained for this one')
-        model = EfficientDetBackbone(num_classes=len(obj_list), compound_coef=compound_coef, ratios=ratios,
-                                     scales=scales, compat=compat)
-        load_weights(model, ck, strict=True, verbose=False)
-        size = image_size if image_size is not None else get_config(compound_coef).input_size
-        return cls(model, obj_list, size, mean=mean if mean is not None else IMAGENET_MEAN,
-                   std=std if std is not None else IMAGENET_STD, threshold=threshold, iou=iou, nms=nms,
+            obj_list = [str(i) for i in range(model.num_classes)]
+        size = model.image_size
+        mean, std = resolve_normalization(compound_coef, mean, std)
+        return cls(model, obj_list, size, mean=mean, std=std, threshold=threshold, iou=iou, nms=nms,
                    max_det=max_det, device=device, half=half, batch_size=batch_size)
 
     @classmethod
@@ -222,10 +216,16 @@ class Detector:
         out = []
         for det, meta in zip(per_image, metas):
             ids = det['labels'].cpu().numpy().astype(np.int64)
-            out.append(Detections(boxes=boxes_to_original(det['boxes'], meta),
-                                  scores=det['scores'].float().cpu().numpy(), class_ids=ids,
-                                  class_names=[self.class_name(i) for i in ids], image_hw=meta.orig_hw))
+            keep = self._real_class(ids)  # '' placeholder slots (e.g. COCO's unused ids) are never output
+            out.append(Detections(boxes=boxes_to_original(det['boxes'], meta)[keep],
+                                  scores=det['scores'].float().cpu().numpy()[keep], class_ids=ids[keep],
+                                  class_names=[self.class_name(i) for i in ids[keep]], image_hw=meta.orig_hw))
         return out
+
+    def _real_class(self, ids: np.ndarray) -> np.ndarray:
+        """Boolean mask over class indices ``ids``: False for '' placeholder slots of obj_list."""
+        names = self.obj_list
+        return np.array([not (0 <= i < len(names) and names[i] == '') for i in ids.tolist()], dtype=bool)
 
     def class_name(self, class_id: int) -> str:
         """Name of a class index (its index as text when obj_list has no name for it)."""

@@ -5,7 +5,10 @@
 the annotation file's id space; ``image_id`` as in the annotations) and computes the 12 pycocotools
 numbers plus a per-class AP table. Only numpy, torch and pycocotools are needed here.
 
-``run_coco_eval`` runs a model over a validation ``CocoDataset`` and evaluates it; ``train.py`` and
+Annotation files are read and validated by :mod:`efficientdet.data.annotations` (the one reader,
+validator and category rule, shared with the datasets); this module only scores.
+
+``run_coco_eval`` runs a model over a validation dataset (any format) and evaluates it; ``train.py`` and
 ``coco_eval.py`` both call it, so validation mAP and offline mAP come from the same code.
 """
 from __future__ import annotations
@@ -21,9 +24,10 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from .data.annotations import coco_from_dict, load_ground_truth, resolve_categories
 from .errors import UserError
 
-__all__ = ['COCOEvaluator', 'STAT_NAMES', 'load_coco', 'resolve_category_ids', 'format_summary',
+__all__ = ['COCOEvaluator', 'STAT_NAMES', 'load_coco', 'coco_from_dict', 'resolve_category_ids', 'format_summary',
            'load_results_file', 'write_results_json', 'format_table', 'run_coco_eval',
            'to_original_pixels']
 
@@ -47,63 +51,13 @@ _SCORE_DECIMALS = 5   # enough to keep the ranking of real detector scores
 
 # ----------------------------------------------------------------------------- annotations
 def load_coco(path: str, verbose: bool = False) -> COCO:
-    """Read a COCO instances annotation file into a pycocotools ``COCO``, validating it first.
+    """Read a COCO instances annotation file into a pycocotools ``COCO``, validated strictly by the
+    one validator (:func:`efficientdet.data.annotations.strict_index`).
 
     Raises UserError naming the file when it is missing, not JSON, or not COCO instances format.
     Missing optional fields are filled the way COCO defines them (``iscrowd`` = 0, ``area`` = w*h).
     """
-    from .data.dataset import load_coco_json  # the one reader of annotation files
-    data = load_coco_json(path)
-    return coco_from_dict(data, path, verbose)
-
-
-def coco_from_dict(data: Dict[str, Any], path: str = '<annotations>', verbose: bool = False,
-                   validate: bool = True) -> COCO:
-    """A pycocotools ``COCO`` from an in-memory COCO instances dict (not copied; top-level structure
-    already checked by ``load_coco_json``). ``validate``: the evaluator's strict check — a ground
-    truth entry that refers to an unknown image or category is an error, not silently dropped;
-    pass False for a dict that ``data.dataset.index_coco`` already cleaned."""
-    if validate:
-        _validate_coco_dict(data, path)
-    coco = COCO()
-    coco.dataset = data
-    with _quiet(verbose):
-        coco.createIndex()
-    return coco
-
-
-def _validate_coco_dict(data: Any, path: str) -> None:
-    """Check the COCO instances structure in place (fills ``iscrowd``/``area`` defaults)."""
-    what = 'not a COCO instances annotation file'
-    for i, img in enumerate(data['images']):
-        if not isinstance(img, dict) or not isinstance(img.get('id'), int):
-            raise UserError(f'{path}: {what}: images[{i}] has no integer "id"')
-    for i, cat in enumerate(data['categories']):
-        if not isinstance(cat, dict) or not isinstance(cat.get('id'), int):
-            raise UserError(f'{path}: {what}: categories[{i}] has no integer "id"')
-        cat.setdefault('name', str(cat['id']))
-    cat_ids = [c['id'] for c in data['categories']]
-    if len(set(cat_ids)) != len(cat_ids):
-        raise UserError(f'{path}: {what}: duplicate category ids in "categories"')
-    img_ids = {img['id'] for img in data['images']}
-    cat_set = set(cat_ids)
-    for i, ann in enumerate(data['annotations']):
-        if not isinstance(ann, dict):
-            raise UserError(f'{path}: {what}: annotations[{i}] is not an object')
-        bbox = ann.get('bbox')
-        if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
-                or not all(isinstance(v, (int, float)) for v in bbox)):
-            raise UserError(f'{path}: {what}: annotations[{i}] has no "bbox" [x, y, w, h]')
-        if ann.get('image_id') not in img_ids:
-            raise UserError(f'{path}: annotations[{i}] refers to image_id {ann.get("image_id")!r}, '
-                            'which is not listed in "images"')
-        if ann.get('category_id') not in cat_set:
-            raise UserError(f'{path}: annotations[{i}] refers to category_id {ann.get("category_id")!r}, '
-                            'which is not listed in "categories"')
-        ann.setdefault('iscrowd', 0)
-        if 'area' not in ann:
-            ann['area'] = float(bbox[2]) * float(bbox[3])
-        ann.setdefault('id', i + 1)
+    return load_ground_truth(path, verbose)
 
 
 def resolve_category_ids(coco: COCO, class_names: Optional[Sequence[str]] = None,
@@ -112,47 +66,28 @@ def resolve_category_ids(coco: COCO, class_names: Optional[Sequence[str]] = None
     """Dataset category id (or None: a class the annotations do not evaluate) for every 0-based
     label, and a display name per label.
 
-    - nothing given: labels are the annotation categories sorted by id;
-    - ``cat_ids`` given: used as is, None/-1 = not evaluated (every annotated category must
-      appear in it);
-    - only ``class_names`` (a project's obj_list): matched by name when every non-empty name is a
-      category name (so Yet-Another's 90-entry COCO list with '' gaps works), otherwise by
-      position in id order when the lengths agree.
-    Disagreements raise UserError naming ``source`` and the annotation categories.
+    ``cat_ids`` given (e.g. a dataset's, already resolved): used as is, None/-1 = not evaluated.
+    Otherwise the one category rule (:func:`efficientdet.data.annotations.resolve_categories`):
+    label i is the category named ``class_names[i]``, '' placeholders match nothing, no names →
+    the categories in id order. Disagreements raise UserError naming ``source``.
     """
-    cats = sorted(coco.dataset.get('categories', []), key=lambda c: c['id'])
-    gt_ids = [int(c['id']) for c in cats]
-    gt_names = [str(c.get('name', c['id'])) for c in cats]
-    n = len(gt_ids)
-    if class_names is not None:
-        class_names = [str(s) for s in class_names]
-    if cat_ids is not None:
-        cat_ids = [None if c is None or int(c) < 0 else int(c) for c in cat_ids]
-        if class_names is not None and len(class_names) != len(cat_ids):
-            raise UserError(f'{source}: {len(class_names)} class names but {len(cat_ids)} category ids')
-        real = [c for c in cat_ids if c is not None]
-        if len(set(real)) != len(real):
-            raise UserError(f'{source}: category ids {cat_ids} contain duplicates')
-        missing = sorted(set(gt_ids) - set(real))
-        if missing:
-            raise UserError(f'{source}: {len(cat_ids)} classes do not cover the annotation categories '
-                            f'{missing[:10]} ({n} categories in the annotation file)')
-        by_id = dict(zip(gt_ids, gt_names))
-        names = class_names or [by_id.get(c, '') if c is not None else '' for c in cat_ids]
-        return cat_ids, list(names)
-    if class_names is None:
-        return list(gt_ids), gt_names
-    name_to_id = {nm: i for i, nm in zip(gt_ids, gt_names)}
-    nonempty = [s for s in class_names if s]
-    if (len(set(gt_names)) == n and len(set(nonempty)) == len(nonempty)
-            and set(nonempty) == set(gt_names)):
-        return [name_to_id[s] if s else None for s in class_names], class_names
-    if len(class_names) == n:
-        return list(gt_ids), class_names
-    unknown = [s for s in nonempty if s not in name_to_id]
-    raise UserError(f'{source}: {len(class_names)} classes but the annotation file has {n} categories'
-                    + (f' (names not in the annotations: {unknown[:5]})' if unknown else '')
-                    + '; make obj_list list the annotation categories in id order')
+    if cat_ids is None:
+        cmap = resolve_categories(coco.dataset.get('categories', []), class_names, source)
+        return [c if c >= 0 else None for c in cmap.cat_ids], cmap.names
+    ids = [None if c is None or int(c) < 0 else int(c) for c in cat_ids]
+    if class_names is not None and len(class_names) != len(ids):
+        raise UserError(f'{source}: {len(class_names)} class names but {len(ids)} category ids')
+    real = [c for c in ids if c is not None]
+    if len(set(real)) != len(real):
+        raise UserError(f'{source}: category ids {ids} contain duplicates')
+    by_id = {int(c['id']): str(c.get('name', c['id'])) for c in coco.dataset.get('categories', [])}
+    missing = sorted(set(by_id) - set(real))
+    if missing:
+        raise UserError(f'{source}: {len(ids)} classes do not cover the annotation categories '
+                        f'{missing[:10]} ({len(by_id)} categories in the annotation file)')
+    names = [str(s) for s in class_names] if class_names is not None else [by_id.get(c, '') if c is not None
+                                                                           else '' for c in ids]
+    return ids, names
 
 
 # ----------------------------------------------------------------------------- evaluator

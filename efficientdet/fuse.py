@@ -1,43 +1,49 @@
-"""Inference-only EfficientDet: every BatchNorm folded into the conv before it.
+"""Inference-only EfficientDet built by swapping layers of the eager model.
 
-``fuse_model(model)`` builds a NEW module (:class:`FusedEfficientDet`); the model passed in is left
-untouched and stays trainable. What changes, and what does not:
+``fuse_model(model)`` traces a copy of the eager model's ``forward`` with ``torch.fx`` (the
+network's own code, whatever its modules: D0-D7x, Lite variants, any input size) and rewrites
+only leaf layers in that graph; the model passed in is left untouched and stays trainable:
 
-- every ``BatchNorm2d`` is folded into the preceding convolution (weights scaled per output
-  channel, bias adjusted), in float64, then cast back;
-- the heads' shared separable convs with per-level BNs become per-level pointwise convs (the
-  depthwise kernel stays shared, it comes before the BN);
-- BiFPN fast-fusion weights are normalised once (``relu(w) / (sum + eps)``) and kept as floats;
-- TF "SAME" paddings are fixed at build time (exact for every H, W that is a multiple of
-  2**max_level, which EfficientDet requires) and anchors are precomputed for ``image_size``;
-- swish is the plain ``F.silu`` (traceable, exportable), applied in place;
-- optionally channels_last weights (inputs are converted in ``forward``) and, on CPU, a fast
-  path through oneDNN fused conv+swish / conv+add kernels (``FusedConv``);
-- under ``torch.onnx.export`` the graph is written in the form ONNX runtimes run fastest, with the
-  same numbers: an asymmetric "SAME" padding becomes the Conv's own ``pads`` (no Pad node: one
-  copy of the feature map less per stride-2 conv) and the SE squeeze a ``GlobalAveragePool``;
-- ``forward(x)`` returns ``(features, regression, classification, anchors)`` exactly like
-  :class:`~efficientdet.model.EfficientDetBackbone` (within float rounding, ~1e-5).
+- each convolution followed by a ``BatchNorm2d`` becomes ONE convolution (BN folded in float64);
+  a conv shared across levels with per-level BNs (the heads) gets one folded copy per call site;
+- an activation right after a conv (swish, ReLU, ReLU6) and a residual add right after a conv
+  are folded into that conv's module (:class:`FusedConv`);
+- values computed from parameters alone (BiFPN fast-fusion weights ``relu(w) / (sum + eps)``)
+  are computed once and stored as constants;
+- every other node (up-sampling, pooling, fusion sums, SE gating, anchors) is the eager code.
 
-All tensors are NCHW (or channels_last NCHW); anchors are [1, A, 4] (y1, x1, y2, x2) in input pixels.
+:class:`FusedConv` keeps TF "SAME" padding exact for any input size, runs a 1x1 conv on a 1x1
+map (squeeze-excitation) as a matmul, and has a CPU fast path (``efficientdet.onednn``: one
+oneDNN call per conv with its activation or residual add fused in). Under ``torch.onnx.export``
+an asymmetric padding becomes the Conv's own ``pads`` (``efficientdet.onnx_ops``).
+
+``FusedEfficientDet.forward(x)`` returns ``(features, regression, classification, anchors)``
+exactly like :class:`~efficientdet.model.EfficientDetBackbone` (within float rounding, ~1e-5):
+NCHW (or channels_last) features, regression [B, A, 4] (ty, tx, th, tw), classification
+[B, A, C] after sigmoid, anchors [1, A, 4] (y1, x1, y2, x2) input pixels.
 """
 from __future__ import annotations
 
-import threading
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+import copy
+import operator
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from . import onednn
 from .anchors import Anchors
-from .config import FUSION_EPS, as_hw, check_image_size
+from .config import as_hw, check_image_size
 from .errors import UserError
-from .layers import Conv2dStaticSamePadding, MaxPool2dStaticSamePadding, SeparableConvBlock
+from .layers import Conv2dStaticSamePadding, MaxPool2dStaticSamePadding, Swish, same_pad_amounts
+from .onnx_ops import exporting, padded_conv, padded_max_pool
 
-__all__ = ['fuse_model', 'fold_bn', 'FusedEfficientDet', 'FusedConv', 'onednn_available']
+__all__ = ['fuse_model', 'fold_bn', 'FusedEfficientDet', 'FusedConv', 'FusedMaxPool', 'onednn_available']
 
 SizeLike = Union[int, Tuple[int, int], Sequence[int]]
+onednn_available = onednn.onednn_available
 
 
 def fold_bn(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -59,76 +65,38 @@ def fold_bn(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d]) -> Tuple[torch.Tensor
     return w_f.to(dt), b_f.to(dt)
 
 
-_ONEDNN_OK: Optional[bool] = None
+# --------------------------------------------------------------------------- the swapped-in conv
+class FusedConv(Conv2dStaticSamePadding):
+    """``act(conv(x) [BN folded in]) [+ residual]`` with the source conv's padding rule.
 
+    ``src``: a :class:`~efficientdet.layers.Conv2dStaticSamePadding` (TF "SAME", exact for any
+    input size) or a plain ``nn.Conv2d`` (its own padding). ``act``: None, 'swish', 'relu' or
+    'relu6'. ``forward(x, residual=None)``: NCHW in, NCHW out.
 
-def _cpu_autocast() -> bool:
-    try:
-        return torch.is_autocast_enabled('cpu')
-    except TypeError:  # older torch
-        return torch.is_autocast_cpu_enabled()
-
-
-def onednn_available() -> bool:
-    """Whether this torch build's oneDNN fused conv ops exist and compute what they should
-    (checked once on a tiny input; they are internal ops, so a future torch may change them)."""
-    global _ONEDNN_OK
-    if _ONEDNN_OK is None:
-        try:
-            g = torch.Generator().manual_seed(0)
-            x = torch.randn(1, 4, 5, 5, generator=g).contiguous(memory_format=torch.channels_last)
-            w, b, o = torch.randn(4, 1, 3, 3, generator=g), torch.randn(4, generator=g), torch.randn(1, 4, 5, 5, generator=g)
-            packed = torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), [1, 1], [1, 1], [1, 1], 4, [1, 4, 5, 5])
-            y1 = torch.ops.mkldnn._convolution_pointwise(x, packed, b, [1, 1], [1, 1], [1, 1], 4, 'swish', [], '')
-            y2 = torch.ops.mkldnn._convolution_pointwise.binary(x, o, w, b, [1, 1], [1, 1], [1, 1], 4, 'add', None,
-                                                                None, [], None)
-            ref = F.conv2d(x, w, b, 1, 1, 1, 4)
-            _ONEDNN_OK = bool(torch.allclose(y1, F.silu(ref), atol=1e-4) and torch.allclose(y2, ref + o, atol=1e-4))
-        except Exception:  # missing op, changed signature, build without oneDNN ...
-            _ONEDNN_OK = False
-    return _ONEDNN_OK
-
-
-def _exporting() -> bool:
-    return torch.onnx.is_in_onnx_export()
-
-
-class _PaddedConv(torch.autograd.Function):
-    """Eager: zero-pad (left, right, top, bottom) then conv. ONNX: one Conv with asymmetric ``pads``."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, stride, pad, groups):  # type: ignore[override]
-        return F.conv2d(F.pad(x, pad), weight, bias, stride, 0, 1, groups)
-
-    @staticmethod
-    def symbolic(g, x, weight, bias, stride, pad, groups):
-        left, right, top, bottom = pad
-        kernel = weight.type().sizes()[2:]
-        args = [x, weight] if bias is None or bias.node().mustBeNone() else [x, weight, bias]
-        return g.op('Conv', *args, kernel_shape_i=list(kernel), strides_i=list(stride),
-                    pads_i=[top, left, bottom, right], group_i=groups, dilations_i=[1, 1])
-
-
-class FusedConv(nn.Module):
-    """Conv (BN already folded in) with static TF "SAME" padding and an optional swish.
-
-    Symmetric padding is done by the conv itself; an asymmetric one (stride 2) by zero padding
-    with the amounts fixed at build time, valid for inputs divisible by the stride.
-
-    CPU fast path (``set_fast(True)``; eager float32 CPU inference only, never while tracing,
-    scripting or with autograd): one oneDNN call per conv with the swish (or the residual add,
-    ``forward_add``) fused in, the weight reordered once for oneDNN on first use, and asymmetric
-    padding written into a reused per-thread buffer whose zero border is filled only once.
+    CPU fast path (``set_fast(True)``; eager float32 CPU inference only, see
+    ``efficientdet.onednn.usable``): one oneDNN call with the activation or the residual add fused
+    in, the weight reordered once, asymmetric padding written into a reused buffer.
     """
 
-    def __init__(self, src: Conv2dStaticSamePadding, bn: Optional[nn.BatchNorm2d] = None, act: bool = False):
-        super().__init__()
-        c = src.conv
+    def __init__(self, src: nn.Module, bn: Optional[nn.BatchNorm2d] = None, act: Optional[str] = None):
+        nn.Module.__init__(self)
+        if isinstance(src, Conv2dStaticSamePadding):
+            c = src.conv
+            self.same = True
+            self.kernel_size, self.stride, self.dilation = src.kernel_size, src.stride, src.dilation
+            self._static, self._pad = src._static, src._pad
+        elif isinstance(src, nn.Conv2d) and isinstance(src.padding, tuple):
+            c = src
+            self.same = False
+            self.kernel_size, self.stride, self.dilation = c.kernel_size, c.stride, c.dilation
+            self._pad = None
+        else:
+            raise TypeError(f'FusedConv takes a Conv2dStaticSamePadding or an nn.Conv2d, got {type(src).__name__}')
+        if act is not None and act not in onednn.ACTIVATIONS:
+            raise ValueError(f'act must be one of {sorted(onednn.ACTIVATIONS)}, got {act!r}')
         weight, bias = fold_bn(c, bn)
-        self.conv = nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, groups=c.groups,
-                              dilation=c.dilation, bias=bias is not None)
-        self.conv.padding = c.padding  # the symmetric "SAME" part; an asymmetric one is src._pad
-        self.pad: Optional[Tuple[int, int, int, int]] = src._pad
+        self.conv = nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, padding=c.padding,
+                              dilation=c.dilation, groups=c.groups, bias=bias is not None)
         with torch.no_grad():
             self.conv.weight.copy_(weight)
             if bias is not None:
@@ -137,257 +105,274 @@ class FusedConv(nn.Module):
         self.fast = False
         self._reset_cache()
 
+    def extra_repr(self) -> str:
+        return f'act={self.act}, fast={self.fast}'
+
     # -- fast-path state: derived from the weights, never saved, copied or moved
     def _reset_cache(self) -> None:
-        self._packed: Optional[torch.Tensor] = None  # oneDNN-layout weight (opaque tensor)
-        self._pad_bufs: Dict[tuple, torch.Tensor] = {}  # (thread, shape, dtype, device, layout) -> buffer
+        self._packed: Optional[torch.Tensor] = None
+        self._bufs = onednn.PadBuffers()
 
     def __getstate__(self):  # deepcopy / pickle: opaque oneDNN tensors cannot be copied
-        state = super().__getstate__() if hasattr(super(), '__getstate__') else self.__dict__.copy()
-        state = dict(state)
-        state['_packed'], state['_pad_bufs'] = None, {}
+        state = dict(self.__dict__)
+        state['_packed'], state['_bufs'] = None, onednn.PadBuffers()
         return state
 
-    def _apply(self, fn, recurse=True):  # .to() / .float() / .cuda(): drop caches of the old weights
+    def _apply(self, fn, recurse=True):  # .to() / .float() / channels_last: drop caches of the old weights
         self._reset_cache()
         return super()._apply(fn, recurse)
 
     def set_fast(self, enabled: bool) -> None:
-        self.fast = bool(enabled) and onednn_available()
+        self.fast = bool(enabled) and onednn.onednn_available(self.act) and onednn.onednn_available(None)
         self._reset_cache()
 
-    def _fast_ok(self, x: torch.Tensor) -> bool:
-        return (self.fast and x.device.type == 'cpu' and x.dtype == torch.float32 and not x.requires_grad
-                and self.conv.weight.dtype == torch.float32 and not _cpu_autocast()
-                and not torch.jit.is_tracing() and not torch.jit.is_scripting())
+    def _activate(self, y: torch.Tensor) -> torch.Tensor:
+        if self.act is None:
+            return y
+        return onednn.ACTIVATIONS[self.act][2](y, inplace=True)  # y: this conv's fresh output
 
-    def _padded(self, x: torch.Tensor, fast: bool) -> torch.Tensor:
-        if not fast:
-            return F.pad(x, self.pad)
-        left, right, top, bottom = self.pad
-        n, c, h, w = x.shape
-        cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        key = (threading.get_ident(), n, c, h, w, x.dtype, x.device, cl)
-        buf = self._pad_bufs.get(key)
-        if buf is None:
-            if len(self._pad_bufs) >= 4:
-                self._pad_bufs.clear()
-            buf = x.new_zeros((n, c, h + top + bottom, w + left + right))
-            if cl:
-                buf = buf.contiguous(memory_format=torch.channels_last)
-            self._pad_bufs[key] = buf
-        buf[:, :, top:top + h, left:left + w].copy_(x)
-        return buf
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        c = self.conv
+        pad = self._pad_for(x.shape[-2], x.shape[-1]) if self.same else None
+        if pad is not None and not any(pad):
+            pad = None
+        if exporting():
+            y = padded_conv(x, c.weight, c.bias, c.stride, pad, c.groups) if pad is not None else c(x)
+        elif self.fast and onednn.usable(x, c.weight):
+            if pad is not None:
+                x = self._bufs.padded(x, pad)
+            if self._packed is None:
+                self._packed = onednn.pack_weight(c, x.shape)
+            if residual is not None and self.act is None:
+                return onednn.conv_add(x, residual, self._packed, c)
+            y = onednn.conv_act(x, self._packed, c, self.act)
+            return y if residual is None else y.add_(residual)
+        elif (pad is None and x.shape[-2:] == (1, 1) and c.kernel_size == (1, 1) and c.groups == 1
+              and not torch.jit.is_tracing()):  # a 1x1 conv on a 1x1 map: a matmul, no conv-call overhead
+            y = F.linear(x.flatten(1), c.weight.flatten(1), c.bias)[:, :, None, None]
+        else:
+            y = c(F.pad(x, pad) if pad is not None else x)
+        y = self._activate(y)
+        return y if residual is None else y + residual
 
-    def _weight(self, x: torch.Tensor) -> torch.Tensor:
-        if self._packed is None:
-            c = self.conv
-            self._packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
-                c.weight.detach().to_mkldnn(), list(c.padding), list(c.stride), list(c.dilation), c.groups,
-                list(x.shape))
-        return self._packed
+
+class FusedMaxPool(MaxPool2dStaticSamePadding):
+    """The eager "SAME" max-pool; under ONNX export with TF's -inf padding, one ``MaxPool`` node
+    with explicit ``pads`` (``efficientdet.onnx_ops.padded_max_pool``), which every runtime takes."""
+
+    def __init__(self, src: MaxPool2dStaticSamePadding):
+        super().__init__(src.kernel_size, src.stride, src.pad_value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pad is not None and _exporting():
-            c = self.conv
-            x = _PaddedConv.apply(x, c.weight, c.bias, tuple(c.stride), tuple(self.pad), c.groups)
-            return F.silu(x) if self.act else x
-        fast = self._fast_ok(x)
-        if self.pad is not None:
-            x = self._padded(x, fast)
-        if fast:
-            c = self.conv
-            return torch.ops.mkldnn._convolution_pointwise(x, self._weight(x), c.bias, list(c.padding),
-                                                           list(c.stride), list(c.dilation), c.groups,
-                                                           'swish' if self.act else 'none', [], '')
-        x = self.conv(x)
-        return F.silu(x, inplace=True) if self.act else x  # in place: x is this conv's fresh output
-
-    def forward_add(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-        """``self(x) + other`` (no activation); a single oneDNN call on the fast path."""
-        if self.act or self.pad is not None or not self._fast_ok(x):
-            return self(x).add_(other)
-        c = self.conv
-        return torch.ops.mkldnn._convolution_pointwise.binary(x, other, self._weight(x), c.bias, list(c.padding),
-                                                              list(c.stride), list(c.dilation), c.groups, 'add',
-                                                              None, None, [], None)
+        if not (exporting() and self.pad_value == float('-inf')):
+            return super().forward(x)
+        ph = same_pad_amounts(x.shape[-2], self.kernel_size[0], self.stride[0])
+        pw = same_pad_amounts(x.shape[-1], self.kernel_size[1], self.stride[1])
+        return padded_max_pool(x, self.kernel_size, self.stride, (pw[0], pw[1], ph[0], ph[1]))
 
 
-def _separable(block: SeparableConvBlock, bn: Optional[nn.BatchNorm2d] = None) -> nn.Sequential:
-    """Depthwise (shared, unchanged) + pointwise with ``bn`` (or the block's own BN) folded in."""
-    own_bn = block.bn if block.norm else None
-    if own_bn is not None and bn is not None:
-        raise ValueError('a separable block with its own BN cannot take a second one')
-    return nn.Sequential(FusedConv(block.depthwise_conv),
-                         FusedConv(block.pointwise_conv, bn if bn is not None else own_bn,
-                                   act=bool(block.activation)))
+# --------------------------------------------------------------------------- graph rewriting
+_ACT_FUNCTIONS = {F.silu: 'swish', F.relu: 'relu', torch.relu: 'relu', F.relu6: 'relu6'}
+_ACT_MODULES = ((nn.SiLU, 'swish'), (Swish, 'swish'), (nn.ReLU6, 'relu6'), (nn.ReLU, 'relu'))
+_ADD = (operator.add, torch.add)
 
 
-class _FusedMBConv(nn.Module):
-    def __init__(self, block) -> None:
-        super().__init__()
-        self.expand = FusedConv(block._expand_conv, block._bn0, act=True) if block.expand else None
-        self.depthwise = FusedConv(block._depthwise_conv, block._bn1, act=True)
-        self.se_reduce = FusedConv(block._se_reduce, act=True)
-        self.se_expand = FusedConv(block._se_expand)
-        self.project = FusedConv(block._project_conv, block._bn2)
-        self.skip = bool(block.id_skip)
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        x = inputs if self.expand is None else self.expand(inputs)
-        x = self.depthwise(x)
-        if _exporting():
-            s = self.se_expand(self.se_reduce(F.adaptive_avg_pool2d(x, 1)))
-        else:  # the 1x1 convs on a 1x1 map as two small matmuls: no conv-call overhead
-            r, e = self.se_reduce.conv, self.se_expand.conv
-            s = F.silu(F.linear(x.mean((2, 3)), r.weight.flatten(1), r.bias), inplace=True)
-            s = F.linear(s, e.weight.flatten(1), e.bias)[:, :, None, None]
-        x = x.mul_(torch.sigmoid(s))  # x: the depthwise conv's fresh output
-        return self.project.forward_add(x, inputs) if self.skip else self.project(x)
+def _has_foldable(module: nn.Module) -> bool:
+    return any(isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) for m in module.modules())
 
 
-class _FusedEfficientNet(nn.Module):
-    def __init__(self, backbone) -> None:
-        super().__init__()
-        m = backbone.model
-        self.stem = FusedConv(m._conv_stem, m._bn0, act=True)
-        self.blocks = nn.ModuleList([_FusedMBConv(b) for b in m._blocks])
-        self.feature_blocks = list(backbone.feature_blocks)
-
-    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
-        x = self.stem(x)
-        feats: List[torch.Tensor] = []
-        for idx, block in enumerate(self.blocks):
-            x = block(x)
-            if idx in self.feature_blocks:
-                feats.append(x)
-        return feats
+def _shape_helpers() -> Tuple[Any, ...]:
+    """Free functions of the model code with shape-dependent Python logic: kept as opaque calls."""
+    from . import bifpn
+    return tuple(f for f in (getattr(bifpn, 'upsample_to', None),) if callable(f))
 
 
-class _FusedBiFPN(nn.Module):
-    """One BiFPN cell with folded BNs and constant fusion weights (same node order as ``bifpn.BiFPN``)."""
+class _Tracer(fx.Tracer):
+    """Traces through the modules that hold convs or BNs (so that they can be swapped); every
+    other module, the padded conv / pool / anchor layers and the shape helpers stay opaque calls
+    of the eager code."""
 
-    def __init__(self, cell) -> None:
-        super().__init__()
-        self.levels: List[int] = list(cell.levels)
-        self.first_time = bool(cell.first_time)
-        self.pool = MaxPool2dStaticSamePadding(cell.pool.kernel_size, cell.pool.stride, cell.pool.pad_value)
-        self.up = nn.ModuleList([_separable(getattr(cell, f'conv{lv}_up')) for lv in self.levels[:-1]])
-        self.down = nn.ModuleList([_separable(getattr(cell, f'conv{lv}_down')) for lv in self.levels[1:]])
-        if self.first_time:
-            def ch(seq: nn.Sequential) -> FusedConv:
-                return FusedConv(seq[0], seq[1])
-            self.p3_down_channel = ch(cell.p3_down_channel)
-            self.p4_down_channel = ch(cell.p4_down_channel)
-            self.p5_down_channel = ch(cell.p5_down_channel)
-            self.p4_down_channel_2 = ch(cell.p4_down_channel_2)
-            self.p5_down_channel_2 = ch(cell.p5_down_channel_2)
-            self.p5_to_p6 = ch(cell.p5_to_p6)
-            pool6 = cell.p5_to_p6[2]
-            self.p5_to_p6_pool = MaxPool2dStaticSamePadding(pool6.kernel_size, pool6.stride, pool6.pad_value)
+    def __init__(self) -> None:
+        super().__init__(autowrap_functions=_shape_helpers())
 
-        def weights(name: str, n: int) -> List[float]:
-            if cell.fusion == 'sum':
-                return [1.0] * n
-            w = F.relu(getattr(cell, name).detach().double())
-            return (w / (w.sum() + FUSION_EPS)).tolist()
-
-        top = self.levels[-1]
-        self.w_up: List[List[float]] = [weights(f'p{lv}_w1', 2) for lv in self.levels[:-1]]
-        self.w_down: List[List[float]] = [weights(f'p{lv}_w2', 2 if lv == top else 3) for lv in self.levels[1:]]
-        self.sum_fusion = cell.fusion == 'sum'
-
-    def _fuse(self, w: List[float], nodes: List[torch.Tensor]) -> torch.Tensor:
-        # fresh output first, then in-place accumulation (fewer large allocations)
-        if self.sum_fusion:
-            out = nodes[0] + nodes[1]
-            for n in nodes[2:]:
-                out.add_(n)
-            return out
-        out = nodes[0].mul(w[0]).add_(nodes[1], alpha=w[1])
-        for i in range(2, len(nodes)):
-            out.add_(nodes[i], alpha=w[i])
-        return out
-
-    def forward(self, inputs: List[torch.Tensor]) -> List[torch.Tensor]:
-        n = len(self.levels)
-        if self.first_time:
-            p3, p4, p5 = inputs[0], inputs[1], inputs[2]
-            extra = [self.p5_to_p6_pool(self.p5_to_p6(p5))]
-            while len(extra) < n - 3:
-                extra.append(self.pool(extra[-1]))
-            td_in = [self.p3_down_channel(p3), self.p4_down_channel(p4), self.p5_down_channel(p5)] + extra
-            bu_in = [td_in[0], self.p4_down_channel_2(p4), self.p5_down_channel_2(p5)] + extra
-        else:
-            td_in = list(inputs)
-            bu_in = td_in
-        # top-down: index i runs over levels[:-1] from the top
-        td: List[torch.Tensor] = [td_in[-1]] * n
-        prev = td_in[-1]
-        for i in range(n - 2, -1, -1):
-            up = F.interpolate(prev, scale_factor=2.0, mode='nearest')
-            prev = self.up[i](F.silu(self._fuse(self.w_up[i], [td_in[i], up]), inplace=True))
-            td[i] = prev
-        outs = [prev]
-        for j in range(1, n):
-            nodes = [bu_in[j], td[j], self.pool(prev)] if j != n - 1 else [bu_in[j], self.pool(prev)]
-            prev = self.down[j - 1](F.silu(self._fuse(self.w_down[j - 1], nodes), inplace=True))
-            outs.append(prev)
-        return outs
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, (Conv2dStaticSamePadding, MaxPool2dStaticSamePadding, Anchors, nn.Conv2d, nn.BatchNorm2d)):
+            return True
+        if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+            return False
+        return not _has_foldable(m) or super().is_leaf_module(m, qualname)
 
 
-class _FusedHead(nn.Module):
-    """Box or class net: per level, [depthwise (shared) → pointwise with that level's BN folded → swish]
-    × repeats, then the shared separable header. Output [B, A, num_outputs], P3 first."""
-
-    def __init__(self, head) -> None:
-        super().__init__()
-        self.num_outputs = int(head.num_outputs)
-        self.depthwise = nn.ModuleList([FusedConv(c.depthwise_conv) for c in head.conv_list])
-        self.pointwise = nn.ModuleList([
-            nn.ModuleList([FusedConv(conv.pointwise_conv, bn, act=True) for conv, bn in zip(head.conv_list, bns)])
-            for bns in head.bn_list])
-        self.header_dw = FusedConv(head.header.depthwise_conv)
-        self.header_pw = FusedConv(head.header.pointwise_conv)
-
-    def forward(self, features: List[torch.Tensor]) -> torch.Tensor:
-        outs: List[torch.Tensor] = []
-        for feat, pws in zip(features, self.pointwise):
-            x = feat
-            for dw, pw in zip(self.depthwise, pws):
-                x = pw(dw(x))
-            x = self.header_pw(self.header_dw(x))
-            x = x.permute(0, 2, 3, 1)  # batch size read after the permute: no NCHW copy in ONNX runtimes
-            outs.append(x.reshape(x.shape[0], -1, self.num_outputs))
-        return torch.cat(outs, dim=1)
+def _act_of(node: fx.Node, modules: Dict[str, nn.Module]) -> Optional[str]:
+    """The activation a node applies to its single tensor input, or None."""
+    if node.op == 'call_function':
+        if node.target in _ACT_FUNCTIONS and len(node.args) == 1:
+            return _ACT_FUNCTIONS[node.target]
+        if node.target is F.hardtanh:
+            lo = node.args[1] if len(node.args) > 1 else node.kwargs.get('min_val', -1.0)
+            hi = node.args[2] if len(node.args) > 2 else node.kwargs.get('max_val', 1.0)
+            return 'relu6' if (lo, hi) == (0.0, 6.0) else None
+    elif node.op == 'call_method' and node.target == 'relu' and len(node.args) == 1:
+        return 'relu'
+    elif node.op == 'call_module' and len(node.args) == 1 and not node.kwargs:
+        m = modules[node.target]
+        if isinstance(m, nn.Hardtanh) and not isinstance(m, nn.ReLU6):
+            return 'relu6' if (m.min_val, m.max_val) == (0.0, 6.0) else None
+        for cls, name in _ACT_MODULES:
+            if isinstance(m, cls) and type(m).forward is cls.forward:
+                return name
+    return None
 
 
+def _only_user(node: fx.Node) -> Optional[fx.Node]:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _fold_constants(gm: fx.GraphModule) -> None:
+    """Nodes computed from parameters / buffers alone are evaluated once and become buffers."""
+    graph = gm.graph
+    const: Dict[fx.Node, Any] = {}
+
+    def value(a):
+        return fx.node.map_arg(a, lambda n: const[n])
+
+    for node in graph.nodes:
+        if node.op == 'get_attr':
+            obj: Any = gm
+            for part in node.target.split('.'):
+                obj = getattr(obj, part)
+            const[node] = obj
+        elif node.op in ('call_function', 'call_method') and node.all_input_nodes and \
+                all(n in const for n in node.all_input_nodes):
+            args, kwargs = value(node.args), value(node.kwargs)
+            with torch.no_grad():
+                if node.op == 'call_function':
+                    const[node] = node.target(*args, **kwargs)
+                else:
+                    const[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+    k = 0
+    for node in list(graph.nodes):
+        if node.op == 'get_attr' or node not in const or not isinstance(const[node], torch.Tensor):
+            continue
+        if all(u in const for u in node.users):
+            continue
+        name = f'_folded_{k}'
+        k += 1
+        gm.register_buffer(name, const[node].detach().clone(), persistent=False)
+        with graph.inserting_before(node):
+            new = graph.get_attr(name)
+        node.replace_all_uses_with(new)
+    graph.eliminate_dead_code()
+
+
+def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
+    """``x.mean((2, 3), keepdim=True)``; exported as ONNX ``GlobalAveragePool``."""
+    return F.adaptive_avg_pool2d(x, 1) if exporting() else x.mean((2, 3), keepdim=True)
+
+
+def _is_spatial_mean(node: fx.Node) -> bool:
+    args = list(node.args[1:])
+    dims = args[0] if args else node.kwargs.get('dim')
+    keep = args[1] if len(args) > 1 else node.kwargs.get('keepdim', False)
+    extra = set(node.kwargs) - {'dim', 'keepdim'}
+    return not extra and keep is True and isinstance(dims, (tuple, list)) and tuple(dims) in ((2, 3), (-2, -1))
+
+
+def _swap_convs(gm: fx.GraphModule) -> None:
+    """conv [-> BN] [-> activation] [-> residual add] call chains -> one :class:`FusedConv` call each;
+    "SAME" max-pools -> :class:`FusedMaxPool` (the same pool, exported without ``ceil_mode``)."""
+    graph = gm.graph
+    modules = dict(gm.named_modules())
+    k = 0
+    for node in list(graph.nodes):
+        if node.op == 'call_module' and type(modules[node.target]) is MaxPool2dStaticSamePadding:
+            name = f'fused_pool_{k}'
+            k += 1
+            gm.add_submodule(name, FusedMaxPool(modules[node.target]))
+            node.target = name
+            continue
+        if node.op != 'call_module' or not isinstance(modules[node.target], (Conv2dStaticSamePadding, nn.Conv2d)):
+            continue
+        src = modules[node.target]
+        if isinstance(src, nn.Conv2d) and not isinstance(src.padding, tuple):
+            continue  # padding='same' / 'valid' strings: leave the eager conv
+        tail, bn, act = node, None, None
+        user = _only_user(tail)
+        if user is not None and user.op == 'call_module' and isinstance(modules[user.target], nn.BatchNorm2d) \
+                and not modules[user.target].training:
+            bn, tail = modules[user.target], user
+            user = _only_user(tail)
+        if user is not None:
+            act = _act_of(user, modules)
+            if act is not None:
+                tail = user
+        fused = FusedConv(src, bn, act)
+        name = f'fused_conv_{k}'
+        k += 1
+        gm.add_submodule(name, fused)
+        with graph.inserting_after(tail):
+            new = graph.call_module(name, (node.args[0],))
+        tail.replace_all_uses_with(new)
+        chain = [tail]
+        while chain[-1] is not node:
+            chain.append(chain[-1].args[0])
+        for old in chain:  # tail first: each node's only user is gone before it is erased
+            graph.erase_node(old)
+    # SE squeeze: mean over H, W -> a global average pool (GlobalAveragePool in ONNX)
+    for node in list(graph.nodes):
+        if node.op == 'call_method' and node.target == 'mean' and _is_spatial_mean(node):
+            node.op, node.target = 'call_function', global_avg_pool
+            node.args, node.kwargs = (node.args[0],), {}
+    # residual adds: add(FusedConv(x), other) -> FusedConv(x, other) when ``other`` exists before the conv
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    modules = dict(gm.named_modules())
+    for node in list(graph.nodes):
+        if node.op != 'call_function' or node.target not in _ADD or len(node.args) != 2 or node.kwargs:
+            continue
+        for i in (0, 1):
+            conv, other = node.args[i], node.args[1 - i]
+            if not (isinstance(conv, fx.Node) and isinstance(other, fx.Node) and conv.op == 'call_module'
+                    and isinstance(modules.get(conv.target), FusedConv) and len(conv.args) == 1
+                    and len(conv.users) == 1 and order[other] < order[conv]):
+                continue
+            conv.args = (conv.args[0], other)
+            node.replace_all_uses_with(conv)
+            graph.erase_node(node)
+            break
+    gm.delete_all_unused_submodules()
+
+
+def _rewrite(model: nn.Module) -> fx.GraphModule:
+    try:
+        graph = _Tracer().trace(model, concrete_args={'return_logits': True})
+    except Exception as e:  # torch.fx cannot follow data-dependent Python control flow
+        raise RuntimeError(f'fuse_model: torch.fx cannot trace {type(model).__name__}.forward ({e}); keep '
+                           'shape-dependent Python logic inside leaf layers') from e
+    gm = fx.GraphModule(model, graph)
+    _fold_constants(gm)
+    _swap_convs(gm)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
 
 
 class FusedEfficientDet(nn.Module):
     """Inference-only EfficientDet built by :func:`fuse_model`; see the module docstring.
 
-    ``forward(x [B, 3, H, W] normalised, H and W multiples of 2**max_level, return_logits=False)
-    -> (features, regression [B, A, 4] (ty, tx, th, tw), classification [B, A, C] after sigmoid
-    (logits with return_logits=True), anchors [1, A, 4] yxyx pixels)``.
+    ``forward(x [B, 3, H, W] normalised, return_logits=False) -> (features, regression [B, A, 4]
+    (ty, tx, th, tw), classification [B, A, C] after sigmoid (logits with return_logits=True),
+    anchors [1, A, 4] yxyx pixels)``; any input size the eager model takes.
     """
 
-    def __init__(self, model: nn.Module, image_size: SizeLike) -> None:
+    def __init__(self, net: fx.GraphModule, source: nn.Module, image_size: Tuple[int, int]) -> None:
         super().__init__()
-        self.config = model.config
-        self.compound_coef = model.compound_coef
-        self.num_classes = model.num_classes
-        self.image_size = as_hw(image_size)
+        self.net = net
+        for attr in ('config', 'compound_coef', 'num_classes', 'compat', 'variant'):
+            if hasattr(source, attr):
+                setattr(self, attr, getattr(source, attr))
+        self.image_size = image_size
         self.channels_last = False  # set by fuse_model: inputs are then made channels_last
-        self.backbone_net = _FusedEfficientNet(model.backbone_net)
-        self.bifpn = nn.ModuleList([_FusedBiFPN(c) for c in model.bifpn])
-        self.regressor = _FusedHead(model.regressor)
-        self.classifier = _FusedHead(model.classifier)
-        src: Anchors = model.anchors
-        self.anchor_gen = Anchors(src.anchor_scale, src.pyramid_levels, scales=src.scales, ratios=src.ratios)
-        dt = next(model.parameters()).dtype
-        self.register_buffer('anchors', self.anchor_gen.for_size(*self.image_size, dtype=dt).clone(),
-                             persistent=False)
 
     def set_fast(self, enabled: bool = True) -> 'FusedEfficientDet':
         """Switch the CPU fast path of every conv (see :class:`FusedConv`); returns self."""
@@ -396,27 +381,11 @@ class FusedEfficientDet(nn.Module):
                 m.set_fast(enabled)
         return self
 
-    def extract_features(self, x: torch.Tensor) -> List[torch.Tensor]:
-        feats = self.backbone_net(x)
-        for cell in self.bifpn:
-            feats = cell(feats)
-        return feats
-
     def forward(self, x: torch.Tensor, return_logits: bool = False):
-        h, w = int(x.shape[-2]), int(x.shape[-1])
-        div = self.config.size_divisor
-        if not torch.jit.is_tracing() and (h % div or w % div):
-            raise ValueError(f'input {h}x{w}: the fused model needs H and W multiples of {div}')
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)  # cheap: 3 channels
-        features = self.extract_features(x)
-        regression = self.regressor(features)
-        logits = self.classifier(features)
+        features, regression, logits, anchors = self.net(x, True)
         classification = logits if return_logits else logits.sigmoid_()  # logits: fresh from cat
-        if (h, w) == self.image_size and self.anchors.device == x.device:
-            anchors = self.anchors.to(x.dtype)
-        else:
-            anchors = self.anchor_gen.for_size(h, w, x.device, x.dtype)
         return features, regression, classification, anchors
 
 
@@ -426,24 +395,24 @@ def fuse_model(model: nn.Module, channels_last: bool = True, image_size: Optiona
     """Fold ``model`` (an :class:`~efficientdet.model.EfficientDetBackbone`) for inference.
 
     Returns a NEW eval-mode :class:`FusedEfficientDet` on the model's device and dtype, with
-    ``requires_grad`` off; ``model`` itself is not modified. ``image_size`` (int or (H, W), default
-    the variant's input size) is the size whose anchors are precomputed; other multiples of
-    2**max_level still work (anchors are then generated and cached on first use).
-    ``channels_last=True`` stores the conv weights channels-last (feed channels-last inputs too
-    for the full effect; outputs are the same either way). ``fast`` switches the CPU fast path
-    (oneDNN fused conv+swish / conv+add; see :class:`FusedConv`); None: on when the model is a
-    float32 CPU model and this torch build's oneDNN ops pass a self-check. Tracing and export
-    always use the plain ops.
+    ``requires_grad`` off; ``model`` itself is not modified. ``image_size`` (int or (H, W),
+    default ``model.image_size`` or the variant's input size) is the size whose anchors are
+    computed up front; other sizes work too. ``channels_last=True`` stores the conv weights
+    channels-last (inputs are converted in ``forward``). ``fast`` switches the CPU fast path
+    (``efficientdet.onednn``); None: on when the model is a float32 CPU model and this torch
+    build's oneDNN ops pass a self-check. Tracing and export always use the plain ops.
     """
     if not hasattr(model, 'backbone_net') or not hasattr(model, 'regressor'):
         raise TypeError(f'fuse_model expects an EfficientDetBackbone, got {type(model).__name__}')
-    size = as_hw(image_size if image_size is not None else model.input_size)
+    default = getattr(model, 'image_size', None) or model.input_size
+    size = as_hw(image_size if image_size is not None else default)
     try:
         check_image_size(size[0], size[1], model.compound_coef)
     except ValueError as e:
         raise UserError(f'image_size: {e}') from None
     p = next(model.parameters())
-    fused = FusedEfficientDet(model, size).to(device=p.device, dtype=p.dtype).eval()  # model: read only
+    src = copy.deepcopy(model).eval()  # the rewrite swaps modules: never touch the caller's model
+    fused = FusedEfficientDet(_rewrite(src), src, size).to(device=p.device, dtype=p.dtype).eval()
     for q in fused.parameters():
         q.requires_grad_(False)
     if channels_last:
@@ -452,4 +421,8 @@ def fuse_model(model: nn.Module, channels_last: bool = True, image_size: Optiona
     if fast is None:
         fast = p.device.type == 'cpu' and p.dtype == torch.float32
     fused.set_fast(bool(fast))
+    for m in fused.modules():  # anchors of ``size`` computed now, not in the first call
+        if isinstance(m, Anchors):
+            m.for_size(size[0], size[1], p.device, p.dtype)
     return fused
+

@@ -1,7 +1,7 @@
 """Box and class prediction nets (official ``box_net`` / ``class_net``).
 
 Convs are shared across levels, BatchNorms are per level: for each repeat
-separable conv → BN(level) → swish, then a separable ``header`` conv.
+separable conv → BN(level) → activation (swish; ReLU6 for Lite), then a separable ``header`` conv.
 Outputs are anchor-major per location, flattened level by level (P3 first), row-major:
 regression [B, A, 4] as (ty, tx, th, tw); class logits [B, A, num_classes].
 """
@@ -13,12 +13,12 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
-from .layers import MemoryEfficientSwish, SeparableConvBlock, batch_norm
+from .layers import SeparableConvBlock, batch_norm, make_activation
 
 
 class _HeadNet(nn.Module):
     def __init__(self, in_channels: int, num_anchors: int, num_outputs: int, num_layers: int,
-                 pyramid_levels: int = 5):
+                 pyramid_levels: int = 5, act: str = 'swish'):
         super().__init__()
         self.num_outputs = num_outputs
         self.conv_list = nn.ModuleList(
@@ -26,14 +26,14 @@ class _HeadNet(nn.Module):
         self.bn_list = nn.ModuleList(
             [nn.ModuleList([batch_norm(in_channels) for _ in range(num_layers)]) for _ in range(pyramid_levels)])
         self.header = SeparableConvBlock(in_channels, num_anchors * num_outputs, norm=False)
-        self.swish = MemoryEfficientSwish()
+        self.act = make_activation(act)
 
     def forward_raw(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         outs: List[torch.Tensor] = []
         for feat, bns in zip(features, self.bn_list):
             x = feat
             for conv, bn in zip(self.conv_list, bns):
-                x = self.swish(bn(conv(x)))
+                x = self.act(bn(conv(x)))
             x = self.header(x)  # [B, anchors*outputs, H, W]
             outs.append(x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, self.num_outputs))
         return torch.cat(outs, dim=1)
@@ -42,8 +42,9 @@ class _HeadNet(nn.Module):
 class Regressor(_HeadNet):
     """Box regression head: features → [B, A, 4] (ty, tx, th, tw)."""
 
-    def __init__(self, in_channels: int, num_anchors: int, num_layers: int, pyramid_levels: int = 5):
-        super().__init__(in_channels, num_anchors, 4, num_layers, pyramid_levels)
+    def __init__(self, in_channels: int, num_anchors: int, num_layers: int, pyramid_levels: int = 5,
+                 act: str = 'swish'):
+        super().__init__(in_channels, num_anchors, 4, num_layers, pyramid_levels, act)
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         return self.forward_raw(features)
@@ -54,8 +55,8 @@ class Classifier(_HeadNet):
     ``forward_raw`` gives the logits (used by the loss)."""
 
     def __init__(self, in_channels: int, num_anchors: int, num_classes: int, num_layers: int,
-                 pyramid_levels: int = 5):
-        super().__init__(in_channels, num_anchors, num_classes, num_layers, pyramid_levels)
+                 pyramid_levels: int = 5, act: str = 'swish'):
+        super().__init__(in_channels, num_anchors, num_classes, num_layers, pyramid_levels, act)
         self.num_classes = num_classes
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -1,7 +1,8 @@
-"""TF-faithful building blocks: "SAME" padding convs and pools, swish, separable conv.
+"""TF-faithful building blocks: "SAME" padding convs and pools, activations, separable conv.
 
 All tensors are NCHW. TF "SAME" pads ``total = max((ceil(n/s) - 1) * s + (k - 1) * d + 1 - n, 0)``
 with ``total // 2`` before and the rest after; PyTorch's symmetric padding differs for stride 2.
+Any input size works: a stride-s "SAME" layer maps n to ceil(n / s), as the official model.
 """
 from __future__ import annotations
 
@@ -39,11 +40,21 @@ class MemoryEfficientSwish(Swish):
     8x64x64x64, 2 CPU threads). ``tests/test_model.py`` checks that only the input is saved."""
 
 
+def make_activation(name: str) -> nn.Module:
+    """The network's activation module: ``'swish'`` (EfficientDet D0-D7x) or ``'relu6'``
+    (EfficientDet-Lite, ``nn.ReLU6``)."""
+    if name == 'swish':
+        return MemoryEfficientSwish()
+    if name == 'relu6':
+        return nn.ReLU6()
+    raise ValueError(f"activation must be 'swish' or 'relu6', got {name!r}")
+
+
 class Conv2dStaticSamePadding(nn.Module):
     """Conv2d with TF "SAME" padding.
 
-    The padding is fixed at construction for inputs divisible by the stride (every valid
-    EfficientDet input); other sizes get their own exact TF padding computed from the shape.
+    The padding is fixed at construction for inputs divisible by the stride; other sizes (odd
+    feature maps, e.g. 75 -> 38 at stride 2) get their own exact TF padding from the shape.
     Symmetric paddings go to the convolution itself, asymmetric ones through ``F.pad``.
     The wrapped conv is ``self.conv`` (the key layout of Yet-Another-EfficientDet-Pytorch).
     """
@@ -113,10 +124,11 @@ def batch_norm(channels: int) -> nn.BatchNorm2d:
 
 
 class SeparableConvBlock(nn.Module):
-    """Depthwise 3x3 (no bias) + pointwise 1x1 (one bias), optional BN and swish."""
+    """Depthwise 3x3 (no bias) + pointwise 1x1 (one bias), optional BN and activation
+    (``act``: 'swish' or 'relu6')."""
 
     def __init__(self, in_channels: int, out_channels: int | None = None, norm: bool = True,
-                 activation: bool = False):
+                 activation: bool = False, act: str = 'swish'):
         super().__init__()
         out_channels = out_channels or in_channels
         self.depthwise_conv = Conv2dStaticSamePadding(in_channels, in_channels, 3, 1, groups=in_channels,
@@ -127,12 +139,12 @@ class SeparableConvBlock(nn.Module):
             self.bn = batch_norm(out_channels)
         self.activation = activation
         if activation:
-            self.swish = MemoryEfficientSwish()
+            self.act = make_activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pointwise_conv(self.depthwise_conv(x))
         if self.norm:
             x = self.bn(x)
         if self.activation:
-            x = self.swish(x)
+            x = self.act(x)
         return x

@@ -241,8 +241,22 @@ class DetectionLoss(nn.Module):
             return dist.get_world_size()
         return 1
 
+    @torch.no_grad()
+    def count_positives(self, anchors: torch.Tensor, annotations: torch.Tensor) -> torch.Tensor:
+        """Number of positive anchors (float scalar tensor) for ``annotations`` [B, N, 5] (xyxy px +
+        class) and ``anchors`` [1, A, 4] or [A, 4] (yxyx px): the matching ``forward`` does, alone.
+        Summed over the micro-batches of one optimizer step it gives the ``normalizer`` (+ 1)."""
+        dtype = torch.float64 if anchors.dtype == torch.float64 else torch.float32
+        anchors = anchors.reshape(-1, 4).to(dtype)
+        annotations = annotations.to(device=anchors.device, dtype=dtype)
+        _, positive, _ = match_anchors(anchors, annotations, self.iou_threshold, self.crowd_ioa_threshold)
+        return positive.sum().to(dtype)
+
     def forward(self, cls_logits: torch.Tensor, regression: torch.Tensor, anchors: torch.Tensor,
-                annotations: torch.Tensor) -> Dict[str, torch.Tensor]:
+                annotations: torch.Tensor, normalizer: torch.Tensor | float | None = None) -> Dict[str, torch.Tensor]:
+        """See the class docstring. ``normalizer`` (optional): the divisor to use instead of this
+        batch's positives + 1, e.g. ``1 + positives of every micro-batch of a gradient-accumulation
+        step`` (over every process when ``distributed``: it is then not all-reduced again)."""
         dtype = torch.float64 if cls_logits.dtype == torch.float64 else torch.float32  # AMP: fp32 loss
         cls_logits = cls_logits.to(dtype)
         regression = regression.to(dtype)
@@ -261,10 +275,13 @@ class DetectionLoss(nn.Module):
             pos_b, pos_a = positive.nonzero(as_tuple=True)
             num_pos = torch.tensor(float(pos_b.numel()), device=cls_logits.device)
             world = self._world()
-            total_pos = num_pos.clone()
-            if world > 1:
-                dist.all_reduce(total_pos)
-            normalizer = total_pos + 1.0
+            if normalizer is None:
+                total_pos = num_pos.clone()
+                if world > 1:
+                    dist.all_reduce(total_pos)
+                normalizer = total_pos + 1.0
+            else:
+                normalizer = torch.as_tensor(normalizer, dtype=dtype, device=cls_logits.device)
             gt = annotations[pos_b, matched[pos_b, pos_a]]  # [P, 5] xyxy + class
             labels = gt[:, 4].long()
             box_targets = encode_boxes(gt[:, [1, 0, 3, 2]], anchors[pos_a])  # [P, 4]

@@ -1,7 +1,8 @@
 """EfficientDetBackbone: EfficientNet → BiFPN → box/class heads → anchors.
 
-``forward(x)`` takes a normalised NCHW batch whose H and W are multiples of 2**max_level
-(128; 256 for D7x) and returns ``(features, regression, classification, anchors)``:
+``forward(x)`` takes a normalised NCHW batch of any H and W the official model accepts
+(``config.check_image_size``; the defaults are multiples of 128) and returns
+``(features, regression, classification, anchors)``:
 - features: BiFPN outputs, list of NCHW maps, P3 first;
 - regression [B, A, 4] as (ty, tx, th, tw);
 - classification [B, A, num_classes] after sigmoid (``return_logits=True``: before);
@@ -16,20 +17,21 @@ from torch import nn
 
 from .anchors import Anchors
 from .bifpn import BiFPN
-from .config import COMPAT_MODES, DEFAULT_SCALES, EfficientDetConfig, get_config, ratios_for
+from .config import COMPAT_MODES, DEFAULT_SCALES, EfficientDetConfig, Variant, get_config, parse_variant, ratios_for
 from .efficientnet import EfficientNetBackbone
 from .head import Classifier, Regressor, init_head_
 
 
 class EfficientDetBackbone(nn.Module):
-    """The EfficientDet D0–D7x network (compound_coef 0–8; 7 = D7, 8 = D7x).
+    """The EfficientDet D0–D7x network (compound_coef 0–8; 7 = D7, 8 = D7x) and EfficientDet-Lite0–4
+    (compound_coef 'lite0' … 'lite4', 'lite3x'; any spelling ``config.parse_variant`` accepts).
 
     ``compat='official'`` (default) computes what the official TF model computes;
     ``compat='zylo117'`` reproduces Yet-Another-EfficientDet-Pytorch (zero-padded max-pools,
     anchor ratios 1.4/0.7). State-dict keys are Yet-Another's in both modes.
     """
 
-    def __init__(self, num_classes: int = 80, compound_coef: int = 0, load_weights: bool = False,
+    def __init__(self, num_classes: int = 80, compound_coef: Variant = 0, load_weights: bool = False,
                  ratios: Sequence[Tuple[float, float]] | None = None, scales: Sequence[float] | None = None,
                  compat: str = 'official', **kwargs):
         super().__init__()
@@ -40,7 +42,7 @@ class EfficientDetBackbone(nn.Module):
                              'build the model and call load_pretrained(path) with a local file instead')
         self.config: EfficientDetConfig = get_config(compound_coef)
         cfg = self.config
-        self.compound_coef = compound_coef
+        self.compound_coef: Variant = parse_variant(compound_coef)
         self.num_classes = num_classes
         self.compat = compat
         self.input_size = cfg.input_size
@@ -49,14 +51,15 @@ class EfficientDetBackbone(nn.Module):
         num_anchors = len(self.aspect_ratios) * len(self.scales)
         pool_pad = 0.0 if compat == 'zylo117' else float('-inf')
 
-        self.backbone_net = EfficientNetBackbone(cfg.backbone_coef)
+        self.backbone_net = EfficientNetBackbone(cfg.backbone, cfg.act)
         self.bifpn = nn.Sequential(*[
             BiFPN(cfg.fpn_num_filters, cfg.backbone_channels, first_time=(i == 0), levels=cfg.levels,
-                  fusion=cfg.fusion, pool_pad_value=pool_pad)
+                  fusion=cfg.fusion, pool_pad_value=pool_pad, act=cfg.act)
             for i in range(cfg.fpn_cell_repeats)])
         n_levels = len(cfg.levels)
-        self.regressor = Regressor(cfg.fpn_num_filters, num_anchors, cfg.box_class_repeats, n_levels)
-        self.classifier = Classifier(cfg.fpn_num_filters, num_anchors, num_classes, cfg.box_class_repeats, n_levels)
+        self.regressor = Regressor(cfg.fpn_num_filters, num_anchors, cfg.box_class_repeats, n_levels, act=cfg.act)
+        self.classifier = Classifier(cfg.fpn_num_filters, num_anchors, num_classes, cfg.box_class_repeats, n_levels,
+                                     act=cfg.act)
         self.anchors = Anchors(cfg.anchor_scale, cfg.levels, scales=self.scales, ratios=self.aspect_ratios)
         self.reset_parameters()
 
@@ -100,8 +103,3 @@ class EfficientDetBackbone(nn.Module):
         plain swish, optional channels_last and the CPU fast path. Same outputs (see ``fuse``)."""
         from .fuse import fuse_model
         return fuse_model(self, channels_last=channels_last, image_size=image_size, fast=fast)
-
-    def load_pretrained(self, path: str, verbose: bool = True):
-        """Load every tensor of a checkpoint whose shape fits (fine-tuning); see ``checkpoint``."""
-        from .checkpoint import load_pretrained
-        return load_pretrained(self, path, verbose=verbose)

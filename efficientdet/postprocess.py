@@ -13,7 +13,7 @@ candidates of all images at once.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ import torch
 from .anchors import decode_boxes
 
 __all__ = ['nms', 'batched_nms', 'soft_nms', 'official_postprocess', 'detect', 'candidates', 'to_xyxy_clipped',
-           'OFFICIAL_SOFT_SIGMA', 'OFFICIAL_SOFT_SCORE_THRESHOLD', 'PRE_NMS_TOPK']
+           'BestClass', 'Scores', 'OFFICIAL_SOFT_SIGMA', 'OFFICIAL_SOFT_SCORE_THRESHOLD', 'PRE_NMS_TOPK']
 
 OFFICIAL_SOFT_SIGMA = 0.5             # official nms_configs sigma for method='gaussian'
 OFFICIAL_SOFT_SCORE_THRESHOLD = 0.001  # official score_thresh default for method='gaussian'
@@ -34,6 +34,36 @@ try:  # torchvision's compiled kernels when they load and work; never required.
     _tv_ops.nms(torch.zeros(1, 4), torch.zeros(1), 0.5)
 except Exception:  # ImportError, missing compiled ops, ABI mismatch …
     _tv_ops = None
+
+
+# --------------------------------------------------------------------------- class scores
+class BestClass(NamedTuple):
+    """Each anchor's best class: scores [B, A] (its probability, after sigmoid) and labels [B, A]
+    long (0-based; the first maximum on ties). Every post-processing here keeps only the best
+    class of an anchor, so this is all it needs of the [B, A, C] classification; runtimes that
+    take the best class in the graph return it instead (``efficientdet.runtimes``)."""
+    scores: torch.Tensor
+    labels: torch.Tensor
+
+    @classmethod
+    def of(cls, classification: 'Scores') -> 'BestClass':
+        """From a [B, A, C] classification (after sigmoid), or a BestClass (returned as float32)."""
+        if isinstance(classification, BestClass):
+            return classification.float()
+        scores, labels = classification.float().max(-1)
+        return cls(scores, labels)
+
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor) -> 'BestClass':
+        """From [B, A, C] logits: the maximum first, then the sigmoid of [B, A] values only."""
+        best, labels = logits.max(-1)
+        return cls(torch.sigmoid(best.float()), labels)
+
+    def float(self) -> 'BestClass':
+        return BestClass(self.scores.float(), self.labels.long())
+
+
+Scores = Union[torch.Tensor, BestClass]  # [B, A, C] after sigmoid, or each anchor's best class
 
 
 # --------------------------------------------------------------------------- IoU
@@ -243,15 +273,16 @@ def soft_nms(boxes: torch.Tensor, scores: torch.Tensor, sigma: float = OFFICIAL_
 
 
 # --------------------------------------------------------------------------- official
-def official_postprocess(classification: torch.Tensor, regression: torch.Tensor, anchors: torch.Tensor,
+def official_postprocess(classification: Scores, regression: torch.Tensor, anchors: torch.Tensor,
                          image_size: Tuple[int, int], method: str = 'hard', mode: str = 'global',
                          max_output: int = 100, iou_threshold: float = 0.5,
                          score_threshold: Optional[float] = None, sigma: float = OFFICIAL_SOFT_SIGMA
                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The official ``postprocess_global`` / ``postprocess_per_class``.
 
-    classification [B, A, C] after sigmoid, regression [B, A, 4] (ty, tx, th, tw), anchors
-    [1, A, 4] (y1, x1, y2, x2) pixels, image_size (H, W). Every anchor keeps only its best class.
+    classification [B, A, C] after sigmoid (or its :class:`BestClass`), regression [B, A, 4]
+    (ty, tx, th, tw), anchors [1, A, 4] (y1, x1, y2, x2) pixels, image_size (H, W). Every anchor
+    keeps only its best class.
     method 'hard': NMS at ``iou_threshold``, score threshold -inf unless given; 'gaussian':
     soft-NMS with ``sigma``, score threshold 0.001 unless given. mode 'global': one NMS over all
     anchors regardless of class, boxes clipped to [0, H] x [0, W]; 'per_class': NMS within each
@@ -270,9 +301,8 @@ def official_postprocess(classification: torch.Tensor, regression: torch.Tensor,
     else:
         sig, iou_thr = float(sigma), 1.0
         st = OFFICIAL_SOFT_SCORE_THRESHOLD if score_threshold is None else float(score_threshold)
-    cls = classification.float()
-    classes = cls.argmax(-1)  # first maximum, as tf.math.argmax
-    scores = cls.gather(-1, classes[..., None])[..., 0]  # [B, A]
+    best = BestClass.of(classification)  # first maximum, as tf.math.argmax
+    scores, classes = best.scores, best.labels  # [B, A]
     boxes = decode_boxes(regression.float(), anchors.float())  # [B, A, 4] yxyx
     # Only candidates above the score threshold can ever be selected: compact them (exact).
     index, valid = _compact(scores > st)
@@ -323,14 +353,15 @@ def candidates(best: torch.Tensor, labels: torch.Tensor, regression: torch.Tenso
     return masked.gather(1, top_idx), boxes, labels.gather(1, top_idx)
 
 
-def detect(classification: torch.Tensor, regression: torch.Tensor, anchors: torch.Tensor,
+def detect(classification: Scores, regression: torch.Tensor, anchors: torch.Tensor,
            image_size: Tuple[int, int], score_threshold: float = 0.05, iou_threshold: float = 0.5,
            max_det: int = 100, nms: str = 'hard', class_agnostic: bool = False,
            pre_nms_topk: int = PRE_NMS_TOPK) -> List[Dict[str, torch.Tensor]]:
     """Detections for a batch, fast path.
 
-    classification [B, A, C] after sigmoid, regression [B, A, 4] (ty, tx, th, tw), anchors
-    [1, A, 4] (y1, x1, y2, x2) pixels, image_size (H, W) of the network input.
+    classification [B, A, C] after sigmoid (or its :class:`BestClass`), regression [B, A, 4]
+    (ty, tx, th, tw), anchors [1, A, 4] (y1, x1, y2, x2) pixels, image_size (H, W) of the network
+    input.
 
     Each anchor keeps its best class; anchors scoring > ``score_threshold`` are candidates, at most
     ``pre_nms_topk`` per image; boxes are decoded and clipped to [0, W] x [0, H]; then
@@ -345,7 +376,7 @@ def detect(classification: torch.Tensor, regression: torch.Tensor, anchors: torc
     """
     if nms not in ('hard', 'gaussian', 'official'):
         raise ValueError(f"nms must be 'hard', 'gaussian' or 'official', got {nms!r}")
-    bsz = classification.shape[0]
+    bsz = regression.shape[0]
     if nms == 'official':
         boxes, scores, classes, valid = official_postprocess(
             classification, regression, anchors, image_size, method='gaussian', mode='per_class',
@@ -354,7 +385,7 @@ def detect(classification: torch.Tensor, regression: torch.Tensor, anchors: torc
         labels = classes - 1
         keep = (torch.arange(boxes.shape[1], device=boxes.device)[None] < valid[:, None]) & (scores > score_threshold)
     else:
-        best, best_labels = classification.float().max(-1)  # [B, A]
+        best, best_labels = BestClass.of(classification)  # [B, A]
         # no wider than the most candidates any image has (>= 1 column, so gathers stay valid): the
         # NMS below then works on a few columns, not pre_nms_topk, when a few dozen boxes pass
         most = int((best > score_threshold).sum(1).max()) if best.numel() else 0

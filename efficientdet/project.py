@@ -8,6 +8,7 @@ strings holding arithmetic such as ``'[2 ** 0, 2 ** (1.0 / 3.0)]'``; they are ev
 from __future__ import annotations
 
 import ast
+import difflib
 import math
 import os
 from dataclasses import dataclass, field
@@ -23,6 +24,11 @@ from .errors import UserError
 PACKAGE_PROJECTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'projects')
 
 Arith = Union[float, List['Arith'], Tuple['Arith', ...]]
+
+KNOWN_FIELDS = ('project_name', 'train_set', 'val_set', 'num_gpus', 'mean', 'std', 'anchors_scales',
+                'anchors_ratios', 'obj_list', 'dataset_format')
+# Values of ``dataset_format`` (one module each in efficientdet/data/formats/; keep in step with it).
+DATASET_FORMATS = ('coco', 'voc', 'yolo')
 
 _MAX_EXPR_CHARS = 4096
 _MAX_EXPONENT = 1024.0
@@ -132,6 +138,7 @@ class Project:
     obj_list: List[str]
     path: str
     extra: Dict[str, Any] = field(default_factory=dict)
+    dataset_format: str = 'coco'
 
     @property
     def num_classes(self) -> int:
@@ -170,18 +177,29 @@ def load_project(name_or_path: str, projects_dir: str = 'projects') -> Project:
     """Load and validate a project yml (by name from ``projects_dir`` or by path).
 
     Required fields: project_name, train_set, val_set, obj_list. Optional: num_gpus (1),
-    mean/std (ImageNet, RGB), anchors_scales / anchors_ratios (official values).
+    mean/std (ImageNet, RGB), anchors_scales / anchors_ratios (official values), dataset_format
+    (coco, voc or yolo; default coco).
     """
     path = resolve_project_path(name_or_path, projects_dir)
     try:
         with open(path, 'r', encoding='utf-8') as f:
             raw = yaml.safe_load(f)
     except yaml.YAMLError as e:
-        raise UserError(f'{path} is not valid YAML: {str(e).splitlines()[0]}') from None
+        mark = getattr(e, 'problem_mark', None) or getattr(e, 'context_mark', None)
+        where = f'{path}:{mark.line + 1}:{mark.column + 1}' if mark is not None else path
+        what = getattr(e, 'problem', None) or str(e).splitlines()[0]
+        raise UserError(f'{where}: not valid YAML: {what}') from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f'cannot read project file {path}: {e}') from None
     if not isinstance(raw, dict):
         raise UserError(f'{path} must be a YAML mapping of fields (project_name, train_set, val_set, obj_list, ...)')
+    # a misspelled field would otherwise be ignored and its default used silently
+    extra = {k: v for k, v in raw.items() if k not in KNOWN_FIELDS}
+    for key in extra:
+        close = difflib.get_close_matches(str(key), KNOWN_FIELDS, n=1, cutoff=0.75)
+        if close:
+            raise UserError(f'{path}: unknown field {key!r}; did you mean {close[0]!r}? (fields: '
+                            f'{", ".join(KNOWN_FIELDS)})')
 
     def req_str(key: str) -> str:
         if key not in raw or raw[key] is None:
@@ -206,11 +224,12 @@ def load_project(name_or_path: str, projects_dir: str = 'projects') -> Project:
         raise UserError(f'{path}: field \'anchors_scales\' must be a non-empty list of positive numbers, got {scales}')
     ratios = _ratio_list(raw.get('anchors_ratios', [list(r) for r in OFFICIAL_RATIOS]), path)
     obj_list = _obj_list(raw.get('obj_list'), path)
-    known = {'project_name', 'train_set', 'val_set', 'num_gpus', 'mean', 'std', 'anchors_scales',
-             'anchors_ratios', 'obj_list'}
-    extra = {k: v for k, v in raw.items() if k not in known}
+    dataset_format = raw.get('dataset_format', 'coco')
+    if not isinstance(dataset_format, str) or dataset_format.strip().lower() not in DATASET_FORMATS:
+        raise UserError(f'{path}: field \'dataset_format\' must be one of {", ".join(DATASET_FORMATS)}, '
+                        f'got {dataset_format!r}')
     return Project(project_name, train_set, val_set, num_gpus, mean, std, scales, ratios, obj_list,
-                   os.path.abspath(path), extra)
+                   os.path.abspath(path), extra, dataset_format.strip().lower())
 
 
 def _arith_field(value: Any, key: str, path: str) -> Any:

@@ -175,8 +175,8 @@ def test_load_weights_wrong_coefficient_names_both():
     with pytest.raises(UserError) as e:
         load_weights(_meta_model(1), path)
     msg = str(e.value)
-    assert 'file holds efficientdet-d0 weights (inferred from tensor shapes) but -c 1' in msg
-    assert 'pass -c 0' in msg and path in msg
+    assert 'this file is efficientdet-d0 (from its tensor shapes) but -c 1' in msg
+    assert msg.endswith('pass -c 0') and path in msg and '\n' not in msg
 
 
 def test_load_weights_wrong_class_count_suggests_fine_tuning():
@@ -184,6 +184,7 @@ def test_load_weights_wrong_class_count_suggests_fine_tuning():
         load_weights(_meta_model(0, num_classes=3), need_shared(*EFFDET))
     msg = str(e.value)
     assert 'holds weights for 90 classes but the model has 3' in msg and 'load_pretrained' in msg and '-w' in msg
+    assert 'pass -p coco' in msg  # 90 classes: the COCO label map is what to pass
 
 
 def test_load_weights_different_anchor_count():
@@ -233,7 +234,7 @@ def test_yet_another_d6_fusion_weights_dropped_exactly(capsys):
 def test_d6_d7_file_into_other_variant_says_6_or_7():
     with pytest.raises(UserError) as e:
         load_weights(_meta_model(5), _yet_another(6))
-    assert 'efficientdet-d6 or efficientdet-d7 weights' in str(e.value) and '-c 6 or -c 7' in str(e.value)
+    assert 'this file is efficientdet-d6 or efficientdet-d7 (from its tensor shapes)' in str(e.value) and '-c 6 or -c 7' in str(e.value)
     assert 'Yet-Another' in _origin(read_checkpoint(_yet_another(8)))  # D7x too
 
 
@@ -241,7 +242,7 @@ def test_d6_d7_file_into_other_variant_says_6_or_7():
 def test_load_pretrained_other_class_count(capsys):
     path = need_shared(*ZYLO)
     model = EfficientDetBackbone(num_classes=3, compound_coef=0)
-    report = model.load_pretrained(path)  # delegates to checkpoint.load_pretrained
+    report = load_pretrained(model, path)
     out = capsys.readouterr().out
     assert out.count('\n') == 1, out  # ONE line
     assert ('skipped 2 keys: classifier.header.pointwise_conv.conv.{weight,bias} '
@@ -269,8 +270,8 @@ def test_load_pretrained_refuses_other_coefficient():
     with pytest.raises(UserError) as e:
         load_pretrained(_meta_model(2, num_classes=3), need_shared(*TF))
     msg = str(e.value)
-    assert 'file holds efficientdet-d0 weights (inferred from tensor shapes) but -c 2' in msg
-    assert 'fine-tuning needs the same compound coefficient' in msg
+    assert 'this file is efficientdet-d0 (from its tensor shapes) but -c 2' in msg
+    assert msg.endswith('pass -c 0')
 
 
 def test_load_pretrained_other_anchor_count_reason(capsys):

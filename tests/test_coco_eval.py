@@ -134,7 +134,7 @@ def test_errors(tmp_path, gt):
         _main('-p', proj, '--data_path', str(tmp_path / 'data'), '--results', 'x.json')
     # a val set with no images
     ann.write_text(json.dumps({'images': [], 'annotations': [], 'categories': gt['categories']}))
-    with pytest.raises(UserError, match='lists no images'):
+    with pytest.raises(UserError, match='no usable images'):
         _main('-p', proj, '--data_path', str(tmp_path / 'data'), '--results', 'x.json')
     # missing / malformed results file
     with pytest.raises(UserError, match='results file not found'):
@@ -151,46 +151,61 @@ def test_errors(tmp_path, gt):
         _main('-p', proj, '--data_path', data_path, '-w', str(tmp_path / 'none.pth'),
               '--output_dir', str(tmp_path), '--device', 'cpu')
     with pytest.raises(UserError, match='image_size'):
-        _main('-p', proj, '--data_path', data_path, '--image_size', '300', '--output_dir', str(tmp_path),
+        _main('-p', proj, '--data_path', data_path, '--image_size', '0', '--output_dir', str(tmp_path),
               '--device', 'cpu')
 
 
-def test_reuses_existing_results_unless_override(tmp_path, gt):
+def _fixture_weights(tmp_path):
+    """Yet-Another's D0 layout with 90 classes (fixture weights, float32) as a .pth file."""
+    import torch
+    from efficientdet.ckpt.files import atomic_save
+    z = np.load(need_shared('fixtures', 'zylo117_d0', 'zylo117_state_dict.npz'))
+    weights = str(tmp_path / 'd0_90.pth')
+    atomic_save({k: torch.from_numpy(z[k].astype(np.float32) if z[k].dtype == np.float16 else z[k])
+                 for k in z.files}, weights)
+    return weights
+
+
+def _ya_project(tmp_path, gt):
+    ya = [''] * 90
+    for c in gt['categories']:
+        ya[c['id'] - 1] = c['name']
+    return ya, _project(tmp_path, gt, name='ya', obj_list=ya, ratios='[(1.0, 1.0), (1.4, 0.7), (0.7, 1.4)]')
+
+
+def test_reuses_results_only_with_same_weights_size_and_thresholds(tmp_path, gt):
     data_path = os.path.join(SHARED, 'data')
-    proj = _project(tmp_path, gt)
-    res = _jittered_results(gt, seed=1)
-    (tmp_path / 'val2017_bbox_results.json').write_text(json.dumps(res))
-    # weights do not exist: reusing must not need them
-    rc, out = _main('-p', proj, '--data_path', data_path, '-w', str(tmp_path / 'none.pth'),
-                    '--output_dir', str(tmp_path), '--device', 'cpu')
-    assert rc == 0 and 'reusing existing' in out and '--override' in out
-    rc, ref = _main('-p', proj, '--data_path', data_path, '--results', str(tmp_path / 'val2017_bbox_results.json'))
-    assert _parse_summary(out) == _parse_summary(ref)
-    with pytest.raises(UserError, match='weights file not found'):
-        _main('-p', proj, '--data_path', data_path, '-w', str(tmp_path / 'none.pth'),
-              '--output_dir', str(tmp_path), '--device', 'cpu', '--override')
-    with pytest.raises(UserError, match='weights file not found'):  # Yet-Another style boolean
-        _main('-p', proj, '--data_path', data_path, '-w', str(tmp_path / 'none.pth'),
-              '--output_dir', str(tmp_path), '--device', 'cpu', '--override', 'True')
+    weights = _fixture_weights(tmp_path)
+    _, proj = _ya_project(tmp_path, gt)
+    base = ['-p', proj, '-w', weights, '--data_path', data_path, '--image_size', '128', '--max_images', '2',
+            '--device', 'cpu', '--output_dir', str(tmp_path / 'out'), '--no_progress']
+    rc, first = _main(*base)
+    assert rc == 0 and 'wrote' in first and 'reusing' not in first
+    meta = json.loads((tmp_path / 'out' / 'val2017_bbox_results.json.meta.json').read_text())
+    assert meta['image_size'] == [128, 128] and meta['score_threshold'] == 0.05
+    rc, again = _main(*base)
+    assert rc == 0 and 'reusing' in again and 'same weights' in again and 'wrote' not in again
+    assert _parse_summary(again) == _parse_summary(first)
+    rc, other = _main(*base, '--score_threshold', '0.3')
+    assert 'not reusing' in other and 'score_threshold=0.05' in other and 'wrote' in other
+    rc, other = _main(*base[:7], '128', '256', *base[8:])  # another input size (H W)
+    assert 'not reusing' in other and 'image_size=[128, 128]' in other and '128x256' in other
+    os.remove(tmp_path / 'out' / 'val2017_bbox_results.json.meta.json')
+    rc, nometa = _main(*base)
+    assert 'not reusing' in nometa and 'missing' in nometa
+    rc, forced = _main(*base, '--override')
+    assert 'reusing' not in forced and 'wrote' in forced
+    with pytest.raises(UserError, match='weights file not found'):  # reusing never skips the weights check
+        _main(*[(str(tmp_path / 'none.pth') if a == weights else a) for a in base])
 
 
 def test_full_run_with_model(tmp_path, gt):
     """Yet-Another's 90-entry COCO obj_list ('' gaps) with their D0 layout (fixture weights), at 256 px
     on the first 8 val images; the written file is valid COCO results in the dataset's id space."""
-    pytest.importorskip('efficientdet.data.dataset')
-    pytest.importorskip('efficientdet.postprocess')
-    import torch
-    from efficientdet.checkpoint import atomic_save
     from efficientdet.evaluation import COCOEvaluator
 
-    z = np.load(need_shared('fixtures', 'zylo117_d0', 'zylo117_state_dict.npz'))
-    sd = {k: torch.from_numpy(z[k].astype(np.float32) if z[k].dtype == np.float16 else z[k]) for k in z.files}
-    weights = str(tmp_path / 'd0_90.pth')
-    atomic_save(sd, weights)
-    ya = [''] * 90
-    for c in gt['categories']:
-        ya[c['id'] - 1] = c['name']
-    proj = _project(tmp_path, gt, name='ya', obj_list=ya, ratios='[(1.0, 1.0), (1.4, 0.7), (0.7, 1.4)]')
+    weights = _fixture_weights(tmp_path)
+    ya, proj = _ya_project(tmp_path, gt)
     out_dir = tmp_path / 'out'
     with pytest.raises(UserError, match='90 classes'):  # 80-class project, 90-class weights
         _main('-p', _project(tmp_path, gt), '-w', weights, '--data_path', os.path.join(SHARED, 'data'),

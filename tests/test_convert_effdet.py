@@ -11,7 +11,7 @@ import torch
 from conftest import load_npz, need_shared
 from efficientdet import EfficientDetBackbone
 from efficientdet.checkpoint import read_checkpoint
-from efficientdet.config import CONFIGS, EFFICIENTNET_PARAMS, EFFICIENTNET_STAGES, round_filters, round_repeats
+from efficientdet.config import BACKBONES, CONFIGS, EFFICIENTNET_STAGES, round_filters, round_repeats
 from efficientdet.convert.__main__ import main as convert_main
 from efficientdet.convert.inspect_ckpt import describe_checkpoint
 from efficientdet.convert.effdet import effdet_key_map, effdet_to_state_dict, state_dict_to_effdet
@@ -49,15 +49,18 @@ def effdet_layout(coef, num_classes=90, num_anchors=9):
             out[f'{p}.bias'] = (cout,)
 
     # backbone
-    params = EFFICIENTNET_PARAMS[cfg.backbone_coef]
-    stem = round_filters(32, params.width)
+    lite = cfg.backbone.startswith('efficientnet-lite')  # timm lite: fixed stem, first/last repeats, no SE
+    params = BACKBONES[cfg.backbone]
+    stem = 32 if lite else round_filters(32, params.width)
     conv('backbone.conv_stem', stem, 3, 3)
     bn('backbone.bn1', stem)
     for s, st in enumerate(EFFICIENTNET_STAGES):
         cin, cout = round_filters(st.in_ch, params.width), round_filters(st.out_ch, params.width)
-        for i in range(round_repeats(st.repeats, params.depth)):
+        cin = stem if s == 0 else cin
+        fixed = lite and s in (0, len(EFFICIENTNET_STAGES) - 1)
+        for i in range(st.repeats if fixed else round_repeats(st.repeats, params.depth)):
             b, bin_ = f'backbone.blocks.{s}.{i}', (cin if i == 0 else cout)
-            se = max(1, int(bin_ * st.se_ratio))
+            se = None if lite else max(1, int(bin_ * st.se_ratio))
             if st.expand_ratio == 1:
                 conv(f'{b}.conv_dw', bin_, bin_, st.kernel, groups=bin_)
                 bn(f'{b}.bn1', bin_)
@@ -69,8 +72,9 @@ def effdet_layout(coef, num_classes=90, num_anchors=9):
                 conv(f'{b}.conv_dw', mid, mid, st.kernel, groups=mid)
                 bn(f'{b}.bn2', mid)
                 pw, last_bn = 'conv_pwl', 'bn3'
-            conv(f'{b}.se.conv_reduce', se, mid, bias=True)
-            conv(f'{b}.se.conv_expand', mid, se, bias=True)
+            if se is not None:
+                conv(f'{b}.se.conv_reduce', se, mid, bias=True)
+                conv(f'{b}.se.conv_expand', mid, se, bias=True)
             conv(f'{b}.{pw}', cout, mid)
             bn(f'{b}.{last_bn}', cout)
     # fpn.resample: extra levels made from the last feature map
@@ -207,7 +211,7 @@ def test_unused_and_missing_keys_are_named():
     fewer = {k: v for k, v in sd.items() if k != 'fpn.cell.1.fnode.4.combine.edge_weights'}
     with pytest.raises(ConversionError, match=r'fpn\.cell\.1\.fnode\.4\.combine\.edge_weights'):
         effdet_to_state_dict(fewer, 0)
-    with pytest.raises(ConversionError, match=r'holds efficientdet-d0 weights .* -c 2'):
+    with pytest.raises(ConversionError, match=r'this file is efficientdet-d0 .* -c 2'):
         effdet_to_state_dict(sd, 2)
     with pytest.raises(ConversionError, match='90 classes but --num_classes 80'):
         effdet_to_state_dict(sd, 0, num_classes=80)
@@ -257,5 +261,5 @@ def test_cli_user_errors_are_one_line(tmp_path, capsys, case):
     assert err.startswith('error: ') and err.strip().count('\n') == 0 and src in err
     assert 'Traceback' not in err and not out.exists()
     expect = {'missing': 'no such checkpoint file', 'not_effdet': 'not an effdet checkpoint',
-              'wrong_coef': 'file holds efficientdet-d0 weights (inferred from tensor shapes) but -c 3'}[case]
+              'wrong_coef': 'this file is efficientdet-d0 (from its tensor shapes) but -c 3 (efficientdet-d3) was asked; pass -c 0'}[case]
     assert expect in err

@@ -90,7 +90,7 @@ def test_torchrun_train_py_two_cpu_processes(tmp_path):
     """train.py under torchrun (2 CPU processes, gloo, DistributedSampler-style sharding) trains,
     validates on rank 0 and writes one set of checkpoints."""
     import subprocess
-    shapes = pytest.importorskip('efficientdet.data.shapes')
+    from efficientdet.data import shapes
     shapes.generate_split(str(tmp_path / 'data' / 'tiny'), 'train', 8, 128, seed=0)
     shapes.generate_split(str(tmp_path / 'data' / 'tiny'), 'val', 2, 128, seed=0)
     (tmp_path / 'projects').mkdir()

@@ -105,18 +105,42 @@ def test_fuse_d7x_sum_fusion_p8():
         _close(a, b, name)
 
 
-def test_fuse_other_size_and_bad_size(d0):
+@pytest.mark.parametrize('hw', [(128, 384), (200, 136), (160, 160)])
+def test_fuse_other_sizes(d0, hw):
+    """The fused model is the eager model's own graph: any size the eager model takes (odd
+    level sizes too: 160 -> P7 of 2x2, 200x136 -> P7 of 2x2 after 7x5, 4x3 ...) gives its outputs."""
     fused = fuse_model(d0, channels_last=False, image_size=256)
-    x = torch.randn(1, 3, 128, 384)
+    x = torch.randn(1, 3, *hw, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         a, b = fused(x), d0(x)
     for name, u, v in zip(('regression', 'classification', 'anchors'), a[1:], b[1:]):
-        _close(u, v, f'{name} at another size')
-    with pytest.raises(UserError, match='multiple of 128'):
-        fuse_model(d0, image_size=200)
-    with pytest.raises(ValueError, match='multiples of 128'):
-        with torch.inference_mode():
-            fused(torch.randn(1, 3, 200, 256))
+        assert u.shape == v.shape
+        _close(u, v, f'{name} at {hw}')
+
+
+def test_fuse_bad_size(d0):
+    with pytest.raises(UserError, match='image_size'):
+        fuse_model(d0, image_size=(64, 2048))  # P6 would be 1x32: the official model cannot run it
+
+
+def test_fuse_swaps_layers_only(d0):
+    """Only leaf layers change: no BatchNorm left, every conv is a FusedConv, the activations and
+    residual adds moved into them, the BiFPN weights are constants, and the pools, up-sampling and
+    anchors are the eager code."""
+    from efficientdet.fuse import FusedConv
+    from efficientdet.layers import Conv2dStaticSamePadding, MaxPool2dStaticSamePadding
+    fused = fuse_model(d0, image_size=128, fast=False)
+    mods = list(fused.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in mods)
+    convs = [m for m in mods if isinstance(m, FusedConv)]
+    assert not any(isinstance(m, Conv2dStaticSamePadding) and not isinstance(m, FusedConv) for m in mods)
+    assert sum(m.act == 'swish' for m in convs) > 60
+    assert any(isinstance(m, MaxPool2dStaticSamePadding) for m in mods)
+    code = fused.net.code
+    assert ('upsample' in code or 'interpolate' in code) and 'p3_w1' not in code  # weights: constants
+    n_res = sum(isinstance(n.args, tuple) and len(n.args) == 2 and n.op == 'call_module' and
+                isinstance(fused.net.get_submodule(n.target), FusedConv) for n in fused.net.graph.nodes)
+    assert n_res == sum(getattr(b, 'id_skip', False) for b in d0.backbone_net.model._blocks)
 
 
 def test_fast_fused_model_copies_and_moves(d0):
@@ -143,32 +167,44 @@ def test_fuse_zylo117_compat():
 
 
 # --------------------------------------------------------------------------- ONNX
-def test_onnx_export_matches_torch(d0, tmp_path):
+@pytest.mark.parametrize('head', ['best', 'full'])
+def test_onnx_export_matches_torch(d0, tmp_path, head):
     from efficientdet.backends import OnnxRuntimeModel
     from efficientdet.export import export_onnx
+    from efficientdet.postprocess import BestClass
     path = str(tmp_path / 'd0.onnx')
-    diffs = export_onnx(d0, path, 256)  # checker + onnxruntime vs eager, batch 2
-    assert set(diffs) == {'regression', 'classification', 'anchors'} and max(diffs.values()) <= ATOL
+    diffs = export_onnx(d0, path, 256, head=head)  # checker + onnxruntime vs eager, batch 2
+    names = {'regression', 'anchors'} | ({'scores', 'labels'} if head == 'best' else {'classification'})
+    assert set(diffs) == names and max(diffs.values()) <= ATOL
     rt = OnnxRuntimeModel(path, threads=2)
     assert rt.image_size == (256, 256) and rt.num_classes == 20 and rt.compound_coef == 0 and not rt.with_nms
+    assert rt.meta['head'] == head and len(rt.meta['mean']) == 3
     x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(7))  # another batch size
     feats, reg, cls, anc = rt(x)
     with torch.inference_mode():
         _, r, c, a = d0(x)
     assert feats is None
     _close(reg, r, 'regression')
-    _close(cls, c, 'classification')
     _close(anc, a, 'anchors')
+    if head == 'full':
+        _close(cls, c, 'classification')
+    else:
+        assert isinstance(cls, BestClass)
+        ref = BestClass.of(c)
+        _close(cls.scores, ref.scores, 'best scores')
+        assert (cls.labels == ref.labels).float().mean() > 0.999  # only exact near-ties may differ
     with pytest.raises(UserError, match='exported for 256x256'):
         rt(torch.randn(1, 3, 128, 128))
     # the runtime-friendly graph: stride-2 "SAME" paddings are the convs' own (asymmetric) pads,
-    # no Pad node, and the SE squeeze is a GlobalAveragePool
+    # no Pad node, the SE squeeze is a GlobalAveragePool, the pools have explicit pads
     import onnx
     graph = onnx.load(path).graph
     ops = [n.op_type for n in graph.node]
     assert 'Pad' not in ops and ops.count('GlobalAveragePool') == 16
     pads = [list(a.ints) for n in graph.node if n.op_type == 'Conv' for a in n.attribute if a.name == 'pads']
     assert pads.count([0, 0, 1, 1]) == 3 and pads.count([1, 1, 2, 2]) == 2  # stem, 3x3 and 5x5 stride-2 dw
+    assert all(a.name != 'ceil_mode' or a.i == 0 for n in graph.node if n.op_type == 'MaxPool' for a in n.attribute)
+    assert ('TopK' in ops) == (head == 'best')
 
 
 def test_onnx_static_batch_export_is_verified(d0, tmp_path):
@@ -243,7 +279,7 @@ def test_onnx_nms_graph_equals_detect(tmp_path):
 
 def test_onnx_with_nms_same_detections_as_eager(tmp_path):
     from efficientdet.backends import OnnxRuntimeModel
-    from efficientdet.export import _compare_detections, export_onnx
+    from efficientdet.export import compare_detections, export_onnx
     from efficientdet.postprocess import detect
     model = _confident_model()
     path = str(tmp_path / 'd0_nms.onnx')
@@ -260,7 +296,7 @@ def test_onnx_with_nms_same_detections_as_eager(tmp_path):
     boxes, scores, labels = torch.zeros(2, 50, 4), torch.zeros(2, 50), torch.full((2, 50), -1)
     for i, d in enumerate(ref):  # detect's per-image lists -> the export's padded layout
         boxes[i, :n[i]], scores[i, :n[i]], labels[i, :n[i]] = d['boxes'], d['scores'], d['labels']
-    stats = _compare_detections(path, [out[k] for k in ('boxes', 'scores', 'labels', 'num_detections')],
+    stats = compare_detections(path, [out[k] for k in ('boxes', 'scores', 'labels', 'num_detections')],
                                 [boxes, scores, labels, n], 1e-4)
     assert stats['matched'] >= 0.9 and n.min() >= 10  # whole network + NMS: near-ties may flip a box or two
     for i in range(2):
@@ -271,11 +307,13 @@ def test_onnx_with_nms_same_detections_as_eager(tmp_path):
 
 
 # --------------------------------------------------------------------------- TorchScript
-def test_torchscript_export_matches_torch(d0, tmp_path):
+@pytest.mark.parametrize('head', ['best', 'full'])
+def test_torchscript_export_matches_torch(d0, tmp_path, head):
     from efficientdet.backends import TorchScriptModel
     from efficientdet.export import export_torchscript
+    from efficientdet.postprocess import BestClass
     path = str(tmp_path / 'd0.pt')
-    diffs = export_torchscript(d0, path, 128)
+    diffs = export_torchscript(d0, path, 128, head=head)
     assert max(diffs.values()) <= ATOL
     ts = TorchScriptModel(path)
     assert ts.image_size == (128, 128) and ts.channels_last and ts.num_classes == 20
@@ -283,8 +321,70 @@ def test_torchscript_export_matches_torch(d0, tmp_path):
     with torch.inference_mode():
         ref = d0(x)
     got = ts(x)
-    for name, a, b in zip(('regression', 'classification', 'anchors'), got[1:], ref[1:]):
+    _close(got[1], ref[1], 'regression')
+    _close(got[3], ref[3], 'anchors')
+    if head == 'full':
+        _close(got[2], ref[2], 'classification')
+    else:
+        _close(got[2].scores, BestClass.of(ref[2]).scores, 'best scores')
+
+
+# --------------------------------------------------------------------------- OpenVINO
+def test_openvino_export_matches_torch(d0, tmp_path):
+    """IR written, verified in OpenVINO, read back with its metadata; a tiny input (128: P6 2x2 ->
+    P7 1x1) exercises the max-pool that OpenVINO takes only with explicit pads."""
+    pytest.importorskip('openvino')
+    from efficientdet.backends import OpenVINOModel, load_backend
+    from efficientdet.export import export_openvino
+    from efficientdet.postprocess import BestClass
+    path = str(tmp_path / 'd0.xml')
+    diffs = export_openvino(d0, path, 128, obj_list=[f'c{i}' for i in range(20)])
+    assert max(diffs.values()) <= ATOL and os.path.isfile(str(tmp_path / 'd0.bin'))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['d0.bin', 'd0.xml']
+    rt = load_backend('openvino', path, threads=1)
+    assert isinstance(rt, OpenVINOModel) and rt.image_size == (128, 128) and rt.num_classes == 20
+    assert rt.meta['obj_list'][3] == 'c3'
+    x = torch.randn(3, 3, 128, 128, generator=torch.Generator().manual_seed(9))  # a third batch size
+    _, reg, best, anc = rt(x)
+    with torch.inference_mode():
+        _, r, c, a = d0(x)
+    _close(reg, r, 'regression')
+    _close(anc, a, 'anchors')
+    _close(best.scores, BestClass.of(c).scores, 'best scores')
+    with pytest.raises(UserError, match='.xml'):
+        export_openvino(d0, str(tmp_path / 'd0.onnx'), 128)
+
+
+def test_openvino_runs_onnx_file(d0, tmp_path):
+    pytest.importorskip('openvino')
+    from efficientdet.backends import load_backend
+    from efficientdet.export import export_onnx
+    path = str(tmp_path / 'd0.onnx')
+    export_onnx(d0, path, 128, head='full', verify=False)
+    rt = load_backend('openvino', path)
+    assert rt.num_classes == 20 and rt.meta['head'] == 'full'  # metadata read from the ONNX file
+    x = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        ref = d0(x)
+    for name, a, b in zip(('regression', 'classification', 'anchors'), rt(x)[1:], ref[1:]):
         _close(a, b, name)
+
+
+def test_targets_registry():
+    """One module per target behind one interface; unknown names fail in one line."""
+    from efficientdet.runtimes import BACKENDS, EXPORT_FORMATS, get_target, load_runtime, target_for_format
+    assert set(BACKENDS) == {'torch', 'onnxruntime', 'openvino', 'torchscript'}
+    assert set(EXPORT_FORMATS) == {'onnx', 'openvino', 'torchscript'}
+    for fmt in EXPORT_FORMATS:
+        t = target_for_format(fmt)
+        assert t.export_format == fmt and t.name in BACKENDS and t.suffix.startswith('.')
+    assert get_target('torch').export_format is None
+    with pytest.raises(UserError, match='--backend'):
+        get_target('tensorrt')
+    with pytest.raises(UserError, match='runs the .pth'):
+        load_runtime('torch', 'x.pth')
+    with pytest.raises(UserError, match='--providers'):
+        load_runtime('openvino', 'x.xml', providers=['CPUExecutionProvider'])
 
 
 # --------------------------------------------------------------------------- CLI
@@ -304,8 +404,8 @@ def test_cli_user_errors(d0, tmp_path):
     from efficientdet.export import main
     with pytest.raises(UserError, match='no such'):
         main(['onnx', '-c', '0', '-w', str(tmp_path / 'missing.pth'), '-o', str(tmp_path / 'x.onnx')])
-    with pytest.raises(UserError, match='multiple of 128'):
-        main(['onnx', '-c', '0', '--num_classes', '3', '--image_size', '300', '-o', str(tmp_path / 'x.onnx')])
+    with pytest.raises(UserError, match='image_size'):
+        main(['onnx', '-c', '0', '--num_classes', '3', '--image_size', '64', '2048', '-o', str(tmp_path / 'x.onnx')])
     w = str(tmp_path / 'w.pth')
     torch.save(d0.state_dict(), w)  # 20 classes
     with pytest.raises(UserError):

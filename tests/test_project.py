@@ -25,7 +25,7 @@ BASE = "project_name: demo\ntrain_set: train\nval_set: val\nobj_list: ['a', 'b']
 def test_coco_project_official_anchors_and_classes():
     p = load_project('coco', PROJECTS)
     assert p.project_name == 'coco' and (p.train_set, p.val_set) == ('train2017', 'val2017')
-    assert len(p.obj_list) == 80 and len(set(p.obj_list)) == 80
+    assert len(p.obj_list) == 90 and len(set(n for n in p.obj_list if n)) == 80  # official 90-slot label map
     assert p.obj_list[:3] == ['person', 'bicycle', 'car'] and p.obj_list[-1] == 'toothbrush'
     assert p.anchors_scales == pytest.approx([2 ** (k / 3) for k in range(3)], abs=1e-12)
     # official ratios: sqrt(2) wide / tall, not Yet-Another's (1.4, 0.7)
@@ -39,7 +39,10 @@ def test_coco_names_match_the_coco_category_order():
     from conftest import need_shared
     ann = need_shared('data', 'coco_tiny', 'annotations', 'instances_val2017.json')
     cats = json.load(open(ann))['categories']
-    assert load_project('coco', PROJECTS).obj_list == [c['name'] for c in sorted(cats, key=lambda c: c['id'])]
+    slots = [''] * 90  # class index = category id - 1; unused ids are '' placeholders
+    for c in cats:
+        slots[c['id'] - 1] = c['name']
+    assert load_project('coco', PROJECTS).obj_list == slots
 
 
 def test_shape_project():

@@ -195,7 +195,7 @@ obj_list: ['rectangle', 'circle', 'triangle']
 
 @pytest.fixture(scope='module')
 def tiny_data(tmp_path_factory):
-    shapes = pytest.importorskip('efficientdet.data.shapes')
+    from efficientdet.data import shapes
     root = tmp_path_factory.mktemp('tiny')
     shapes.generate_split(str(root / 'data' / 'tiny'), 'train', 6, 128, seed=0)
     shapes.generate_split(str(root / 'data' / 'tiny'), 'val', 2, 128, seed=0)

@@ -1,4 +1,5 @@
-"""rwightman efficientdet-pytorch (``effdet``) ``tf_efficientdet_d0 … d7x`` state_dicts → ours.
+"""rwightman efficientdet-pytorch (``effdet``) ``tf_efficientdet_d0 … d7x`` and
+``tf_efficientdet_lite0 … lite4, lite3x`` state_dicts → ours.
 
 CLI: ``python -m efficientdet.convert effdet IN.pth -c C -o OUT.pth [--num_classes N]`` and
 ``python -m efficientdet.convert inspect FILE`` (see ``inspect_ckpt``).
@@ -7,7 +8,9 @@ effdet's layout (facts read from effdet 0.4.x; tensors are already OIHW like our
 only renames):
 - backbone (timm EfficientNet, features only): ``conv_stem``, ``bn1``, ``blocks.S.I`` per stage S
   and block I; stage 0 blocks are depthwise-separable (``conv_dw, bn1, se, conv_pw, bn2``), the
-  others inverted residuals (``conv_pw, bn1, conv_dw, bn2, se, conv_pwl, bn3``);
+  others inverted residuals (``conv_pw, bn1, conv_dw, bn2, se, conv_pwl, bn3``); the Lite
+  backbones (``tf_efficientnet_lite*``) have no ``se`` tensors, a 32-channel stem and unscaled
+  first / last stage repeats; their act (ReLU6) and sum fusion hold no tensors;
 - ``fpn.resample.3``: P5 → P6 1x1 conv + BN (P7/P8 are pure pooling: no tensors);
 - ``fpn.cell.C.fnode.N``: N in the official node order (``tf.bifpn_nodes``);
   ``combine.edge_weights`` only for fast fusion (sum fusion, D6+, has none);
@@ -22,14 +25,16 @@ convs) compute what ours computes. The one key left out on purpose is a DetBench
 from __future__ import annotations
 
 import argparse
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
-from ..checkpoint import (LAYOUT_NAMES, StateDict, atomic_save, compound_coef_candidates, describe_coef,
-                          infer_num_classes, num_parameters, read_checkpoint)
-from ..config import get_config
+from ..ckpt.files import StateDict, atomic_save
+from ..ckpt.layout import (LAYOUT_NAMES, check_variant, compound_coef_candidates, describe_coef, infer_num_classes,
+                           num_parameters, read_checkpoint)
+from ..cli import variant_type
+from ..config import VARIANT_HELP, get_config
 from ..errors import UserError
 from ..layers import Conv2dStaticSamePadding, SeparableConvBlock
 from ..model import EfficientDetBackbone
@@ -67,7 +72,8 @@ def _map_backbone(out: Dict[str, str], model: EfficientDetBackbone) -> None:
             else:  # timm DepthwiseSeparableConv
                 pairs = (('_depthwise_conv', 'conv_dw'), ('_bn1', 'bn1'), ('_project_conv', 'conv_pw'),
                          ('_bn2', 'bn2'))
-            pairs += (('_se_reduce', 'se.conv_reduce'), ('_se_expand', 'se.conv_expand'))
+            if block.has_se:  # timm's Lite blocks have none (se is an Identity)
+                pairs += (('_se_reduce', 'se.conv_reduce'), ('_se_expand', 'se.conv_expand'))
             for mine, theirs in pairs:
                 _leaf(out, f'{o}.{mine}', getattr(block, mine), f'{t}.{theirs}')
         start = end + 1
@@ -121,10 +127,10 @@ def effdet_key_map(model: EfficientDetBackbone) -> Dict[str, str]:
     return {k: out[k] for k in own}
 
 
-def effdet_to_state_dict(theirs: Mapping[str, torch.Tensor], compound_coef: int,
+def effdet_to_state_dict(theirs: Mapping[str, torch.Tensor], compound_coef: Union[int, str],
                          num_classes: Optional[int] = None,
                          model: Optional[EfficientDetBackbone] = None) -> StateDict:
-    """Convert an effdet ``tf_efficientdet_d*`` state_dict (prefixes already stripped) to one that
+    """Convert an effdet ``tf_efficientdet_d*`` / ``tf_efficientdet_lite*`` state_dict (prefixes already stripped) to one that
     ``EfficientDetBackbone(num_classes, compound_coef)`` loads with ``strict=True``. Raises
     ConversionError naming every missing, unused or mis-shaped key. ``model`` (optional, may live on
     the meta device) supplies the module structure; one is built when it is None."""
@@ -138,12 +144,12 @@ def effdet_to_state_dict(theirs: Mapping[str, torch.Tensor], compound_coef: int,
                               'convert with its own class count and fine-tune with load_pretrained()')
     cands = compound_coef_candidates(theirs, 'effdet')
     if compound_coef not in cands:
-        raise ConversionError(f'file holds {describe_coef(cands)} weights (inferred from tensor shapes) but '
+        raise ConversionError(f'this file is {describe_coef(cands)} (from its tensor shapes) but '
                               f'-c {compound_coef} ({cfg.name}) was asked')
     if model is None:
         model = EfficientDetBackbone(num_classes=found, compound_coef=compound_coef)
     elif model.compound_coef != compound_coef or model.num_classes != found:
-        raise ConversionError(f'the structure model is efficientdet-d{model.compound_coef} with '
+        raise ConversionError(f'the structure model is {model.config.name} with '
                               f'{model.num_classes} classes, the file {cfg.name} with {found}')
     kmap = effdet_key_map(model)
     expected = model.state_dict()
@@ -185,6 +191,7 @@ def _cmd_effdet(args: argparse.Namespace) -> int:
                 'tf': f'convert it with: python -m efficientdet.convert tf {args.input} -c C -o OUT.pth'}
         raise UserError(f'{args.input}: not an effdet checkpoint (looks like {LAYOUT_NAMES[ck.layout]}); '
                         + hint.get(ck.layout, 'expected keys such as backbone.conv_stem.weight, fpn.cell.0…'))
+    check_variant(ck, args.compound_coef)
     try:
         sd = effdet_to_state_dict(ck.state_dict, args.compound_coef, args.num_classes)
     except ConversionError as e:
@@ -204,8 +211,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``effdet`` and ``inspect`` subcommands to ``python -m efficientdet.convert``."""
     p = subparsers.add_parser('effdet', help='rwightman effdet tf_efficientdet_d* checkpoint → .pth')
     p.add_argument('input', help='effdet .pth/.pth.tar (bare, or under state_dict / state_dict_ema / model)')
-    p.add_argument('-c', '--compound_coef', type=int, required=True, choices=range(9), metavar='C',
-                   help='0-8 (7 = D7, 8 = D7x)')
+    p.add_argument('-c', '--compound_coef', type=variant_type, required=True, metavar='C', help=VARIANT_HELP)
     p.add_argument('-o', '--output', required=True)
     p.add_argument('--num_classes', type=int, default=None, help='expected class count (checked)')
     p.set_defaults(func=_cmd_effdet)

@@ -11,14 +11,16 @@ import argparse
 import math
 from typing import Any, Dict, List
 
-from ..checkpoint import (Checkpoint, describe_coef, infer_num_classes, num_parameters, read_checkpoint,
-                          yet_another_fusion_keys)
+from ..ckpt.layout import (Checkpoint, describe_coef, infer_num_classes, num_parameters, read_checkpoint,
+                           yet_another_fusion_keys)
 from ..config import get_config
 
 
 def _origin(ck: Checkpoint) -> str:
     if ck.layout == 'ours':
         cands = ck.candidates
+        if cands and all(get_config(c).is_lite for c in cands):
+            return 'this project (full training checkpoint)' if ck.training is not None else 'this project'  # no Yet-Another Lite
         fusion = {k: s for c in cands if get_config(c).fusion == 'sum'
                   for k, s in yet_another_fusion_keys(c).items() if k in ck.state_dict}
         if fusion:
@@ -58,15 +60,18 @@ def describe_checkpoint(path: str) -> Dict[str, Any]:
 
 
 def _load_hint(info: Dict[str, Any]) -> str:
+    """The flags that load this file in every script, e.g. '-c 0 -p coco -w FILE'."""
+    if info['layout'] == 'unknown':
+        return 'not loadable'
     c = ' or '.join(f'-c {x}' for x in info['candidates']) or '-c C'
-    f = info['file']
-    if info['layout'] == 'effdet':
-        return f'python -m efficientdet.convert effdet {f} {c} -o OUT.pth  (or pass it to -w directly)'
-    if info['layout'] == 'tf':
-        return f'python -m efficientdet.convert tf {f} {c} -o OUT.pth  (or pass it to -w directly)'
-    if info['layout'] == 'ours':
-        return f'-w {f} {c}  (load_weights for inference; load_pretrained to fine-tune on other classes)'
-    return 'not loadable'
+    n = info['num_classes']
+    p = ('-p coco (the 90-slot COCO label map)' if n == 90
+         else f'-p PROJECT (a project whose obj_list has {n} entries)' if n else '-p PROJECT')
+    hint = f'{c} {p} -w {info["file"]}'
+    if info['layout'] in ('effdet', 'tf'):
+        hint += (f'  (converted on the fly; to write a .pth once: python -m efficientdet.convert '
+                 f'{info["layout"]} {info["file"]} {c} -o OUT.pth)')
+    return hint
 
 
 def format_report(info: Dict[str, Any]) -> str:
@@ -96,7 +101,8 @@ def format_report(info: Dict[str, Any]) -> str:
     if info['dropped']:
         lines.append(f"left out:       {', '.join(info['dropped'])} ({'; '.join(sorted(set(info['dropped'].values())))})")
     lines.append(f'load with:      {_load_hint(info)}')
-    if info['layout'] == 'ours' and info['training'] is None:
+    lite = bool(info['candidates']) and all(get_config(c).is_lite for c in info['candidates'])
+    if info['layout'] == 'ours' and info['training'] is None and not lite:
         lines.append("note:           Yet-Another's own weights reproduce its outputs with "
                      "EfficientDetBackbone(..., compat='zylo117')")
     return '\n'.join(lines)

@@ -7,7 +7,7 @@ input variable must be used: anything else is an error that lists the names.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Mapping, Tuple
+from typing import Callable, Dict, List, Mapping, Tuple, Union
 
 import numpy as np
 import torch
@@ -88,7 +88,7 @@ def _bn_names(prefix: str, idx: int) -> Tuple[str, str]:
 
 
 def _map_backbone(m: _Mapper, model: EfficientDetBackbone) -> None:
-    name = f'efficientnet-b{model.config.backbone_coef}'
+    name = model.config.backbone  # official scope: 'efficientnet-b0', 'efficientnet-lite0' …
     ours = 'backbone_net.model'
     m.take(f'{ours}._conv_stem.conv.weight', (f'{name}/stem/conv2d/kernel',), _conv)
     m.bn(f'{ours}._bn0', *_bn_names(f'{name}/stem', 0))
@@ -101,8 +101,9 @@ def _map_backbone(m: _Mapper, model: EfficientDetBackbone) -> None:
             bn_idx = 1
         m.take(f'{key}._depthwise_conv.conv.weight', (f'{tf_b}/depthwise_conv2d/depthwise_kernel',), _depthwise)
         m.bn(f'{key}._bn1', *_bn_names(tf_b, bn_idx))
-        m.conv_bias(f'{key}._se_reduce', f'{tf_b}/se/conv2d')
-        m.conv_bias(f'{key}._se_expand', f'{tf_b}/se/conv2d_1')
+        if block.has_se:  # Lite backbones have none
+            m.conv_bias(f'{key}._se_reduce', f'{tf_b}/se/conv2d')
+            m.conv_bias(f'{key}._se_expand', f'{tf_b}/se/conv2d_1')
         project = 'conv2d_1' if block.expand else 'conv2d'
         m.take(f'{key}._project_conv.conv.weight', (f'{tf_b}/{project}/kernel',), _conv)
         m.bn(f'{key}._bn2', *_bn_names(tf_b, bn_idx + 1))
@@ -166,12 +167,12 @@ def infer_num_classes(tf_vars: Mapping[str, Array], num_anchors: int = 9) -> int
     raise ConversionError('no class_net/class-predict/bias variable: is this an EfficientDet checkpoint?')
 
 
-def tf_to_state_dict(tf_vars: Mapping[str, Array], compound_coef: int,
+def tf_to_state_dict(tf_vars: Mapping[str, Array], compound_coef: Union[int, str],
                      num_classes: int | None = None) -> Dict[str, torch.Tensor]:
     """Convert official variables to a state_dict that ``EfficientDetBackbone(num_classes,
     compound_coef)`` loads with ``strict=True``. Raises ConversionError listing any variable that
     is missing, unused or of the wrong shape."""
-    get_config(compound_coef)
+    cfg = get_config(compound_coef)
     tf_vars = {_strip(k): v for k, v in tf_vars.items()
                if _strip(k) not in _NON_MODEL_NAMES and not _strip(k).endswith(_NON_MODEL_SUFFIXES)}
     found = infer_num_classes(tf_vars)
@@ -200,8 +201,7 @@ def tf_to_state_dict(tf_vars: Mapping[str, Array], compound_coef: int,
     if extra or (not m.missing and set(expected) - set(m.out)):
         problems.append(f'internal key mismatch: {extra[:5]} / {sorted(set(expected) - set(m.out))[:5]}')
     if problems:
-        raise ConversionError('cannot convert the TF variables to efficientdet-d'
-                              f'{compound_coef}:\n  ' + '\n  '.join(problems))
+        raise ConversionError(f'cannot convert the TF variables to {cfg.name}:\n  ' + '\n  '.join(problems))
     return {k: m.out[k] for k in expected}
 
 

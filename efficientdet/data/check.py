@@ -1,30 +1,42 @@
-"""List every problem in a project's train and val sets before training.
+"""List every problem in a project's train and val sets before training, and how well the anchors fit.
 
     python -m efficientdet.data.check -p shape [--data_path datasets/] [--projects_dir projects]
+        [-c 0] [--image_size H [W]] [--json report.json]
 
-Uses the very rules the dataset applies (:func:`efficientdet.data.dataset.index_coco` and
-:func:`~efficientdet.data.dataset.load_image_checked`), and additionally decodes every image.
-Exit status: 0 when training would use everything, 1 when it would skip something, 2 for a
-mistake that stops training altogether (missing folder, bad JSON, obj_list mismatch).
+Any ``dataset_format`` (coco, voc, yolo). Uses the very rules the dataset applies (the format's reader
+and :func:`efficientdet.data.annotations.index_coco`), and additionally decodes every image; problems
+in VOC / YOLO files are reported with file and line. The anchor fit (:mod:`.anchor_fit`) measures, at
+the network input size (``--image_size``, default the variant's), the share of training boxes whose
+best anchor IoU is >= 0.5, and suggests ``anchors_scales`` / ``anchors_ratios`` as project-file lines.
+Exit status: 0 when training would use everything, 1 when it would skip something, 2 for a mistake
+that stops training altogether (missing folder, bad JSON, obj_list mismatch).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
 
 from ..errors import run_cli
-from ..project import load_project
-from .dataset import ISSUES, CocoIndex, Issues, dataset_paths, index_coco, load_coco_json, load_image_checked
+from ..project import Project, load_project
+from .annotations import CROWD_CLASS, ISSUES, CocoIndex, Issues
+from .formats import load_split, project_split
+from .images import load_image_checked
 
 
 def check_set(root_dir: str, set_name: str, obj_list: Optional[Sequence[str]], read_images: bool = True,
-              max_examples: int = 3, workers: Optional[int] = None) -> CocoIndex:
+              max_examples: int = 3, workers: Optional[int] = None, dataset_format: str = 'coco') -> CocoIndex:
     """Validate one set; the returned index's ``issues`` also hold decode problems when
     ``read_images``."""
-    ann_file, image_dir = dataset_paths(root_dir, set_name)
-    index = index_coco(load_coco_json(ann_file), ann_file, image_dir, obj_list, max_examples=max_examples)
+    index = load_split(root_dir, set_name, obj_list, dataset_format, max_examples=max_examples)
+    return _decode_all(index, read_images, workers)
+
+
+def _decode_all(index: CocoIndex, read_images: bool, workers: Optional[int] = None) -> CocoIndex:
     if read_images and len(index.paths):
         workers = workers or min(8, os.cpu_count() or 1)
 
@@ -56,22 +68,63 @@ def format_report(set_name: str, index: CocoIndex) -> Tuple[str, int]:
     return '\n'.join(lines), issues.num_skipped
 
 
+def anchor_report(index: CocoIndex, project: Project, variant: Any, image_size: Optional[Tuple[int, int]]):
+    """Anchor fit of the non-crowd boxes of ``index`` at the variant's levels and anchor scale."""
+    from ..config import get_config
+    from ..factory import resolve_image_size
+    from .anchor_fit import fit_anchors
+    cfg = get_config(variant)
+    hw = resolve_image_size(variant, image_size)
+    keep = index.labels != CROWD_CLASS
+    img_of = np.repeat(np.arange(len(index.ranges)), index.ranges[:, 1] - index.ranges[:, 0])
+    return fit_anchors(index.boxes[keep], index.sizes[img_of[keep]].astype(np.float64), hw, cfg.levels,
+                       cfg.anchor_scale, project.anchors_scales, project.anchors_ratios)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description='Check a project\'s datasets for problems that training would skip.')
+    from ..cli import image_size_arg, variant_type
+    from ..config import VARIANT_HELP
+    from .anchor_fit import format_fit
+    ap = argparse.ArgumentParser(prog='python -m efficientdet.data.check',
+                                 description='Check a project\'s datasets for problems that training would skip, '
+                                             'and how well its anchors fit the boxes.')
     ap.add_argument('-p', '--project', default='coco', help='project name (projects/NAME.yml) or path to a yml')
     ap.add_argument('--data_path', default='datasets/', help='folder holding {project_name}/')
     ap.add_argument('--projects_dir', default='projects')
     ap.add_argument('--no_images', action='store_true', help='do not decode every image (faster)')
     ap.add_argument('--examples', type=int, default=3, help='examples listed per problem kind')
+    ap.add_argument('-c', '--compound_coef', type=variant_type, default=0,
+                    help=f'variant whose anchors and input size the anchor fit uses: {VARIANT_HELP}')
+    ap.add_argument('--image_size', type=int, nargs='+', default=None, metavar=('H', 'W'),
+                    help="network input size for the anchor fit (default: the variant's)")
+    ap.add_argument('--no_anchors', action='store_true', help='skip the anchor fit')
+    ap.add_argument('--json', default=None, metavar='FILE',
+                    help='also write the report (problem counts, anchor_coverage, suggested anchors) as JSON')
     args = ap.parse_args(argv)
     project = load_project(args.project, args.projects_dir)
-    root = os.path.join(args.data_path, project.project_name)
+    size = image_size_arg(args.image_size)
     total = 0
+    report: Dict[str, Any] = {'project': project.project_name, 'dataset_format': project.dataset_format, 'sets': {}}
+    indices = {}
     for set_name in dict.fromkeys((project.train_set, project.val_set)):
-        index = check_set(root, set_name, project.obj_list, not args.no_images, max(args.examples, 0))
+        index = _decode_all(project_split(project, set_name, args.data_path, max_examples=max(args.examples, 0)),
+                            not args.no_images)
+        indices[set_name] = index
         text, skipped = format_report(set_name, index)
         print(text)
         total += skipped
+        report['sets'][set_name] = {'images': int(len(index.image_ids)), 'boxes': int(len(index.labels)),
+                                    'skipped': skipped, 'issues': {k: v for k, v in index.issues.counts.items() if v},
+                                    'examples': {k: v for k, v in index.issues.examples.items() if v}}
+    if not args.no_anchors:
+        fit = anchor_report(indices[project.train_set], project, args.compound_coef, size)
+        print(f'{project.train_set}: ' + format_fit(fit))
+        report.update(fit.to_json())
+    report['result'] = 'skips' if total else 'clean'
+    if args.json:
+        from ..ckpt.files import atomic_write
+        atomic_write(args.json, lambda f: json.dump(report, f, indent=1), binary=False)
+        print(f'wrote {args.json}')
     if total:
         print(f'result: training would skip {total} item(s); fix them or accept that they are left out')
         return 1

@@ -15,7 +15,7 @@ dropped when (nearly) empty.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -141,3 +141,46 @@ class DetectionTransform:
     def __repr__(self) -> str:
         return (f'DetectionTransform(output_size={self.output_size}, augment={self.augment}, '
                 f'scale_range={self.scale_range}, flip_prob={self.flip_prob})')
+
+
+#: A user augmentation: (image RGB uint8 [H, W, 3], boxes float32 [N, 4] xyxy pixels, labels int64 [N])
+#: → the same three, boxes in the returned image's pixels.
+UserTransform = Callable[[np.ndarray, np.ndarray, np.ndarray], Tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def apply_user_transform(fn: UserTransform, image: np.ndarray, boxes: np.ndarray,
+                         labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Call a user transform and check what it returns (TypeError naming it otherwise): image
+    uint8 [H', W', 3], boxes float32 [M, 4] xyxy pixels of that image, labels int64 [M]."""
+    name = getattr(fn, '__name__', type(fn).__name__)
+    out = fn(image, np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(labels, np.int64).reshape(-1))
+    if not isinstance(out, (tuple, list)) or len(out) != 3:
+        raise TypeError(f'transform {name} must return (image, boxes, labels), got {type(out).__name__}')
+    img, b, lab = np.asarray(out[0]), np.asarray(out[1], np.float32), np.asarray(out[2])
+    if img.ndim != 3 or img.shape[2] != 3 or min(img.shape[:2]) < 1:
+        raise TypeError(f'transform {name} returned an image of shape {img.shape}; expected [H, W, 3] RGB')
+    if img.dtype != np.uint8:
+        img = np.clip(np.rint(img) if np.issubdtype(img.dtype, np.floating) else img, 0, 255).astype(np.uint8)
+    b = b.reshape(-1, 4) if b.size else np.zeros((0, 4), np.float32)
+    lab = lab.reshape(-1).astype(np.int64)
+    if len(b) != len(lab):
+        raise TypeError(f'transform {name} returned {len(b)} boxes but {len(lab)} labels')
+    return np.ascontiguousarray(img), b, lab
+
+
+def albumentations_transform(compose: Any, label_field: str = 'labels') -> UserTransform:
+    """Adapt an albumentations ``Compose`` built with
+    ``bbox_params=A.BboxParams(format='pascal_voc', label_fields=['labels'])`` to the dataset's
+    ``transform=`` hook (image RGB uint8, boxes xyxy pixels = albumentations' pascal_voc)."""
+    params = getattr(compose, 'processors', {}).get('bboxes')
+    fmt = getattr(getattr(params, 'params', None), 'format', None)
+    if fmt is not None and fmt != 'pascal_voc':
+        raise ValueError(f"albumentations BboxParams format must be 'pascal_voc' (x1, y1, x2, y2 pixels), got {fmt!r}")
+
+    def transform(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray
+                  ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        out = compose(image=image, bboxes=boxes, **{label_field: labels})
+        return out['image'], np.asarray(out['bboxes'], np.float32).reshape(-1, 4), np.asarray(out[label_field])
+
+    transform.__name__ = f'albumentations({type(compose).__name__})'
+    return transform

@@ -1,0 +1,89 @@
+"""Target 'torch': the PyTorch model itself (the fused inference model by default).
+
+:class:`TorchModel` runs an ``EfficientDetBackbone`` (or its fused copy, ``efficientdet.fuse``)
+with the runtimes' contract: the best class is taken on the logits (the sigmoid then runs on
+[B, A] values, not [B, A, C]); with ``half`` the network runs under autocast (float16 on CUDA,
+bfloat16 on CPU: :func:`half_dtype`) while anchors, regression and scores come out float32, so
+decoding is always float32 — the one meaning of ``--half`` in every script.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..postprocess import BestClass
+from .base import Output, Target
+
+__all__ = ['TorchModel', 'half_dtype', 'TARGET']
+
+
+def half_dtype(device: Union[str, torch.device], kind: str = 'auto') -> torch.dtype:
+    """The autocast dtype of ``--half`` on ``device``: 'auto' = float16 on CUDA, bfloat16 on CPU
+    (CPU autocast has no float16 convolutions); 'float16' / 'bfloat16' explicitly."""
+    dev = torch.device(device)
+    if kind == 'auto':
+        kind = 'float16' if dev.type == 'cuda' else 'bfloat16'
+    if kind == 'float16' and dev.type != 'cuda':
+        raise UserError('--half_dtype float16 needs --device cuda:0 (CPU autocast supports bfloat16 only)')
+    if kind not in ('float16', 'bfloat16'):
+        raise UserError(f'--half_dtype {kind!r}: choose auto, float16 or bfloat16')
+    return torch.float16 if kind == 'float16' else torch.bfloat16
+
+
+class TorchModel:
+    """``model`` on ``device`` in eval mode, called with the runtimes' contract (see the module
+    docstring). ``fuse``: run the fused copy (``efficientdet.fuse``; default: when the model can
+    be fused and runs in float32 without autocast, where it is the fastest path); ``half``:
+    autocast, ``half_kind`` as :func:`half_dtype`."""
+
+    name = 'torch'
+    training = False
+
+    def __init__(self, model: nn.Module, device: Union[str, torch.device] = 'cpu', half: bool = False,
+                 half_kind: str = 'auto', fuse: Optional[bool] = None, channels_last: bool = True,
+                 fast: Optional[bool] = None, image_size=None):
+        self.device = torch.device(device)
+        self.half = half_dtype(self.device, half_kind) if half else None
+        model = model.to(self.device).eval()
+        self.source = model
+        if fuse is None:
+            fuse = hasattr(model, 'fuse') and self.half is None
+        self.fused = bool(fuse)
+        self.channels_last = channels_last
+        self.net = model.fuse(channels_last=channels_last, image_size=image_size, fast=fast) if fuse else model
+        if not fuse and channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.image_size = getattr(self.net, 'image_size', None)
+
+    def eval(self) -> 'TorchModel':
+        return self
+
+    def train(self, mode: bool = True) -> 'TorchModel':
+        return self
+
+    def parameters(self):
+        return self.source.parameters()
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.source.num_classes)
+
+    def __call__(self, x: torch.Tensor) -> Output:
+        x = x.to(self.device, torch.float32)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        ctx = torch.autocast(self.device.type, dtype=self.half) if self.half is not None else nullcontext()
+        with ctx:
+            _, regression, logits, anchors = self.net(x, return_logits=True)
+        return None, regression.float(), BestClass.from_logits(logits), anchors.float()
+
+
+class _TorchTarget(Target):
+    name = 'torch'
+
+
+TARGET = _TorchTarget()

@@ -1,0 +1,161 @@
+"""Target 'openvino': OpenVINO IR (``.xml`` + ``.bin``) run by the OpenVINO runtime on the CPU.
+
+``python -m efficientdet.export openvino -o d0.xml`` writes the ONNX graph of the fused model
+(``onnx_graph``) and converts it with ``openvino.convert_model`` (float32 weights kept), with the
+export's metadata in the IR's ``rt_info`` (section ``efficientdet``). The runtime also runs a
+``.onnx`` file from ``python -m efficientdet.export onnx`` directly.
+
+Needs the optional ``openvino`` package (``pip install openvino`` or ``pip install
+.[openvino]``). Inference precision is float32 by default (OpenVINO would otherwise pick bf16 on
+CPUs that have it); a network per batch size is compiled on first use of that size.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import UserError
+from . import onnx_graph
+from .base import Runtime, SizeLike, Target, parse_meta
+
+__all__ = ['OpenVINOModel', 'TARGET', 'require_openvino']
+
+_META_SECTION = 'efficientdet'
+
+
+def require_openvino():
+    """The ``openvino`` module, or UserError saying how to install it."""
+    try:
+        import openvino
+    except ImportError:
+        raise UserError('--backend openvino needs the openvino package: pip install openvino '
+                        '(or pip install .[openvino])') from None
+    return openvino
+
+
+def _read_meta(ov_model, path: str) -> Dict[str, str]:
+    if path.lower().endswith('.onnx'):  # OpenVINO does not carry ONNX metadata_props over
+        try:
+            import onnx
+            return {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
+        except ImportError:
+            return {}
+    if not ov_model.has_rt_info([_META_SECTION]):
+        return {}
+    section = ov_model.get_rt_info()[_META_SECTION]
+    return {k: ov_model.get_rt_info([_META_SECTION, k]).astype(str) for k in section}
+
+
+class OpenVINOModel(Runtime):
+    """An OpenVINO IR (``.xml``) or ``.onnx`` file compiled for the CPU (contract:
+    ``efficientdet.runtimes.base``).
+
+    ``threads``: inference threads (None: OpenVINO's default); one stream, latency hint.
+    ``precision``: 'f32' (default, same numbers as torch within 1e-4) or 'bf16' / 'f16' where the
+    CPU supports them.
+    """
+
+    name = 'openvino'
+
+    def __init__(self, path: str, threads: Optional[int] = None, precision: str = 'f32', device: str = 'CPU'):
+        ov = require_openvino()
+        if not os.path.isfile(path):
+            raise UserError(f'{path}: no such OpenVINO IR / ONNX file; export one with python -m efficientdet.export '
+                            f'openvino ... -o {path}')
+        self.core = ov.Core()
+        try:
+            self.model = self.core.read_model(path)
+        except Exception as e:  # OpenVINO raises RuntimeError subclasses of its own
+            raise UserError(f'{path}: OpenVINO cannot read it ({str(e).splitlines()[0]})') from None
+        self.path = path
+        self.meta = parse_meta(_read_meta(self.model, path))
+        self.output_names = [o.get_any_name() for o in self.model.outputs]
+        shape = self.model.inputs[0].get_partial_shape()
+        hw = shape[2], shape[3]
+        self.image_size = (hw[0].get_length(), hw[1].get_length()) if all(d.is_static for d in hw) else None
+        self.config: Dict[str, Any] = {'PERFORMANCE_HINT': 'LATENCY', 'NUM_STREAMS': 1,
+                                       'INFERENCE_PRECISION_HINT': precision}
+        if threads:
+            self.config['INFERENCE_NUM_THREADS'] = int(threads)
+        self.ov_device = device
+        self._compiled: Dict[int, Tuple[Any, Any]] = {}  # batch size -> (compiled model, infer request)
+
+    def _request(self, batch: int):
+        if batch not in self._compiled:
+            model = self.model.clone()
+            if model.inputs[0].get_partial_shape()[0].is_dynamic:
+                shape = model.inputs[0].get_partial_shape()
+                shape[0] = batch
+                model.reshape({model.inputs[0]: shape})  # a static batch: OpenVINO plans it once
+            try:
+                compiled = self.core.compile_model(model, self.ov_device, self.config)
+            except Exception as e:
+                raise UserError(f'{self.path}: OpenVINO cannot compile it for {self.ov_device} '
+                                f'({str(e).splitlines()[0]})') from None
+            self._compiled[batch] = (compiled, compiled.create_infer_request())
+        return self._compiled[batch][1]
+
+    def run(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """All outputs by name, as torch tensors (copies: the next call reuses OpenVINO's buffers)."""
+        self.check_input(x)
+        arr = np.ascontiguousarray(x.detach().to('cpu', torch.float32).numpy())
+        req = self._request(arr.shape[0])
+        req.infer({0: arr})
+        return {name: torch.from_numpy(np.array(req.get_output_tensor(i).data))
+                for i, name in enumerate(self.output_names)}
+
+
+class _OpenVINOTarget(Target):
+    name = 'openvino'
+    export_format = 'openvino'
+    suffix = '.xml'
+    requires = ('onnx', 'openvino')
+
+    def add_export_arguments(self, p: argparse.ArgumentParser) -> None:
+        onnx_graph.add_graph_arguments(p)
+
+    def export_options(self, args: argparse.Namespace) -> Dict[str, Any]:
+        return {k: getattr(args, k) for k in ('head', 'opset', 'dynamic_batch')}
+
+    def export(self, model: nn.Module, path: str, image_size: Optional[SizeLike] = None, verify: bool = True,
+               atol: float = 1e-4, **options) -> Dict[str, float]:
+        """IR at ``path`` (``.xml``; the weights go to the ``.bin`` beside it), through the ONNX
+        graph (options: ``onnx_graph.export_graph``'s, without NMS); checked against the eager model
+        in OpenVINO unless ``verify=False``."""
+        ov = require_openvino()
+        if not path.lower().endswith('.xml'):
+            raise UserError(f'-o {path}: an OpenVINO IR is an .xml file (its weights go to the .bin beside it)')
+        if options.get('with_nms'):
+            raise UserError('--with-nms is for the onnx export; OpenVINO runs the raw outputs')
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder, prefix='.export_') as tmp:
+            onnx_path = os.path.join(tmp, 'graph.onnx')
+            reference, names, size = onnx_graph.export_graph(model, onnx_path, image_size, **options)
+            meta = _read_meta(None, onnx_path)
+            ov_model = ov.convert_model(onnx_path)
+            for k, v in meta.items():
+                ov_model.set_rt_info(v, [_META_SECTION, k])
+            tmp_xml = os.path.join(tmp, 'model.xml')
+            ov.save_model(ov_model, tmp_xml, compress_to_fp16=False)
+            os.replace(tmp_xml[:-4] + '.bin', path[:-4] + '.bin')  # .bin first: the .xml names it
+            os.replace(tmp_xml, path)
+        if not verify:
+            return {}
+        batch = 2 if options.get('dynamic_batch', True) else 1
+        return onnx_graph.verify(path, OpenVINOModel(path), reference, names, size, atol, batch)
+
+    def load(self, path: str, threads: Optional[int] = None, device: str = 'cpu',
+             providers: Optional[Sequence[str]] = None) -> OpenVINOModel:
+        if device not in ('cpu', None):
+            raise UserError('--backend openvino runs on the CPU here; use --device cpu')
+        return OpenVINOModel(path, threads)
+
+
+TARGET = _OpenVINOTarget()

@@ -1,0 +1,241 @@
+"""The commands a user types with released COCO checkpoints, run as subprocesses, for each released
+layout (official TF variables .npz, Yet-Another-EfficientDet-Pytorch .pth, effdet .pth; 90 classes):
+
+    python -m efficientdet.convert inspect FILE
+    python -m efficientdet.convert {tf,effdet} FILE -c 0 -o OUT.pth       (layouts that convert)
+    python coco_eval.py -p coco -c 0 -w FILE ...                          (real COCO images)
+    python efficientdet_test.py FOLDER -p coco -c 0 -w FILE ...
+    python -m efficientdet.export onnx -c 0 -p coco -w FILE ...
+    python benchmark.py -c 0 -p coco -w FILE ...
+
+The fixture weights are random, so mAP is ~0: the tests check exit codes, that coco_eval.py and
+efficientdet_test.py find the same detections in the same image, that class indices land on the
+right COCO category ids (and placeholders never appear), and, separately, that the 90-slot label
+map scores ground truth at mAP 1.0. Also the newcomer's details (misspelled yml keys, YAML
+errors with line and column, a size the model cannot run, ``--help`` naming the module).
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import COCO_TINY, ROOT, need_shared
+from efficientdet.ckpt.files import atomic_save
+from efficientdet.errors import UserError
+from efficientdet.evaluation import COCOEvaluator
+from efficientdet.project import load_project
+
+SIZE = '256'
+N_IMAGES = 2
+ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
+LAYOUTS = ('tf', 'yet_another', 'effdet')
+
+
+def _run(*args, cwd=ROOT, timeout=300):
+    """A command as the user types it; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def _ok(p):
+    assert p.returncode == 0, (p.args, p.stdout[-2000:], p.stderr[-3000:])
+    return p.stdout
+
+
+def _torch_file(npz_path: str, out: str) -> str:
+    """A released-layout .pth: the fixture's tensors (stored float16) saved as float32."""
+    with np.load(npz_path) as z:
+        atomic_save({k: torch.from_numpy(z[k].astype(np.float32)) for k in z.files}, out)
+    return out
+
+
+@pytest.fixture(scope='module')
+def released(tmp_path_factory):
+    """The three released layouts as files, and coco_tiny where ``-p coco`` looks for it."""
+    root = tmp_path_factory.mktemp('journeys')
+    files = {
+        'tf': str(shutil.copy(need_shared('fixtures', 'tf_d0', 'tf_weights.npz'), root / 'efficientdet-d0.npz')),
+        'yet_another': _torch_file(need_shared('fixtures', 'zylo117_d0', 'zylo117_state_dict.npz'),
+                                   str(root / 'efficientdet-d0.pth')),
+        'effdet': _torch_file(need_shared('fixtures', 'effdet_d0', 'effdet_state_dict.npz'),
+                              str(root / 'tf_efficientdet_d0.pth')),
+    }
+    need_shared('data', 'coco_tiny', 'val2017')
+    (root / 'datasets').mkdir()
+    os.symlink(COCO_TINY, root / 'datasets' / 'coco')  # {data_path}/{project_name}/ of coco.yml
+    with open(os.path.join(COCO_TINY, 'annotations', 'instances_val2017.json')) as f:
+        gt = json.load(f)
+    return {'root': root, 'files': files, 'gt': gt}
+
+
+def _compat(layout):
+    return ['--compat', 'zylo117'] if layout == 'yet_another' else []
+
+
+@pytest.mark.parametrize('layout', LAYOUTS)
+def test_released_checkpoint_journey(released, layout, tmp_path):
+    weights = released['files'][layout]
+    gt = released['gt']
+    cat_name = {c['id']: c['name'] for c in gt['categories']}
+    cat_id = {c['name']: c['id'] for c in gt['categories']}
+    obj_list = load_project('coco').obj_list
+
+    # 1. what is this file?
+    info = _ok(_run('-m', 'efficientdet.convert', 'inspect', weights))
+    assert 'efficientdet-d0 (-c 0)' in info and 'num_classes:    90' in info and '-p coco' in info
+
+    # 2. layouts other than this project's also convert to a plain .pth once (loaded strictly below)
+    converted = weights
+    if layout != 'yet_another':
+        converted = str(tmp_path / 'converted.pth')
+        _ok(_run('-m', 'efficientdet.convert', layout, weights, '-c', '0', '-o', converted))
+        wrong = _run('-m', 'efficientdet.convert', layout, weights, '-c', '1', '-o', str(tmp_path / 'x.pth'))
+        assert wrong.returncode == 2 and wrong.stderr.count('\n') == 1
+        assert 'this file is efficientdet-d0' in wrong.stderr and 'pass -c 0' in wrong.stderr
+
+    # 3. COCO evaluation on real COCO images, straight from the released file
+    out_dir = tmp_path / 'eval'
+    ev = _ok(_run('coco_eval.py', '-p', 'coco', '-c', '0', '-w', weights, '--data_path',
+                  str(released['root'] / 'datasets'), '--image_size', SIZE, '--max_images', str(N_IMAGES),
+                  '--device', 'cpu', '--output_dir', str(out_dir), '--no_progress', *_compat(layout)))
+    assert f'({N_IMAGES} images' in ev
+    results = json.loads((out_dir / 'val2017_bbox_results.json').read_text())
+    assert results, 'random heads give detections above 0.05'
+    assert {r['category_id'] for r in results} <= set(cat_name)  # the 10 placeholder ids never appear
+    lines = ev.splitlines()
+    head = next(k for k, line in enumerate(lines) if line.startswith('class '))
+    end = next(k for k in range(head + 2, len(lines)) if lines[k].startswith('---'))
+    rows = [line.split('  ')[0].strip() for line in lines[head + 2:end]]
+    assert sorted(rows) == sorted(cat_name.values())  # per-class table: the 80 categories, no placeholder
+
+    # 4. the same images through efficientdet_test.py (a folder, batched), from the converted file
+    images = {r['image_id'] for r in results}
+    by_id = {im['id']: im for im in gt['images']}
+    folder = tmp_path / 'images'
+    folder.mkdir()
+    for i in images:
+        shutil.copy(os.path.join(COCO_TINY, 'val2017', by_id[i]['file_name']), folder)
+    out = tmp_path / 'test_out'
+    _ok(_run('efficientdet_test.py', str(folder), '-p', 'coco', '-c', '0', '-w', converted, '--image_size', SIZE,
+             '--threshold', '0.05', '--iou', '0.5', '--nms', 'hard', '--max_det', '100', '--batch_size', '2',
+             '--device', 'cpu', '-o', str(out), *_compat(layout)))
+    for i in images:
+        stem = os.path.splitext(by_id[i]['file_name'])[0]
+        dets = json.loads((out / f'{stem}.json').read_text())['detections']
+        assert all(obj_list[d['class_id']] == d['class_name'] != '' for d in dets)  # no placeholder output
+        mine = [(d['score'], cat_id[d['class_name']], [d['x1'], d['y1'], d['x2'] - d['x1'], d['y2'] - d['y1']])
+                for d in dets]
+        theirs = [(r['score'], r['category_id'], r['bbox']) for r in results if r['image_id'] == i]
+        assert len(mine) == len(theirs) > 0
+        for s2, c2, b2 in theirs:  # the same detections (order among equal scores may differ)
+            hit = next((k for k, (s1, c1, b1) in enumerate(mine) if c1 == c2 and abs(s1 - s2) < 1e-3
+                        and np.abs(np.subtract(b1, b2)).max() < 0.05), None)
+            assert hit is not None, (s2, cat_name[c2], b2)
+            mine.pop(hit)
+
+
+@pytest.mark.parametrize('layout', LAYOUTS)
+def test_released_checkpoint_export_and_benchmark(released, layout, tmp_path):
+    weights = released['files'][layout]
+    onnx_path = str(tmp_path / 'd0.onnx')
+    _ok(_run('-m', 'efficientdet.export', 'onnx', '-c', '0', '-p', 'coco', '-w', weights, '--image_size', SIZE,
+             '-o', onnx_path, *_compat(layout)))
+    assert os.path.getsize(onnx_path) > 1_000_000
+    bench = _ok(_run('benchmark.py', '-c', '0', '-p', 'coco', '-w', weights, '--image_size', SIZE, '--iters', '2',
+                     '--warmup', '1', '--threads', '1', '--device', 'cpu', '--json', str(tmp_path / 'b.json')))
+    result = json.loads((tmp_path / 'b.json').read_text())
+    assert result['latency_ms_median'] > 0, bench
+
+
+def test_coco_label_map_scores_ground_truth_at_map_1(released):
+    """Class index i of projects/coco.yml is COCO category id i + 1 (the official label map); ground
+    truth given as detections with label = category id - 1 scores mAP 1.0 through the project's own
+    category resolution, and the ten placeholder slots match no category."""
+    from efficientdet.data.dataset import CocoDataset
+    project = load_project('coco')
+    assert len(project.obj_list) == 90
+    assert [i + 1 for i, n in enumerate(project.obj_list) if n == ''] == [12, 26, 29, 30, 45, 66, 68, 69, 71, 83]
+    ds = CocoDataset(COCO_TINY, 'val2017', project.obj_list, 256, augment=False)
+    cat_ids = [None if c is None or c < 0 else int(c) for c in ds.cat_ids]
+    for i, n in enumerate(project.obj_list):
+        assert cat_ids[i] == (None if n == '' else i + 1), (i, n)
+    gt = released['gt']
+    ev = COCOEvaluator(ds.coco, cat_ids=ds.cat_ids, class_names=project.obj_list)
+    anns = [a for a in gt['annotations'] if not a['iscrowd']]
+    image_ids = sorted({a['image_id'] for a in anns})
+    for i in image_ids:
+        mine = [a for a in anns if a['image_id'] == i]
+        xyxy = np.array([[a['bbox'][0], a['bbox'][1], a['bbox'][0] + a['bbox'][2], a['bbox'][1] + a['bbox'][3]]
+                         for a in mine], dtype=np.float64)
+        ev.update([i], [{'boxes': xyxy, 'scores': np.ones(len(mine)),
+                         'labels': np.array([a['category_id'] - 1 for a in mine])}])
+    m = ev.compute(image_ids=image_ids)
+    assert m['stats'][0] == pytest.approx(1.0)
+    # one class off (id + 1) and the score collapses: the test can fail
+    ev2 = COCOEvaluator(ds.coco, cat_ids=ds.cat_ids, class_names=project.obj_list)
+    for i in image_ids:
+        mine = [a for a in anns if a['image_id'] == i and a['category_id'] < 90]
+        if not mine:
+            continue
+        xyxy = np.array([[a['bbox'][0], a['bbox'][1], a['bbox'][0] + a['bbox'][2], a['bbox'][1] + a['bbox'][3]]
+                         for a in mine], dtype=np.float64)
+        ev2.update([i], [{'boxes': xyxy, 'scores': np.ones(len(mine)),
+                          'labels': np.array([a['category_id'] for a in mine])}])
+    assert ev2.compute(image_ids=image_ids)['stats'][0] < 0.2
+
+
+def test_80_name_project_still_works_with_an_80_class_head(tmp_path):
+    """A project listing only the 80 names builds an 80-class head; a 90-class file is refused in
+    one line that says to pass -p coco."""
+    from efficientdet.factory import build_model
+    names = [n for n in load_project('coco').obj_list if n]
+    yml = tmp_path / 'coco80.yml'
+    yml.write_text('project_name: coco\ntrain_set: train2017\nval_set: val2017\nobj_list: '
+                   + json.dumps(names) + '\n')
+    assert build_model(0, project=str(yml)).num_classes == 80
+    with pytest.raises(UserError) as e:
+        build_model(0, project=str(yml), weights=need_shared('fixtures', 'tf_d0', 'tf_weights.npz'))
+    assert '90 classes' in str(e.value) and 'pass -p coco' in str(e.value) and '\n' not in str(e.value)
+    # fine-tuning keeps everything but the classifier
+    model = build_model(0, project=str(yml), weights=need_shared('fixtures', 'tf_d0', 'tf_weights.npz'),
+                        finetune=True, verbose=False)
+    assert model.num_classes == 80
+
+
+# ------------------------------------------------------------------------------ newcomer's details
+def test_misspelled_yml_key_is_reported(tmp_path):
+    yml = tmp_path / 'p.yml'
+    yml.write_text("project_name: p\ntrain_set: t\nval_set: v\nobj_list: ['a']\nanchor_scales: '[1.0]'\n")
+    with pytest.raises(UserError, match=r"unknown field 'anchor_scales'.*did you mean 'anchors_scales'"):
+        load_project(str(yml))
+
+
+def test_yaml_error_gives_line_and_column(tmp_path):
+    yml = tmp_path / 'p.yml'
+    yml.write_text("project_name: p\ntrain_set: t\nval_set: v\nobj_list: ['a', 'b'\n")
+    with pytest.raises(UserError, match=r'p\.yml:\d+:\d+: not valid YAML'):
+        load_project(str(yml))
+
+
+def test_model_rejects_a_size_it_cannot_run_clearly():
+    """``model(x)`` at a size the official model cannot run raises a clear error (the rule of
+    config.check_image_size), not a shape error deep inside the BiFPN."""
+    from efficientdet.config import check_image_size
+    from efficientdet.model import EfficientDetBackbone
+    bad = (64, 512)
+    with pytest.raises(ValueError) as rule:
+        check_image_size(*bad, 0)
+    model = EfficientDetBackbone(num_classes=2, compound_coef=0).eval()
+    with pytest.raises(ValueError) as e, torch.no_grad():
+        model(torch.zeros(1, 3, *bad))
+    assert str(e.value) == str(rule.value)
+
+
+@pytest.mark.parametrize('module', ['efficientdet.convert', 'efficientdet.export'])
+def test_help_names_the_module(module):
+    out = _ok(_run('-m', module, '--help'))
+    assert out.startswith(f'usage: python -m {module}')
