@@ -3,21 +3,24 @@
     python benchmark.py -c 0                                   # torch, end2end, 512x512, batch 1
     python benchmark.py -c 0 --threads 2 --mode forward --json d0.json
     python benchmark.py -c 0 --backend onnxruntime --threads 2
+    python benchmark.py -c 0 --backend openvino --threads 2 --json d0_ov.json
     python benchmark.py -c 2 --batch_size 8 --device cuda:0 --half   # "extreme FPS"
 
 Every iteration processes the same content: a fixed synthetic camera frame (``--camera_size``,
 640x480 by default), generated in memory as OpenCV would decode it (uint8 HWC, B, G, R), or
-``--image PATH`` decoded once before timing. ``--mode end2end`` (default) times
-BGR->RGB + letterbox + normalise (``efficientdet.preprocess``), the forward pass, and the
+``--image PATH`` decoded once before timing. ``--mode end2end`` (default) runs the pipeline of
+``efficientdet.detector.Detector`` stage by stage: preprocessing (letterbox + normalisation straight
+from the uint8 B, G, R frame into the batch), the forward pass of ``--backend``
+(``efficientdet.runtimes``; exported backends take each anchor's best class in the graph), and the
 post-processing (``efficientdet.postprocess.detect``: score threshold and top-k before a batched
-per-class NMS, boxes mapped back to the original image). ``--mode forward`` times the forward
-pass alone on a prepared input batch. Warm-up runs come first and are not timed.
+per-class NMS on the candidates, boxes mapped back to the original image). ``--mode forward`` times
+the forward pass alone on a prepared input batch. Warm-up runs come first and are not timed.
 
 Reported (and written with ``--json``): latency_ms_median / _p90 / _mean / _min / _max over the
 timed runs, fps (= 1000 / median: calls per second of one stream), images_per_second
 (= batch_size x fps: with batch > 1 the "extreme FPS" throughput), per-stage medians in
-end2end mode, peak_memory_mb (CPU: peak resident set size of the process, from /proc; CUDA: max
-allocated), device (CPU model from /proc/cpuinfo or the GPU name), threads, versions, backend,
+end2end mode (preprocess, forward, postprocess, end2end) and end2end_minus_forward_ms_median,
+peak_memory_mb (CPU: peak resident set size of the process, from /proc; CUDA: max allocated), device (CPU model from /proc/cpuinfo or the GPU name), threads, versions, backend,
 mode and every setting. Random weights unless ``-w``: random heads score ~0.01, so with the
 default threshold almost nothing reaches NMS; ``num_detections`` is reported.
 """
@@ -37,8 +40,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from efficientdet.cli import parse_device
+from efficientdet.cli import add_model_args, image_size_arg, parse_device
+from efficientdet.detector import Detector
 from efficientdet.errors import UserError, run_cli
+from efficientdet.runtimes import BACKENDS
 
 # --------------------------------------------------------------------------- machine facts
 
@@ -146,21 +151,6 @@ def _set_threads(threads: Optional[int]) -> int:
     return torch.get_num_threads()
 
 
-def _device(name: str) -> torch.device:
-    return parse_device(name)
-
-
-def _half_dtype(args: argparse.Namespace, dev: torch.device) -> Optional[torch.dtype]:
-    if not args.half:
-        return None
-    kind = args.half_dtype
-    if kind == 'auto':
-        kind = 'float16' if dev.type == 'cuda' else 'bfloat16'
-    if kind == 'float16' and dev.type != 'cuda':
-        raise UserError('--half_dtype float16 needs --device cuda:0 (CPU autocast supports bfloat16 only)')
-    return torch.float16 if kind == 'float16' else torch.bfloat16
-
-
 def _sync(dev: torch.device) -> None:
     if dev.type == 'cuda':
         torch.cuda.synchronize(dev)
@@ -190,117 +180,68 @@ class _CudaGraphRunner:
 
 def build_runner(args: argparse.Namespace, dev: torch.device, size: Tuple[int, int], workdir: str
                  ) -> Tuple[Callable[[torch.Tensor], Any], Dict[str, Any], Dict[str, Any]]:
-    """The forward callable ``f(batch [B, 3, H, W]) -> (features|None, regression, classification,
-    anchors)``, the project settings (mean, std) and notes for the report."""
-    from efficientdet.export import build_model, export_onnx, export_torchscript
+    """The forward callable ``f(batch [B, 3, H, W]) -> (features|None, regression, scores,
+    anchors)`` of ``--backend`` (``efficientdet.runtimes``), the normalisation and class count
+    (mean, std, num_classes) and notes for the report. Without ``--model`` the model is built
+    (``factory.build_model``) and, for an exported backend, exported to ``workdir`` first."""
+    from efficientdet.config import resolve_normalization
+    from efficientdet.runtimes import get_target, load_runtime
     notes: Dict[str, Any] = {}
     proj: Dict[str, Any] = {}
     if args.backend != 'torch' and (args.half or args.compile or args.cuda_graphs):
         raise UserError('--half, --compile and --cuda_graphs apply to --backend torch only')
+    if args.providers and args.backend != 'onnxruntime':
+        raise UserError('--providers is for --backend onnxruntime')
     if args.model is not None and args.backend == 'torch':
-        raise UserError('--model is for --backend onnxruntime / torchscript; the torch backend takes -w weights')
+        raise UserError('--model is for the exported backends (onnxruntime, openvino, torchscript); the torch '
+                        'backend takes -w weights')
+    target = get_target(args.backend)
     if args.model is None:
-        model = build_model(args.compound_coef, args.num_classes, args.weights, args.project, args.projects_dir)
-        proj = getattr(model, 'export_extra', {}) or {}
+        from efficientdet.factory import build_model
+        project = None
+        if args.project is not None:
+            from efficientdet.project import load_project
+            project = load_project(args.project, args.projects_dir)
+        model = build_model(args.compound_coef, num_classes=args.num_classes, project=project, weights=args.weights,
+                            image_size=size, compat=args.compat, verbose=False).eval()
+        mean, std = resolve_normalization(args.compound_coef, project.mean if project else None,
+                                          project.std if project else None)
+        proj = {'mean': mean, 'std': std, 'num_classes': model.num_classes}
         notes['weights'] = args.weights or 'random (official init)'
         notes['num_classes'] = model.num_classes
-    if args.backend == 'onnxruntime':
-        from efficientdet.backends import OnnxRuntimeModel
-        if dev.type != 'cpu':
-            raise UserError('--backend onnxruntime is benchmarked on the CPU here; use --device cpu')
+    if args.backend != 'torch':
         path = args.model
         if path is None:
-            path = os.path.join(workdir, 'model.onnx')
+            path = os.path.join(workdir, 'model' + target.suffix)
             t = time.perf_counter()
-            export_onnx(model, path, size, fuse=args.fuse, verify=args.verify)
+            options: Dict[str, Any] = {'fuse': args.fuse, 'verify': args.verify}
+            if args.backend == 'torchscript':
+                options['channels_last'] = args.channels_last
+            target.export(model.to(dev) if args.backend == 'torchscript' else model, path, size, **options)
             notes['export_s'] = round(time.perf_counter() - t, 2)
-        runner = OnnxRuntimeModel(path, threads=args.threads)
+        runner = load_runtime(args.backend, path, threads=args.threads, device=str(dev),
+                              providers=args.providers.split(',') if args.providers else None)
         if runner.with_nms:
             raise UserError(f'{path} was exported --with-nms; benchmark a raw export (no --with-nms)')
-        proj.update({k: runner.meta[k] for k in ('mean', 'std') if k in runner.meta})
-        return runner, proj, notes
-    if args.backend == 'torchscript':
-        from efficientdet.backends import TorchScriptModel
-        path = args.model
-        if path is None:
-            path = os.path.join(workdir, 'model.pt')
-            t = time.perf_counter()
-            export_torchscript(model.to(dev), path, size, fuse=args.fuse, channels_last=args.channels_last,
-                               verify=args.verify)
-            notes['export_s'] = round(time.perf_counter() - t, 2)
-        runner = TorchScriptModel(path, threads=args.threads, device=str(dev))
-        proj.update({k: runner.meta[k] for k in ('mean', 'std') if k in runner.meta})
+        proj.update({k: runner.meta[k] for k in ('mean', 'std', 'num_classes') if k in runner.meta})
         return runner, proj, notes
 
-    # torch eager
-    model = model.to(dev)
-    if args.fuse:
-        from efficientdet.fuse import fuse_model
-        net = fuse_model(model, channels_last=args.channels_last, image_size=size, fast=args.fast)
-        notes['cpu_fast_path'] = any(getattr(m, 'fast', False) for m in net.modules())
-    else:
-        net = model.to(memory_format=torch.channels_last) if args.channels_last else model
-    net.eval()
-    half = _half_dtype(args, dev)
-    fn: Callable = net
+    from efficientdet.runtimes.eager import TorchModel
+    torch_model = TorchModel(model, dev, half=args.half, half_kind=args.half_dtype, fuse=args.fuse,
+                             channels_last=args.channels_last, fast=args.fast, image_size=size)
+    if args.half:
+        notes['half'] = f'autocast {str(torch_model.half).replace("torch.", "")}; anchors and decoding float32'
+    notes['cpu_fast_path'] = any(getattr(m, 'fast', False) for m in torch_model.net.modules())
     if args.compile:
-        fn = torch.compile(net)
+        torch_model.net = torch.compile(torch_model.net)
         notes['compile'] = 'torch.compile (compiled during warm-up)'
-    cl = args.channels_last
-
-    def forward(x: torch.Tensor):
-        if cl:
-            x = x.contiguous(memory_format=torch.channels_last)
-        ctx = torch.autocast(dev.type, dtype=half) if half is not None else nullcontext()
-        with ctx:
-            return fn(x)
-
     if args.cuda_graphs:
         if dev.type != 'cuda':
             raise UserError('--cuda_graphs needs --device cuda:0')
         example = torch.zeros(args.batch_size, 3, *size, device=dev)
         with torch.inference_mode():
-            graphed = _CudaGraphRunner(forward, example)
-        return graphed, proj, notes
-    return forward, proj, notes
-
-
-# --------------------------------------------------------------------------- pipeline
-
-
-class Pipeline:
-    """BGR uint8 frames -> detections in original-image pixels, stage by stage."""
-
-    def __init__(self, runner: Callable, size: Tuple[int, int], dev: torch.device, mean: Sequence[float],
-                 std: Sequence[float], score_threshold: float, iou_threshold: float, max_det: int, nms: str):
-        self.runner, self.size, self.dev = runner, size, dev
-        self.mean, self.std = tuple(mean), tuple(std)
-        self.score_threshold, self.iou_threshold, self.max_det, self.nms = score_threshold, iou_threshold, max_det, nms
-
-    def preprocess(self, frames: Sequence[np.ndarray]) -> Tuple[torch.Tensor, list]:
-        import cv2
-        from efficientdet.preprocess import letterbox
-        tensors, metas = [], []
-        for bgr in frames:  # one letterbox per image: frames are separate arrays
-            t, meta = letterbox(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), self.size, self.mean, self.std)
-            tensors.append(t)
-            metas.append(meta)
-        batch = torch.stack(tensors)
-        if self.dev.type == 'cuda':
-            batch = batch.pin_memory().to(self.dev, non_blocking=True)
-        return batch, metas
-
-    def forward(self, batch: torch.Tensor):
-        return self.runner(batch)
-
-    def postprocess(self, outputs, metas: list) -> List[Dict[str, np.ndarray]]:
-        from efficientdet.postprocess import detect
-        from efficientdet.preprocess import boxes_to_original
-        _, regression, classification, anchors = outputs
-        dets = detect(classification, regression, anchors, self.size, score_threshold=self.score_threshold,
-                      iou_threshold=self.iou_threshold, max_det=self.max_det, nms=self.nms)
-        return [{'boxes': boxes_to_original(d['boxes'], m), 'scores': d['scores'].float().cpu().numpy(),
-                 'labels': d['labels'].cpu().numpy()} for d, m in zip(dets, metas)]
+            return _CudaGraphRunner(torch_model, example), proj, notes
+    return torch_model, proj, notes
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -309,23 +250,14 @@ def _percentile(values: Sequence[float], q: float) -> float:
 
 def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
     """Build, warm up, time; returns the report dict (see the module docstring)."""
-    from efficientdet.config import CONFIGS, check_image_size, get_config
-    from efficientdet.preprocess import IMAGENET_MEAN, IMAGENET_STD
-    if args.compound_coef not in CONFIGS:
-        raise UserError(f'-c {args.compound_coef}: compound coefficient must be 0-8 (8 = D7x)')
+    from efficientdet.config import get_config
+    from efficientdet.factory import resolve_image_size
     if args.iters < 1 or args.warmup < 0 or args.batch_size < 1:
         raise UserError('--iters and --batch_size must be at least 1, --warmup at least 0')
     if args.compile and args.warmup < 1:
         raise UserError('--compile needs --warmup 1 or more (compilation happens in the first call)')
-    size_arg = args.image_size or [get_config(args.compound_coef).input_size]
-    if len(size_arg) not in (1, 2):
-        raise UserError('--image_size takes N or H W')
-    size = (size_arg[0], size_arg[0]) if len(size_arg) == 1 else (size_arg[0], size_arg[1])
-    try:
-        check_image_size(size[0], size[1], args.compound_coef)
-    except ValueError as e:
-        raise UserError(f'--image_size: {e}') from None
-    dev = _device(args.device)
+    size = resolve_image_size(args.compound_coef, image_size_arg(args.image_size))
+    dev = parse_device(args.device)
     threads = _set_threads(args.threads)
     malloc_tuned = False
     if args.tune_malloc is None:
@@ -349,10 +281,11 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix='effdet_bench_') as workdir:
         runner, proj, notes = build_runner(args, dev, size, workdir)
-        pipe = Pipeline(runner, size, dev, proj.get('mean', IMAGENET_MEAN), proj.get('std', IMAGENET_STD),
-                        args.score_threshold, args.iou_threshold, args.max_det, args.nms)
-        prepared, prepared_metas = pipe.preprocess(frames)
-        stages: Dict[str, List[float]] = {'preprocess': [], 'forward': [], 'postprocess': []}
+        pipe = Detector(runner, [str(i) for i in range(int(proj.get('num_classes', 90)))], size,
+                        mean=proj['mean'], std=proj['std'], threshold=args.score_threshold, iou=args.iou_threshold,
+                        nms=args.nms, max_det=args.max_det, device=dev, batch_size=args.batch_size)
+        prepared, _ = pipe.preprocess(frames, bgr=True)
+        stages: Dict[str, List[float]] = {'preprocess': [], 'forward': [], 'postprocess': [], 'end2end': []}
         totals: List[float] = []
         num_det = 0
         if dev.type == 'cuda':
@@ -370,7 +303,7 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
                     if timed:
                         totals.append(t1 - t0)
                     continue
-                batch, metas = pipe.preprocess(frames)
+                batch, metas = pipe.preprocess(frames, bgr=True)
                 _sync(dev)
                 t1 = time.perf_counter()
                 out = pipe.forward(batch)
@@ -384,7 +317,8 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
                     stages['preprocess'].append(t1 - t0)
                     stages['forward'].append(t2 - t1)
                     stages['postprocess'].append(t3 - t2)
-                    num_det = sum(len(d['scores']) for d in dets)
+                    stages['end2end'].append(t3 - t0)
+                    num_det = sum(len(d) for d in dets)
         if dev.type == 'cuda':
             peak = torch.cuda.max_memory_allocated(dev) / 2 ** 20
             device_name = torch.cuda.get_device_name(dev)
@@ -416,7 +350,7 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
         'torch_version': torch.__version__,
         'backend': args.backend,
         'mode': args.mode,
-        'model': CONFIGS[args.compound_coef].name,
+        'model': get_config(args.compound_coef).name,
         'compound_coef': args.compound_coef,
         'image_size': list(size),
         'batch_size': args.batch_size,
@@ -430,30 +364,35 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
     }
     if args.mode == 'end2end':
         report['stage_ms_median'] = {k: sig(statistics.median(v) * 1000.0) for k, v in stages.items()}
-    if args.backend == 'onnxruntime':
-        import onnxruntime
-        report['onnxruntime_version'] = onnxruntime.__version__
+        # per call: everything around the forward pass (pre- and post-processing, hand-over)
+        report['end2end_minus_forward_ms_median'] = sig(statistics.median(
+            [(t - f) * 1000.0 for t, f in zip(stages['end2end'], stages['forward'])]))
+    if args.backend in ('onnxruntime', 'openvino'):
+        mod = __import__(args.backend)
+        report[f'{args.backend}_version'] = getattr(mod, '__version__', 'unknown')
     report.update({f'note_{k}': v for k, v in notes.items()})
     return report
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('-c', '--compound_coef', type=int, default=0, help='0-8 (8 = D7x)')
+    add_model_args(p)
     p.add_argument('-w', '--weights', default=None, help='checkpoint; random weights when omitted')
     group = p.add_mutually_exclusive_group()
     group.add_argument('--num_classes', type=int, default=None, help='class count (default: -p, the weights, or 90)')
     group.add_argument('-p', '--project', default=None, help='projects/NAME.yml: classes, anchors, mean/std')
     p.add_argument('--projects_dir', default='projects')
-    p.add_argument('--image_size', type=int, nargs='+', default=None,
-                   help='network input N or H W (multiples of 128; 256 for D7x); default: the variant size')
     p.add_argument('--batch_size', type=int, default=1)
     p.add_argument('--threads', type=int, default=None, help='intra-op threads (torch, onnxruntime, OpenCV)')
     p.add_argument('--device', default='cpu', help='cpu or cuda:N')
-    p.add_argument('--half', action='store_true', help='autocast: float16 on CUDA, bfloat16 on CPU')
+    p.add_argument('--half', action='store_true', help='autocast: float16 on CUDA, bfloat16 on CPU; anchors and '
+                   'decoding stay float32 (torch backend)')
     p.add_argument('--half_dtype', default='auto', choices=['auto', 'float16', 'bfloat16'])
-    p.add_argument('--backend', default='torch', choices=['torch', 'onnxruntime', 'torchscript'])
-    p.add_argument('--model', default=None, help='an exported .onnx / .pt file (default: export to a temp dir)')
+    p.add_argument('--backend', default='torch', choices=list(BACKENDS),
+                   help='torch runs the model in PyTorch; the others export it to a temp dir first (or run --model)')
+    p.add_argument('--model', default=None, help='an exported .onnx / .xml / .pt file (default: export to a temp dir)')
+    p.add_argument('--providers', default=None,
+                   help='onnxruntime execution providers, comma-separated (default CPUExecutionProvider)')
     p.add_argument('--mode', default='end2end', choices=['end2end', 'forward'])
     p.add_argument('--iters', type=int, default=30, help='timed runs')
     p.add_argument('--warmup', type=int, default=5, help='untimed runs first')
@@ -490,7 +429,8 @@ def format_report(r: Dict[str, Any]) -> str:
     if 'stage_ms_median' in r:
         s = r['stage_ms_median']
         lines.append(f"stages (median ms): preprocess {s['preprocess']:.1f}, forward {s['forward']:.1f}, "
-                     f"postprocess {s['postprocess']:.1f}; detections {r['num_detections']}")
+                     f"postprocess {s['postprocess']:.1f}, end2end {s['end2end']:.1f} (end2end - forward "
+                     f"{r['end2end_minus_forward_ms_median']:.1f}); detections {r['num_detections']}")
     return '\n'.join(lines)
 
 

@@ -18,6 +18,7 @@ Validation inside ``train.py`` computes mAP through the same function
 from __future__ import annotations
 
 import argparse
+import glob
 import hashlib
 import json
 import os
@@ -25,6 +26,7 @@ from typing import Any, Dict, List, Optional
 
 from efficientdet.cli import add_model_args, image_size_arg, str2bool
 from efficientdet.errors import UserError, run_cli
+from efficientdet.runtimes import BACKENDS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument('--cuda', type=str2bool, default=None, help='Yet-Another compatibility: False = cpu')
     ap.add_argument('--float16', type=str2bool, nargs='?', const=True, default=False,
                     help='run the network in float16 (CUDA only)')
+    ap.add_argument('--backend', choices=BACKENDS, default='torch',
+                    help='torch runs the -w checkpoint; onnxruntime / openvino / torchscript run the exported file '
+                         'given with -w (python -m efficientdet.export onnx|openvino|torchscript)')
+    ap.add_argument('--providers', default=None,
+                    help='onnxruntime execution providers, comma-separated (default CPUExecutionProvider)')
+    ap.add_argument('--threads', type=int, default=None, help='inference threads of the exported backends')
     ap.add_argument('--override', type=str2bool, nargs='?', const=True, default=False,
                     help='recompute even if a results file made with the same settings exists')
     ap.add_argument('--max_images', type=int, default=None, help='evaluate only the first K images of the annotation file')
@@ -67,11 +75,17 @@ def _device(args: argparse.Namespace):
 
 
 def _file_digest(path: str) -> str:
-    """sha256 of a file (identifies the weights a results file was made with)."""
+    """sha256 of the weights a results file was made with: a file, or every file of a TF checkpoint
+    directory (names and contents, in name order)."""
     h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            h.update(chunk)
+    files = ([os.path.join(path, f) for f in sorted(os.listdir(path))] if os.path.isdir(path)
+             else [path] if os.path.isfile(path) else sorted(glob.glob(glob.escape(path) + '.*')))
+    for name in files:
+        if os.path.isfile(name):
+            h.update(os.path.basename(name).encode())
+            with open(name, 'rb') as f:
+                for chunk in iter(lambda: f.read(1 << 20), b''):
+                    h.update(chunk)
     return h.hexdigest()
 
 
@@ -82,7 +96,7 @@ def run_settings(args: argparse.Namespace, weights: str, size, project) -> Dict[
             'variant': args.compound_coef, 'image_size': list(size), 'compat': args.compat,
             'score_threshold': args.score_threshold, 'nms_threshold': args.nms_threshold, 'nms': args.nms,
             'max_det': args.max_det, 'max_images': args.max_images, 'float16': bool(args.float16),
-            'obj_list': list(project.obj_list)}
+            'obj_list': list(project.obj_list), 'backend': args.backend}
 
 
 def _settings_differ(meta_path: str, settings: Dict[str, Any]) -> Optional[str]:
@@ -122,7 +136,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     settings: Optional[Dict[str, Any]] = None
     run_model = args.results is None
     if run_model:
-        if not os.path.isfile(weights):
+        if not (os.path.exists(weights) or os.path.isfile(weights + '.index')):  # file, TF dir or TF prefix
             raise UserError(f'{weights}: weights file not found; pass -w /path/to/weights.pth')
         settings = run_settings(args, weights, size, project)
         if not args.override and os.path.exists(results_path):
@@ -151,16 +165,25 @@ def main(argv: Optional[List[str]] = None) -> int:
         device = _device(args)
         print(f'running coco-style evaluation on project {project.project_name}, weights {weights}, '
               f'{get_config(args.compound_coef).name} at {size[0]}x{size[1]} (HxW) on {device}')
-        model = build_model(args.compound_coef, project=project, weights=weights, image_size=size,
-                            compat=args.compat, device=device, verbose=True)
-        model.requires_grad_(False)
+        if args.backend == 'torch':
+            model = build_model(args.compound_coef, project=project, weights=weights, image_size=size,
+                                compat=args.compat, device=device, verbose=True)
+            model.requires_grad_(False)
+        else:  # an exported file; its runtime has the model's calling contract
+            from efficientdet.backends import load_backend
+            if args.weights is None:
+                raise UserError(f'--backend {args.backend} evaluates an exported file: pass it with -w')
+            if args.float16:
+                raise UserError('--float16 applies to --backend torch; an exported model runs in its own precision')
+            model = load_backend(args.backend, weights, threads=args.threads, device=str(device),
+                                 providers=args.providers.split(',') if args.providers else None)
         metrics, results = run_coco_eval(model, dataset, batch_size=args.batch_size, device=device,
                                          score_threshold=args.score_threshold, nms_threshold=args.nms_threshold,
                                          nms=args.nms, max_det=args.max_det, half=args.float16,
                                          max_images=args.max_images, progress=not args.no_progress,
                                          num_workers=args.num_workers, verbose=args.verbose)
         write_results_json(results, results_path)
-        from efficientdet.checkpoint import atomic_write
+        from efficientdet.ckpt.files import atomic_write
         atomic_write(meta_path, lambda f: json.dump(settings, f, indent=1), binary=False)
         print(f'wrote {len(results)} detections to {results_path}')
     else:

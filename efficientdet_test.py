@@ -21,6 +21,7 @@ import cv2
 from efficientdet.cli import add_model_args, image_size_arg
 from efficientdet.config import variant_tag
 from efficientdet.errors import UserError, run_cli
+from efficientdet.runtimes import BACKENDS, get_target
 
 DEFAULT_IMAGE = os.path.join('assets', 'demo_shapes.jpg')
 _WRITABLE = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
@@ -40,9 +41,14 @@ def add_inference_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--nms', choices=('hard', 'gaussian', 'official'), default='hard', help='NMS method')
     p.add_argument('--max_det', type=int, default=100, help='detections per image at most')
     p.add_argument('--device', default='cpu', help='cpu or cuda:0 …')
-    p.add_argument('--half', action='store_true', help='float16 inference (CUDA only)')
-    p.add_argument('--backend', choices=('torch', 'onnxruntime', 'torchscript'), default='torch',
-                   help='torch runs the .pth; onnxruntime / torchscript run an exported file given with -w')
+    p.add_argument('--half', action='store_true',
+                   help='autocast the network (float16 on CUDA, bfloat16 on CPU); anchors and decoding stay float32')
+    p.add_argument('--backend', choices=BACKENDS, default='torch',
+                   help='torch runs the .pth; onnxruntime / openvino / torchscript run an exported file given with '
+                        '-w (python -m efficientdet.export onnx|openvino|torchscript)')
+    p.add_argument('--providers', default=None,
+                   help='onnxruntime execution providers, comma-separated (default CPUExecutionProvider)')
+    p.add_argument('--threads', type=int, default=None, help='inference threads of the exported backends')
 
 
 def default_weights(project: str, compound_coef) -> str:
@@ -56,11 +62,12 @@ def build_detector(args: argparse.Namespace, batch_size: int = 1):
     if args.backend != 'torch':
         if not args.weights:
             raise UserError(f'--backend {args.backend} needs the exported file: pass -w PATH (export one with '
-                            f'python -m efficientdet.export {"onnx" if args.backend == "onnxruntime" else "torchscript"} ...)')
+                            f'python -m efficientdet.export {get_target(args.backend).export_format} ...)')
         return Detector.from_exported(args.weights, backend=args.backend, project=args.project,
                                       projects_dir=args.projects_dir, image_size=image_size_arg(args.image_size),
                                       device=args.device, threshold=args.threshold, iou=args.iou, nms=args.nms,
-                                      max_det=args.max_det, batch_size=batch_size)
+                                      max_det=args.max_det, batch_size=batch_size, threads=args.threads,
+                                      providers=args.providers.split(',') if args.providers else None)
     weights = args.weights or default_weights(args.project, args.compound_coef)
     if not os.path.isfile(weights):
         stem = os.path.splitext(os.path.basename(args.project))[0]

@@ -22,7 +22,7 @@ from .config import DEFAULT_SCALES, as_hw, check_image_size, ratios_for, resolve
 from .cli import parse_device
 from .errors import UserError
 from .postprocess import detect
-from .preprocess import IMAGENET_MEAN, IMAGENET_STD, ImageLike, boxes_to_original, preprocess_batch
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, ImageLike, ImageMeta, boxes_to_original, preprocess_batch
 from .visualize import draw_detections
 
 ModelFn = Callable[[torch.Tensor], Tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -77,13 +77,19 @@ class Detector:
     model: an ``EfficientDetBackbone`` or any callable with its contract (see module docstring);
     obj_list: class names by class index; image_size: network input int or (H, W) (multiples of
     128, 256 for D7x, for an ``EfficientDetBackbone``); threshold / iou / nms / max_det: see
-    ``efficientdet.postprocess.detect``; mean/std: RGB normalisation (0-1 scale).
+    ``efficientdet.postprocess.detect``; mean/std: RGB normalisation (0-1 scale; default: the
+    variant's, ``config.resolve_normalization``, or ImageNet's). A PyTorch model runs through
+    ``runtimes.eager.TorchModel``: ``fuse`` (default: yes, unless
+    ``half``) runs its BN-folded copy, the model itself (``.model``) staying as given; ``half``
+    runs the network under autocast (float16 on CUDA, bfloat16 on CPU) while anchors, decoding and
+    NMS stay float32 (the one meaning of ``--half`` everywhere).
     """
 
     def __init__(self, model: ModelFn, obj_list: Sequence[str], image_size: Union[int, Sequence[int]],
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
                  threshold: float = 0.2, iou: float = 0.2, nms: str = 'hard', max_det: int = 100,
-                 device: Union[str, torch.device] = 'cpu', half: bool = False, batch_size: int = 8):
+                 device: Union[str, torch.device] = 'cpu', half: bool = False, batch_size: int = 8,
+                 fuse: Optional[bool] = None):
         if nms not in NMS_METHODS:
             raise UserError(f'--nms {nms!r}: choose one of {", ".join(NMS_METHODS)}')
         if not 0.0 <= float(threshold) <= 1.0:
@@ -93,11 +99,8 @@ class Detector:
         if int(max_det) < 1:
             raise UserError(f'--max_det {max_det}: must be at least 1')
         self.device = parse_device(device)
-        if half and self.device.type != 'cuda':
-            raise UserError('--half needs a CUDA device (float16 convolutions are not supported on CPU); '
-                            'drop --half or pass --device cuda:0')
-        self.dtype = torch.float16 if half else torch.float32
         self.image_size = as_hw(image_size)
+        self.half = bool(half)
         if isinstance(model, nn.Module):
             compound_coef = getattr(model, 'compound_coef', None)
             if compound_coef is not None:
@@ -105,10 +108,21 @@ class Detector:
                     check_image_size(*self.image_size, compound_coef)
                 except ValueError as e:
                     raise UserError(f'--image_size: {e}') from None
-            model = model.to(device=self.device, dtype=self.dtype).eval()
+            from .runtimes.eager import TorchModel
+            model = model.to(device=self.device).eval()
+            self.runner: ModelFn = TorchModel(model, self.device, half=half, fuse=fuse, image_size=self.image_size)
+        else:
+            if half:
+                raise UserError('--half applies to the torch backend; an exported model runs in the precision '
+                                'it was exported / compiled with')
+            self.runner = model
         self.model = model
         self.obj_list = list(obj_list)
-        self.mean, self.std = tuple(mean), tuple(std)
+        variant = getattr(model, 'compound_coef', None)
+        if variant is not None:  # the variant's own normalisation unless given (Lite: (x - 127) / 128)
+            mean, std = resolve_normalization(variant, mean, std)
+        self.mean = tuple(mean if mean is not None else IMAGENET_MEAN)
+        self.std = tuple(std if std is not None else IMAGENET_STD)
         self.threshold, self.iou, self.nms, self.max_det = float(threshold), float(iou), nms, int(max_det)
         self.batch_size = max(1, int(batch_size))
 
@@ -164,12 +178,13 @@ class Detector:
                       image_size: Optional[Union[int, Sequence[int]]] = None, device: str = 'cpu',
                       threads: Optional[int] = None, threshold: float = 0.2, iou: float = 0.2, nms: str = 'hard',
                       max_det: int = 100, mean: Optional[Sequence[float]] = None,
-                      std: Optional[Sequence[float]] = None, batch_size: int = 8) -> 'Detector':
-        """Detector on an exported model (``efficientdet.backends``: 'onnxruntime' or
-        'torchscript'). Classes, mean/std and the input size come from the explicit arguments, then
-        the project, then the file's metadata."""
+                      std: Optional[Sequence[float]] = None, batch_size: int = 8,
+                      providers: Optional[Sequence[str]] = None) -> 'Detector':
+        """Detector on an exported model (``efficientdet.runtimes``: 'onnxruntime', 'openvino' or
+        'torchscript'; ``providers``: onnxruntime execution providers). Classes, mean/std and the
+        input size come from the explicit arguments, then the project, then the file's metadata."""
         from .backends import load_backend
-        runtime = load_backend(backend, path, threads=threads, device=device)
+        runtime = load_backend(backend, path, threads=threads, device=device, providers=providers)
         meta = getattr(runtime, 'meta', {}) or {}
         if project is not None:
             from .project import load_project
@@ -208,9 +223,24 @@ class Detector:
         return results
 
     def _detect_batch(self, images: Sequence[ImageLike], bgr: bool) -> List[Detections]:
+        batch, metas = self.preprocess(images, bgr)
+        return self.postprocess(self.forward(batch), metas)
+
+    # the three stages of ``__call__`` (``benchmark.py`` times them one by one)
+    def preprocess(self, images: Sequence[ImageLike], bgr: bool = False) -> Tuple[torch.Tensor, List[ImageMeta]]:
+        """Images -> (normalised float32 batch [B, 3, H, W] on the device, per-image ImageMeta)."""
         batch, metas = preprocess_batch(images, self.image_size, self.mean, self.std, bgr=bgr)
-        batch = batch.to(device=self.device, dtype=self.dtype)
-        _, regression, classification, anchors = self.model(batch)
+        if self.device.type == 'cuda':
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        return batch, metas
+
+    def forward(self, batch: torch.Tensor):
+        """The model: ``(features | None, regression, classification | BestClass, anchors)``."""
+        return self.runner(batch)
+
+    def postprocess(self, outputs, metas: Sequence[ImageMeta]) -> List[Detections]:
+        """Decode + NMS (float32, ``postprocess.detect``) -> one ``Detections`` per image, original pixels."""
+        _, regression, classification, anchors = outputs
         per_image = detect(classification, regression, anchors, self.image_size, score_threshold=self.threshold,
                            iou_threshold=self.iou, max_det=self.max_det, nms=self.nms)
         out = []

@@ -389,7 +389,7 @@ def _rows_to_results(rows: np.ndarray) -> List[Dict[str, Any]]:
 
 def write_results_json(obj: Any, path: str) -> None:
     """json.dump ``obj`` to ``path`` atomically (temp file in the same folder, fsync, os.replace)."""
-    from .checkpoint import atomic_write
+    from .ckpt.files import atomic_write
     atomic_write(path, lambda f: json.dump(obj, f), binary=False)
 
 

@@ -15,6 +15,7 @@ import torch
 from .ckpt.layout import Checkpoint, infer_num_classes, read_checkpoint
 from .ckpt.load import check_variant, class_count_error, load_pretrained, load_weights
 from .cli import parse_device
+from .convert.tf import ConversionError, read_tf_input
 from .config import COMPAT_MODES, Variant, as_hw, check_image_size, get_config, parse_variant
 from .errors import UserError
 from .model import EfficientDetBackbone
@@ -59,6 +60,22 @@ def _as_project(project: Union[Project, str, 'os.PathLike[str]', None]) -> Optio
     return load_project(os.fspath(project))
 
 
+def read_weights(weights) -> Checkpoint:
+    """A :class:`Checkpoint` from a path (``.pth``/``.ckpt``/``.npz``, or an official TF checkpoint
+    directory or prefix, read with TensorFlow when it is installed), a state_dict or a Checkpoint."""
+    if isinstance(weights, Checkpoint):
+        return weights
+    if isinstance(weights, (str, os.PathLike)):
+        path = os.fspath(weights)
+        if os.path.isdir(path) or os.path.isfile(path + '.index'):
+            try:
+                tf_vars = read_tf_input(path)
+            except ConversionError as e:
+                raise UserError(str(e)) from None
+            return read_checkpoint({k: torch.from_numpy(v) for k, v in tf_vars.items()}, name=path)
+    return read_checkpoint(weights)
+
+
 def build_model(variant: Union[Variant, str] = 0, *, num_classes: Optional[int] = None,
                 project: Union[Project, str, None] = None, weights=None, image_size: ImageSize = None, compat: str = 'official', finetune: bool = False,
                 device: Union[str, torch.device, None] = None, verbose: bool = True) -> EfficientDetBackbone:
@@ -68,8 +85,8 @@ def build_model(variant: Union[Variant, str] = 0, *, num_classes: Optional[int] 
     project: an ``efficientdet.project.Project`` or a project name / yml path; it gives the class
         count (``len(obj_list)``, '' placeholders included) and the anchors (scales, ratios).
     num_classes: class count when no project is given (default: read from ``weights``, else 90).
-    weights: a checkpoint path (any layout ``checkpoint`` reads: this project / Yet-Another,
-        effdet, official TF ``.npz``) or an in-memory state_dict / ``Checkpoint``. Exact load,
+    weights: a checkpoint path (this project / Yet-Another or effdet ``.pth``, official TF ``.npz``
+        or checkpoint directory: :func:`read_weights`) or an in-memory state_dict / ``Checkpoint``. Exact load,
         every tensor must fit; with ``finetune=True`` every tensor whose shape fits is loaded and
         the classifier's last layer is re-initialised when the class count differs.
     image_size: int or (H, W), validated by :func:`resolve_image_size`; stored as
@@ -90,7 +107,7 @@ def build_model(variant: Union[Variant, str] = 0, *, num_classes: Optional[int] 
 
     ck = None
     if weights is not None:
-        ck = weights if isinstance(weights, Checkpoint) else read_checkpoint(weights)
+        ck = read_weights(weights)
         check_variant(ck, key)
     n_file = infer_num_classes(ck.state_dict, n_anchors, ck.layout) if ck is not None else None
     if proj is not None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -90,15 +90,21 @@ def read_image(path: Union[str, os.PathLike]) -> np.ndarray:
 
 
 def letterbox(image: np.ndarray, size: Union[int, Sequence[int]], mean: Sequence[float] = IMAGENET_MEAN,
-              std: Sequence[float] = IMAGENET_STD) -> Tuple[torch.Tensor, ImageMeta]:
-    """RGB uint8 HWC image -> (float32 [3, H, W] normalised input, ImageMeta).
+              std: Sequence[float] = IMAGENET_STD, bgr: bool = False, out: Optional[np.ndarray] = None
+              ) -> Tuple[torch.Tensor, ImageMeta]:
+    """Image (HWC; RGB, or B, G, R with ``bgr``; any depth / channel count ``to_rgb`` takes) ->
+    (float32 [3, H, W] normalised input, ImageMeta).
 
     Resize keeping the aspect ratio so the image fits H x W (``size`` int: H = W = size, the long
     side becomes ``size``; official truncation of the resized size), bilinear on the uint8 image,
-    then the training data's ``normalize_pad``: (x / 255 - mean) / std, zeros bottom/right.
+    then the training data's ``normalize_pad``: (x / 255 - mean) / std, zeros bottom/right. A uint8
+    3-channel image is used as it is (no colour-order copy: the channel swap happens inside the
+    normalisation); ``out`` (float32 [3, H, W]) receives the result in place.
     """
     hh, ww = as_hw(size)
-    img = to_rgb(image)
+    img = np.asarray(image)
+    if not (img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3):
+        img, bgr = to_rgb(img, bgr=bgr), False
     h, w = img.shape[:2]
     if h == 0 or w == 0:
         raise UserError(f'empty image of shape {tuple(image.shape)}')
@@ -107,7 +113,8 @@ def letterbox(image: np.ndarray, size: Union[int, Sequence[int]], mean: Sequence
     nh, nw = min(hh, nh), min(ww, nw)
     if (nh, nw) != (h, w):
         img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_LINEAR)
-    return normalize_pad(img, (hh, ww), mean, std), ImageMeta(float(scale), (h, w), (hh, ww), (nh, nw))
+    tensor = normalize_pad(img, (hh, ww), mean, std, out=out, bgr=bgr)
+    return tensor, ImageMeta(float(scale), (h, w), (hh, ww), (nh, nw))
 
 
 def boxes_to_original(boxes: Union[np.ndarray, torch.Tensor], meta: ImageMeta) -> np.ndarray:
@@ -145,15 +152,19 @@ def preprocess_batch(images: Union[ImageLike, Sequence[ImageLike]], size: Union[
                      mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                      bgr: bool = False) -> Tuple[torch.Tensor, List[ImageMeta]]:
     """Images of any sizes (paths, arrays, tensors; see ``load_image``) -> (batch float32
-    [B, 3, H, W], metas). Each image is letterboxed into the same H x W."""
+    [B, 3, H, W], metas). Each image is letterboxed straight into its slot of the batch: a uint8
+    frame (e.g. B, G, R from ``cv2.imread`` with ``bgr``) is read once by the resize and once by the
+    normalisation, with no intermediate colour-converted or stacked copy."""
     if isinstance(images, (str, os.PathLike, np.ndarray, torch.Tensor)):
         images = [images]
-    tensors, metas = [], []
-    for im in images:
-        t, meta = letterbox(load_image(im, bgr=bgr), size, mean, std)
-        tensors.append(t)
+    images = list(images)
+    hh, ww = as_hw(size)
+    out = np.empty((len(images), 3, hh, ww), np.float32)
+    metas = []
+    for i, im in enumerate(images):
+        if isinstance(im, np.ndarray):
+            _, meta = letterbox(im, (hh, ww), mean, std, bgr=bgr, out=out[i])
+        else:
+            _, meta = letterbox(load_image(im, bgr=bgr), (hh, ww), mean, std, out=out[i])
         metas.append(meta)
-    if not tensors:
-        hh, ww = as_hw(size)
-        return torch.zeros(0, 3, hh, ww), []
-    return torch.stack(tensors), metas
+    return torch.from_numpy(out), metas

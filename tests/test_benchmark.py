@@ -117,8 +117,10 @@ def test_cli_writes_json(tmp_path):
     assert r['threads'] == 2 and r['image_size'] == [256, 256] and r['input'].startswith('synthetic 640x480')
     assert r['settings']['tune_malloc'] is True and r['malloc_tuned'] is True
     st = r['stage_ms_median']
-    assert set(st) == {'preprocess', 'forward', 'postprocess'} and all(v > 0 for v in st.values())
-    assert sum(st.values()) <= r['latency_ms_max'] * 1.01
+    assert set(st) == {'preprocess', 'forward', 'postprocess', 'end2end'} and all(v > 0 for v in st.values())
+    assert st['end2end'] == pytest.approx(r['latency_ms_median'], rel=1e-3)
+    assert st['preprocess'] + st['forward'] + st['postprocess'] <= r['latency_ms_max'] * 1.01
+    assert 0 < r['end2end_minus_forward_ms_median'] < st['end2end']
     assert 'latency median' in stdout
 
 
@@ -147,6 +149,21 @@ def test_onnxruntime_backend_batch(tmp_path):
     assert r['settings']['tune_malloc'] is False and r['malloc_tuned'] is False
     _check_peak_in_process(r, rss_before, hwm_after)
     assert 'onnxruntime_version' in r and 'stage_ms_median' not in r
+
+
+def test_openvino_backend_end2end(tmp_path):
+    """--backend openvino: exported to a temp IR, run stage by stage, its version reported."""
+    pytest.importorskip('openvino')
+    out = tmp_path / 'ov.json'
+    assert benchmark.main(['-c', '0', '--image_size', '128', '--backend', 'openvino', '--iters', '2', '--warmup',
+                           '1', '--threads', '1', '--no-tune_malloc', '--verify', '--json', str(out)]) == 0
+    r = json.loads(out.read_text())
+    _check_report(r, 'openvino', 'end2end', 1, 2)
+    assert 'openvino_version' in r and r['note_export_s'] > 0
+    assert set(r['stage_ms_median']) == {'preprocess', 'forward', 'postprocess', 'end2end'}
+    with pytest.raises(UserError, match='--providers'):
+        benchmark.main(['-c', '0', '--backend', 'openvino', '--providers', 'CPUExecutionProvider', '--iters', '1',
+                        '--no-tune_malloc'])
 
 
 def test_end2end_runs_postprocessing_on_real_detections(tmp_path):
@@ -180,8 +197,8 @@ def test_synthetic_image_is_fixed_and_camera_like():
 def test_user_errors():
     # in-process calls: --no-tune_malloc keeps benchmark from changing this pytest process's allocator
     no_tune = ['--no-tune_malloc']
-    with pytest.raises(UserError, match='multiple of 128'):
-        benchmark.main(['-c', '0', '--image_size', '300', '--iters', '1'] + no_tune)
+    with pytest.raises(UserError, match='image_size'):
+        benchmark.main(['-c', '0', '--image_size', '64', '2048', '--iters', '1'] + no_tune)
     with pytest.raises(UserError, match='--cuda_graphs needs --device cuda'):  # refused on CPU, GPU or not
         benchmark.main(['-c', '0', '--cuda_graphs', '--device', 'cpu', '--image_size', '128', '--iters', '1']
                        + no_tune)
@@ -196,7 +213,8 @@ def test_user_errors():
 
 
 def test_cli_error_is_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmark.py'), '-c', '0', '--image_size', '100'],
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmark.py'), '-c', '0', '--image_size', '64',
+                           '2048'],
                           cwd=str(tmp_path), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith('error: --image_size') and 'Traceback' not in proc.stderr

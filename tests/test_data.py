@@ -1,4 +1,5 @@
-"""CocoDataset on coco_tiny (mapping, crowd, letterbox math, collate, loader) and the transforms."""
+"""CocoDataset on coco_tiny (mapping, the COCO label map, crowd, letterbox math, collate, loader), the
+user-transform hook (albumentations when installed) and the transforms."""
 import json
 import os
 
@@ -177,6 +178,138 @@ def test_augmented_items_stay_consistent(tiny):
             assert torch.all(a[:, 2] > a[:, 0]) and torch.all(a[:, 3] > a[:, 1])
         scales.add(round(s['scale'], 6))
     assert len(scales) > 1  # random factors differ
+
+
+# ---------------------------------------------------------------- the category rule on real COCO data
+
+def _tiny_project(obj_list):
+    """The packaged coco project pointed at coco_tiny (same obj_list unless given)."""
+    import dataclasses
+
+    from efficientdet.project import load_project
+    return dataclasses.replace(load_project('coco'), project_name='coco_tiny', train_set='train2017',
+                               val_set='val2017', obj_list=list(obj_list) if obj_list is not None
+                               else load_project('coco').obj_list)
+
+
+def test_coco_label_map_class_index_is_category_id_minus_one(tiny):
+    """projects/coco.yml (90 slots, '' at the unused ids) on real COCO annotations: every box's
+    class index is its category id - 1, and detections with index i are written with id i + 1."""
+    from efficientdet.data import build_dataset
+    from efficientdet.evaluation import COCOEvaluator, resolve_category_ids
+    root, gt = tiny
+    proj = _tiny_project(None)
+    assert len(proj.obj_list) == 90 and proj.obj_list.count('') == 10
+    ds = build_dataset(proj, 'val2017', SIZE, os.path.dirname(root))
+    assert ds.cat_ids == [i + 1 if n else -1 for i, n in enumerate(proj.obj_list)]
+    anns = gt_by_image(gt)
+    dets = []
+    for k, iid in enumerate(ds.image_ids):
+        boxes, labels = ds.annotations(k)
+        src = anns.get(iid, [])
+        want = sorted(-2 if a['iscrowd'] else a['category_id'] - 1 for a in src)
+        assert sorted(labels.tolist()) == want
+        real = [a for a in src if not a['iscrowd']]
+        dets.append({'boxes': [[a['bbox'][0], a['bbox'][1], a['bbox'][0] + a['bbox'][2], a['bbox'][1] + a['bbox'][3]]
+                               for a in real], 'scores': [1.0] * len(real),
+                     'labels': [a['category_id'] - 1 for a in real]})
+    # the evaluator's rule is the dataset's: by name, '' matching nothing
+    assert resolve_category_ids(ds.coco, proj.obj_list)[0] == [c if c > 0 else None for c in ds.cat_ids]
+    ev = COCOEvaluator(ds.coco, class_names=proj.obj_list)
+    ev.update(ds.image_ids, dets)
+    assert sorted(r['category_id'] for r in ev.results) == sorted(
+        a['category_id'] for a in gt['annotations'] if not a['iscrowd'])
+    assert ev.compute()['AP'] == pytest.approx(1.0)
+    # the 80 names alone: an 80-class head, indices in id order
+    names80 = [n for n in proj.obj_list if n]
+    ds80 = build_dataset(_tiny_project(names80), 'val2017', SIZE, os.path.dirname(root))
+    assert ds80.num_classes == 80 and ds80.cat_ids == sorted(c['id'] for c in gt['categories'])
+
+
+def test_check_accepts_the_placeholder_label_map(tiny, tmp_path, capsys):
+    from efficientdet.data.check import main as check_main
+    root, _ = tiny
+    obj = _tiny_project(None).obj_list
+    yml = tmp_path / 'tiny.yml'
+    yml.write_text(f'project_name: coco_tiny\ntrain_set: train2017\nval_set: val2017\nobj_list: {json.dumps(obj)}\n')
+    rc = check_main(['-p', str(yml), '--data_path', os.path.dirname(root), '--no_images', '--image_size', '256'])
+    out = capsys.readouterr().out
+    assert rc == 0 and 'result: clean' in out and '90 classes' in out and 'anchor fit at 256x256' in out
+
+
+# ---------------------------------------------------------------- user transform hook
+
+def _vflip(image, boxes, labels):
+    """A user transform: upside down (image [H, W, 3], boxes xyxy pixels)."""
+    h = image.shape[0]
+    b = boxes.copy()
+    b[:, 1], b[:, 3] = h - boxes[:, 3], h - boxes[:, 1]
+    return image[::-1].copy(), b, labels
+
+
+def test_user_transform_replaces_or_precedes_the_official_augmentation(tiny):
+    root = tiny[0]
+    plain = CocoDataset(root, 'val2017', None, SIZE)
+    user = CocoDataset(root, 'val2017', None, SIZE, transform=_vflip)
+    for i in (0, 5):
+        a, b = plain[i], user[i]
+        img = plain.load_image(i)
+        boxes, labels = plain.annotations(i)
+        fimg, fboxes, flabels = _vflip(img, boxes, labels)
+        content, rb, rl, scale = plain.transform(fimg, fboxes, flabels)
+        assert torch.equal(b['img'], plain.normalize_pad(content)) and b['scale'] == a['scale'] == scale
+        np.testing.assert_allclose(b['annot'].numpy(), np.concatenate([rb, rl[:, None]], 1), atol=1e-5)
+        assert (b['annot'][:, 4] == -2).sum() == (a['annot'][:, 4] == -2).sum()  # crowd labels carried
+    seen = []
+
+    def spy(image, boxes, labels):
+        seen.append((image.shape, boxes.copy(), labels.copy()))
+        return image, boxes, labels
+
+    aug = CocoDataset(root, 'val2017', None, 128, augment=True, transform=spy)
+    torch.manual_seed(0)
+    item = aug[2]
+    boxes, labels = aug.annotations(2)
+    assert seen[0][0] == aug.load_image(2).shape and np.array_equal(seen[0][1], boxes)  # the original first
+    assert item['img'].shape == (3, 128, 128) and 'transform=' in repr(aug)
+
+
+def test_bad_user_transforms_are_named(tiny):
+    def wrong(image, boxes, labels):
+        return image, boxes
+
+    def mismatched(image, boxes, labels):
+        return image, boxes, labels[:0]
+
+    for fn, match in ((wrong, 'wrong must return'), (mismatched, 'mismatched returned')):
+        ds = CocoDataset(tiny[0], 'val2017', None, SIZE, transform=fn)
+        with pytest.raises(TypeError, match=match):
+            ds[0]
+    with pytest.raises(TypeError, match='callable'):
+        CocoDataset(tiny[0], 'val2017', None, SIZE, transform='flip')
+
+
+def test_albumentations_compose_through_the_hook(tiny):
+    A = pytest.importorskip('albumentations')
+    from efficientdet.data import albumentations_transform
+    compose = A.Compose([A.HorizontalFlip(p=1.0)],
+                        bbox_params=A.BboxParams(format='pascal_voc', label_fields=['labels']))
+    root = tiny[0]
+    ds = CocoDataset(root, 'val2017', None, SIZE, transform=albumentations_transform(compose))
+    plain = CocoDataset(root, 'val2017', None, SIZE)
+    for i in (0, 3):
+        img = plain.load_image(i)
+        boxes, labels = plain.annotations(i)
+        fimg, fboxes = hflip(img, boxes)
+        content, rb, rl, _ = plain.transform(fimg, fboxes, labels)
+        item = ds[i]
+        assert torch.equal(item['img'], plain.normalize_pad(content))
+        key = lambda t: t[np.lexsort(t.T[::-1])]  # noqa: E731
+        np.testing.assert_allclose(key(item['annot'].numpy()), key(np.concatenate([rb, rl[:, None]], 1)),
+                                   atol=1e-3)
+    with pytest.raises(ValueError, match='pascal_voc'):
+        albumentations_transform(A.Compose([A.HorizontalFlip(p=0.0)],
+                                           bbox_params=A.BboxParams(format='coco', label_fields=['labels'])))
 
 
 # ---------------------------------------------------------------- transforms

@@ -257,6 +257,31 @@ def test_video_script(tiny, tmp_path):
     assert r.returncode == 2 and 'nope.mp4: no such video file' in r.stderr and 'Traceback' not in r.stderr
 
 
+def test_video_script_takes_stream_urls(tiny, tmp_path):
+    """Anything OpenCV opens is a source: a file:// URL plays like the file; an unreachable stream
+    is one line, exit 2; --show without a GUI build says so instead of crashing."""
+    src = tmp_path / 'clip.mp4'
+    _make_video(src, frames=3)
+    out = tmp_path / 'from_url.mp4'
+    r = run_script(['efficientdet_test_videos.py', 'file://' + str(src), '-p', tiny['project'], '-w', tiny['weights'],
+                    '--image_size', '128', '--output', str(out)])
+    assert r.returncode == 0, r.stderr
+    assert f'wrote 3 frame(s) to {out}' in r.stdout and len(_read_frames(out)) == 3
+    r = run_script(['efficientdet_test_videos.py', 'http://127.0.0.1:9/none.mp4', '-p', tiny['project'],
+                    '-w', tiny['weights'], '--image_size', '128', '--output', str(tmp_path / 'x.mp4')])
+    assert r.returncode == 2 and 'not a reachable stream' in r.stderr and 'Traceback' not in r.stderr
+    if not _has_gui():
+        r = run_script(['efficientdet_test_videos.py', str(src), '--show', '-p', tiny['project'], '-w',
+                        tiny['weights'], '--image_size', '128', '--output', str(tmp_path / 'y.mp4')])
+        assert r.returncode == 2 and '--show: cannot open a window' in r.stderr and 'Traceback' not in r.stderr
+
+
+def _has_gui() -> bool:
+    import re
+    m = re.search(r'GUI:\s*(\S+)', cv2.getBuildInformation())
+    return bool(m) and m.group(1).upper() not in ('NONE', 'NO')
+
+
 def test_video_script_ctrl_c_releases_writer(tiny, tmp_path, monkeypatch, capsys):
     import efficientdet_test_videos as vid
     src = tmp_path / 'clip.mp4'
@@ -279,17 +304,38 @@ def test_video_script_ctrl_c_releases_writer(tiny, tmp_path, monkeypatch, capsys
     assert len(_read_frames(out)) == 3  # the writer was released: a playable file
 
 
-def test_detector_on_exported_onnx_matches_torch(tiny, tmp_path):
-    """The callable-model hook: an ONNX export run by onnxruntime gives the same detections."""
-    pytest.importorskip('onnxruntime')
-    from efficientdet.export import export_onnx
+@pytest.mark.parametrize('fmt,backend', [('onnx', 'onnxruntime'), ('openvino', 'openvino')])
+def test_detector_on_exported_file_matches_torch(tiny, tmp_path, fmt, backend):
+    """An exported file run by its runtime gives the same detections as the PyTorch model."""
+    pytest.importorskip(backend)
+    from efficientdet.export import export_model
     ref = Detector.from_checkpoint(tiny['weights'], project=tiny['project'], image_size=128, max_det=5)
-    path = str(tmp_path / 'm.onnx')
-    export_onnx(ref.model, path, image_size=128)
-    det = Detector.from_exported(path, backend='onnxruntime', project=tiny['project'], max_det=5)
+    path = str(tmp_path / ('m.onnx' if fmt == 'onnx' else 'm.xml'))
+    export_model(fmt, ref.model, path, image_size=128, obj_list=CLASSES)
+    det = Detector.from_exported(path, backend=backend, max_det=5)  # classes and size from the file
     assert det.image_size == (128, 128) and det.obj_list == CLASSES
     img = (np.random.default_rng(5).random((70, 150, 3)) * 255).astype(np.uint8)
     a, b = ref(img)[0], det(img)[0]
     assert len(a) == len(b) > 0 and a.class_names == b.class_names
     np.testing.assert_allclose(b.boxes, a.boxes, atol=1e-2)
     np.testing.assert_allclose(b.scores, a.scores, atol=1e-4)
+
+
+def test_detector_torch_paths_agree(tiny):
+    """The fused fast path (default) and the eager model give the same detections; ``half`` on CPU is
+    bfloat16 autocast with float32 anchors and decoding (boxes close, not bit-equal)."""
+    from efficientdet.postprocess import BestClass
+    fused = Detector.from_checkpoint(tiny['weights'], project=tiny['project'], image_size=128)
+    plain = Detector(fused.model, CLASSES, 128, fuse=False)
+    half = Detector(fused.model, CLASSES, 128, half=True)
+    assert fused.runner.fused and not plain.runner.fused and not half.runner.fused
+    img = (np.random.default_rng(3).random((90, 128, 3)) * 255).astype(np.uint8)
+    a, b = fused(img)[0], plain(img)[0]
+    assert len(a) == len(b) > 0
+    np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-3)
+    batch, _ = half.preprocess([img])
+    _, reg, best, anchors = half.forward(batch)
+    assert reg.dtype == anchors.dtype == best.scores.dtype == torch.float32 and isinstance(best, BestClass)
+    assert torch.equal(anchors, fused.model.anchors(batch, torch.float32))  # never computed in half precision
+    c = half(img)[0]
+    assert len(c) > 0 and np.abs(c.scores[:1] - a.scores[:1]).max() < 0.05

@@ -239,3 +239,19 @@ def test_model_rejects_a_size_it_cannot_run_clearly():
 def test_help_names_the_module(module):
     out = _ok(_run('-m', module, '--help'))
     assert out.startswith(f'usage: python -m {module}')
+
+
+def test_readme_python_examples_run_as_written(released, tmp_path):
+    """Every ```python block of the README runs unchanged (with a released D0 file named as the
+    README names it, and the repository's weights/ and assets/)."""
+    import re
+    with open(os.path.join(ROOT, 'README.md'), encoding='utf-8') as f:
+        blocks = re.findall(r'```python\n(.*?)```', f.read(), re.S)
+    assert len(blocks) >= 2
+    shutil.copy(released['files']['yet_another'], tmp_path / 'efficientdet-d0.pth')
+    for name in ('weights', 'assets'):
+        os.symlink(os.path.join(ROOT, name), tmp_path / name)
+    for code in blocks:
+        p = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                           timeout=300)
+        assert p.returncode == 0, (code, p.stderr[-2000:])

@@ -180,6 +180,16 @@ def test_odd_sizes_run_with_ceil_halved_levels(variant, hw):
     assert torch.isfinite(reg).all() and torch.isfinite(cls).all()
 
 
+@pytest.mark.parametrize('variant', LITE_VARIANTS)
+def test_every_lite_variant_runs_at_a_small_odd_size(variant):
+    m = EfficientDetBackbone(num_classes=2, compound_coef=variant).eval()
+    with torch.no_grad():
+        feats, reg, cls, anchors = m(torch.randn(1, 3, 72, 100))
+    sizes = feature_sizes(72, 100, 7)[3:]  # 9x13 … 1x1 (P6 2x2, P7 1x1)
+    assert [tuple(f.shape[-2:]) for f in feats] == sizes and feats[0].shape[1] == m.config.fpn_num_filters
+    assert reg.shape[1] == cls.shape[1] == anchors.shape[1] == 9 * sum(h * w for h, w in sizes)
+
+
 def test_lite_trains_at_an_odd_size():
     m = EfficientDetBackbone(num_classes=3, compound_coef='lite0').train()
     feats, reg, logits, anchors = m(torch.randn(2, 3, 96, 136), return_logits=True)

@@ -3,12 +3,14 @@
 # alternating the candidates round by round so machine noise hits all of them alike.
 #
 # usage: tools/compare_peers.sh [COEF=0] [SIZE=512] [ROUNDS=3] [ITERS=15] [SET=full|short]
-# env:   THREADS (2), PEER_PY (/tmp/vpeer/bin/python), PEER_SCRIPT, ZYLO (peer checkout), PY (python3)
+# env:   THREADS (2), PY (python3); for the peer rows: PEER_PY (python of the peer environment),
+#        ZYLO (Yet-Another-EfficientDet-Pytorch checkout), PEER_SCRIPT
+#        (default ../shared/tools/peer_bench/peer_forward.py beside the repository)
 #
 # Peers: Yet-Another-EfficientDet-Pytorch and effdet (tf_efficientdet_dC), timed by the peer
 # script (forward only, random weights, 90 classes, batch 1), and effdet's ONNX export run by
 # onnxruntime with our backend's settings (row 'peer effdet_onnxruntime'); see its README for the setup
-# (/work/shared/tools/peer_bench). Ours: benchmark.py with random weights, 90 classes, batch 1,
+# (../shared/tools/peer_bench). Ours: benchmark.py with random weights, 90 classes, batch 1,
 # forward and end2end, in the settings listed below ('default' = fused + channels_last + CPU fast
 # path + --tune_malloc; SET=short: the default torch backend, with and without --tune_malloc, and
 # onnxruntime only). Each round runs every candidate once (ITERS timed runs after warm-up);
@@ -22,16 +24,17 @@ ITERS=${4:-15}
 SET=${5:-full}
 THREADS=${THREADS:-2}
 PY=${PY:-python3}
-PEER_PY=${PEER_PY:-/tmp/vpeer/bin/python}
-PEER_SCRIPT=${PEER_SCRIPT:-/work/shared/tools/peer_bench/peer_forward.py}
-export ZYLO=${ZYLO:-/tmp/peers/zylo117+Yet-Another-EfficientDet-Pytorch}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
-OUT=$(mktemp -d /tmp/compare_peers.XXXXXX)
+PEER_PY=${PEER_PY:-}
+PEER_SCRIPT=${PEER_SCRIPT:-$HERE/../shared/tools/peer_bench/peer_forward.py}
+export ZYLO=${ZYLO:-}
+OUT=$(mktemp -d -t compare_peers.XXXXXX)
 trap 'rm -rf "$OUT"' EXIT
 
 have_peers=1
-if [[ ! -x "$PEER_PY" || ! -f "$PEER_SCRIPT" || ! -d "$ZYLO" ]]; then
-  echo "peers not set up ($PEER_PY, $PEER_SCRIPT, $ZYLO): timing this project only" >&2
+if [[ -z "$PEER_PY" || ! -x "$PEER_PY" || ! -f "$PEER_SCRIPT" || -z "$ZYLO" || ! -d "$ZYLO" ]]; then
+  echo "peers not set up (set PEER_PY, ZYLO and PEER_SCRIPT; see ../shared/tools/peer_bench/README.md):" \
+       "timing this project only" >&2
   have_peers=0
 fi
 
@@ -55,7 +58,7 @@ echo "exporting D$COEF at $SIZE to ONNX once (not timed)" >&2
 # reference for what onnxruntime makes of this network on this CPU. Needs onnx in the peer venv.
 have_effdet_onnx=0
 if [[ $have_peers == 1 ]]; then
-  (cd /tmp && "$PEER_PY" - "$COEF" "$SIZE" "$OUT/effdet.onnx" > /dev/null 2>&1 <<'PY'
+  (cd "$OUT" && "$PEER_PY" - "$COEF" "$SIZE" "$OUT/effdet.onnx" > /dev/null 2>&1 <<'PY'
 import sys, torch
 from effdet import create_model
 c, s, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
@@ -70,7 +73,7 @@ fi
 for r in $(seq 1 "$ROUNDS"); do
   echo "round $r/$ROUNDS" >&2
   if [[ $have_peers == 1 ]]; then
-    (cd /tmp && THREADS=$THREADS "$PEER_PY" "$PEER_SCRIPT" "$COEF" "$SIZE" "$ITERS" 2>/dev/null \
+    (cd "$OUT" && THREADS=$THREADS "$PEER_PY" "$PEER_SCRIPT" "$COEF" "$SIZE" "$ITERS" 2>/dev/null \
        | grep -E 'median' > "$OUT/peer_$r.txt") || echo "peer run failed in round $r" >&2
   fi
   if [[ $have_effdet_onnx == 1 ]]; then

@@ -6,7 +6,7 @@ near 0 is often this). :func:`anchor_coverage` measures the share of boxes with 
 at the network input size (boxes letterboxed as the validation transform does), using the model's
 own anchors (:func:`efficientdet.anchors.generate_anchors`). :func:`suggest_anchors` searches
 scale and ratio sets of the same sizes (so the head's anchor count, and pretrained heads, stay)
-that maximise that share.
+that maximise that share (an exhaustive search over the pools).
 
 Exact and vectorised: for boxes and anchors of fixed shapes the intersection only shrinks as the
 centres move apart along either axis, so a box's best anchor of each shape on a level is the one
@@ -141,7 +141,7 @@ def fit_anchors(boxes: np.ndarray, image_hw: np.ndarray, input_hw: Tuple[int, in
     hit = hit.reshape(len(net), len(pool_s), len(pool_r))
     si = _start(scales, pool_s, lambda a, b: abs(np.log2(a) - np.log2(b)))
     ri = _start(ratios, pool_r, lambda a, b: abs(np.log2(a[0] / a[1]) - np.log2(b[0] / b[1])))
-    si, ri, best = _coordinate_ascent(hit, si, ri)
+    si, ri, best = _search(hit, si, ri)
     s_steps = [SCALE_STEPS[i] for i in si]
     r_steps = [RATIO_STEPS[i] for i in ri]
     covered = hit[:, si][:, :, ri].any((1, 2))
@@ -160,42 +160,27 @@ def _start(values: Sequence, pool: Sequence, dist) -> Tuple[int, ...]:
     return tuple(sorted(chosen))
 
 
-def _coordinate_ascent(hit: np.ndarray, si: Tuple[int, ...], ri: Tuple[int, ...]
-                       ) -> Tuple[List[int], List[int], float]:
-    """Alternately pick the best scale subset for the ratios and the best ratio subset for the
-    scales (exhaustive over subsets of the same size) until neither improves. hit [N, S, R] bool."""
+def _search(hit: np.ndarray, si: Tuple[int, ...], ri: Tuple[int, ...]) -> Tuple[List[int], List[int], float]:
+    """Exhaustive search over scale subsets and ratio subsets of the current sizes: the pair that
+    covers the most boxes, among equals the one changing fewest of the current members.
+    hit [N, S, R] bool (box n has IoU >= 0.5 with some anchor of shape (s, r)). One matrix product
+    per scale subset: [N, R] x [R, ratio subsets]."""
     n = max(len(hit), 1)
-    s_sets = np.array(list(itertools.combinations(range(hit.shape[1]), len(si))))
+    s_sets = list(itertools.combinations(range(hit.shape[1]), len(si)))
     r_sets = np.array(list(itertools.combinations(range(hit.shape[2]), len(ri))))
-    s_onehot = np.zeros((len(s_sets), hit.shape[1]), np.float32)
-    np.put_along_axis(s_onehot, s_sets, 1.0, 1)
     r_onehot = np.zeros((len(r_sets), hit.shape[2]), np.float32)
     np.put_along_axis(r_onehot, r_sets, 1.0, 1)
-
-    si, ri = tuple(si), tuple(ri)
-    best = float(hit[:, list(si)][:, :, list(ri)].any((1, 2)).sum()) / n
-    for _ in range(20):
-        improved = False
-        per_scale = hit[:, :, list(ri)].any(2).astype(np.float32)          # [N, S]
-        cov = ((per_scale @ s_onehot.T) > 0).sum(0) / n                    # [scale subsets]
-        j = _pick(cov, s_onehot, si)
-        if cov[j] > best:
-            si, best, improved = tuple(s_sets[j]), float(cov[j]), True
-        per_ratio = hit[:, list(si), :].any(1).astype(np.float32)          # [N, R]
-        cov = ((per_ratio @ r_onehot.T) > 0).sum(0) / n                    # [ratio subsets]
-        j = _pick(cov, r_onehot, ri)
-        if cov[j] > best:
-            ri, best, improved = tuple(r_sets[j]), float(cov[j]), True
-        if not improved:
-            break
-    return [int(i) for i in si], [int(i) for i in ri], best
-
-
-def _pick(cov: np.ndarray, onehot: np.ndarray, current: Sequence[int]) -> int:
-    """The best-covering subset; among equals the one that changes fewest members of ``current``."""
-    ties = np.flatnonzero(cov >= cov.max())
-    changes = len(current) - onehot[ties][:, list(current)].sum(1)
-    return int(ties[int(np.argmin(changes))])
+    r_changes = len(ri) - r_onehot[:, list(ri)].sum(1)
+    best_key, best = None, (list(si), list(ri), 0.0)
+    for s in s_sets:
+        per_ratio = hit[:, list(s), :].any(1).astype(np.float32)           # [N, R]
+        covered = ((per_ratio @ r_onehot.T) > 0).sum(0)                     # [ratio subsets]
+        changes = len(si) - len(set(s) & set(si)) + r_changes
+        j = int(np.lexsort((changes, -covered))[0])                         # most covered, fewest changes
+        key = (-int(covered[j]), float(changes[j]))
+        if best_key is None or key < best_key:
+            best_key, best = key, (list(s), [int(i) for i in r_sets[j]], float(covered[j]) / n)
+    return best
 
 
 def format_fit(fit: AnchorFit, current_scales: Optional[str] = None, current_ratios: Optional[str] = None) -> str:

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Tuple
 import cv2
 import numpy as np
 
-from ..checkpoint import atomic_write
+from ..ckpt.files import atomic_write
 from ..errors import UserError, run_cli
 
 CLASSES: Tuple[str, ...] = ('rectangle', 'circle', 'triangle')

@@ -31,16 +31,23 @@ MIN_BOX_SIZE = 1e-2
 
 
 def normalize_pad(content: np.ndarray, out_hw: Tuple[int, int], mean: Sequence[float],
-                  std: Sequence[float]) -> torch.Tensor:
-    """uint8 RGB [h, w, 3] (h <= H, w <= W) → float32 [3, H, W] = (x / 255 − mean) / std, zeros
-    at the bottom/right. One pass: x * mul + add per channel. Training data and inference share it."""
+                  std: Sequence[float], out: Optional[np.ndarray] = None, bgr: bool = False) -> torch.Tensor:
+    """uint8 RGB [h, w, 3] (h <= H, w <= W; B, G, R order with ``bgr``) → float32 [3, H, W] =
+    (x / 255 − mean) / std, zeros at the bottom/right. x * mul + add per channel, read from the
+    uint8 image once; ``out`` (float32 [3, H, W], e.g. one image of a batch) is written in place.
+    Training data and inference share it."""
     mean_a, std_a = np.asarray(mean, np.float64).reshape(3), np.asarray(std, np.float64).reshape(3)
     mul = (1.0 / (255.0 * std_a)).astype(np.float32).reshape(3, 1, 1)
     add = (-mean_a / std_a).astype(np.float32).reshape(3, 1, 1)
-    out = np.zeros((3,) + tuple(out_hw), np.float32)
     ch, cw = content.shape[:2]
+    if out is None:
+        out = np.zeros((3,) + tuple(out_hw), np.float32)
+    else:
+        out[:, ch:, :] = 0
+        out[:, :ch, cw:] = 0
     region = out[:, :ch, :cw]
-    np.multiply(content.transpose(2, 0, 1), mul, out=region, casting='unsafe')
+    src = content.transpose(2, 0, 1)
+    np.multiply(src[::-1] if bgr else src, mul, out=region, casting='unsafe')
     region += add
     return torch.from_numpy(out)
 
