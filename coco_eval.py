@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument('--threads', type=int, default=None, help='inference threads of the exported backends')
     ap.add_argument('--override', type=str2bool, nargs='?', const=True, default=False,
                     help='recompute even if a results file made with the same settings exists')
-    ap.add_argument('--max_images', type=int, default=None, help='evaluate only the first K images of the annotation file')
+    ap.add_argument('--max_images', type=int, default=None,
+                    help='evaluate only the first K images of the annotation file')
     ap.add_argument('--output_dir', default='results', help='where {val_set}_bbox_results.json is written')
     ap.add_argument('--results', default=None, help='evaluate this COCO results json; no model is run')
     ap.add_argument('--no_progress', action='store_true', help='no tqdm bar')

@@ -77,7 +77,8 @@ def read_weights(weights) -> Checkpoint:
 
 
 def build_model(variant: Union[Variant, str] = 0, *, num_classes: Optional[int] = None,
-                project: Union[Project, str, None] = None, weights=None, image_size: ImageSize = None, compat: str = 'official', finetune: bool = False,
+                project: Union[Project, str, None] = None, weights=None, image_size: ImageSize = None,
+                compat: str = 'official', finetune: bool = False,
                 device: Union[str, torch.device, None] = None, verbose: bool = True) -> EfficientDetBackbone:
     """Build an ``EfficientDetBackbone`` and optionally load weights.
 

@@ -10,6 +10,8 @@ only leaf layers in that graph; the model passed in is left untouched and stays 
   are folded into that conv's module (:class:`FusedConv`);
 - values computed from parameters alone (BiFPN fast-fusion weights ``relu(w) / (sum + eps)``)
   are computed once and stored as constants;
+- element-wise adds / multiplies / activations write into an operand that is a fresh tensor no
+  later node reads (fusion sums, SE gating);
 - every other node (up-sampling, pooling, fusion sums, SE gating, anchors) is the eager code.
 
 :class:`FusedConv` keeps TF "SAME" padding exact for any input size, runs a 1x1 conv on a 1x1
@@ -343,6 +345,57 @@ def _swap_convs(gm: fx.GraphModule) -> None:
     gm.delete_all_unused_submodules()
 
 
+def _in_place_ok(a: torch.Tensor, b: Any) -> bool:
+    return (not a.requires_grad and isinstance(b, torch.Tensor) and b.dtype == a.dtype
+            and torch.broadcast_shapes(a.shape, b.shape) == a.shape)
+
+
+def add_into(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a + b``, written into ``a`` when the shapes allow (``a``: a fresh tensor nothing else reads)."""
+    return a.add_(b) if _in_place_ok(a, b) else a + b
+
+
+def mul_into(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a * b``, written into ``a`` when the shapes allow (``a``: a fresh tensor nothing else reads)."""
+    return a.mul_(b) if _in_place_ok(a, b) else a * b
+
+
+_FRESH_FUNCTIONS = (operator.add, operator.mul, torch.add, torch.mul, F.silu, F.relu6, torch.sigmoid, F.interpolate,
+                    add_into, mul_into)
+_IN_PLACE = {operator.add: add_into, torch.add: add_into, operator.mul: mul_into, torch.mul: mul_into}
+
+
+def _fresh(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:
+    """Whether ``node`` makes a new tensor that no other name holds (not an input, parameter or view)."""
+    if node.op == 'call_module':
+        return isinstance(modules[node.target], (FusedConv, MaxPool2dStaticSamePadding))
+    return node.op == 'call_function' and node.target in _FRESH_FUNCTIONS
+
+
+def _use_in_place(gm: fx.GraphModule) -> None:
+    """Element-wise adds / multiplies and activations whose operand is a fresh tensor read by no
+    later node write into it (BiFPN fusion sums, SE gating, BiFPN activations): fewer large
+    allocations and passes over memory; the numbers are the same."""
+    graph = gm.graph
+    modules = dict(gm.named_modules())
+    order = {n: i for i, n in enumerate(graph.nodes)}
+
+    def last_use(operand: Any, node: fx.Node) -> bool:
+        return (isinstance(operand, fx.Node) and _fresh(operand, modules)
+                and all(order[u] <= order[node] for u in operand.users))
+
+    for node in list(graph.nodes):
+        if node.op == 'call_function' and node.target in _IN_PLACE and len(node.args) == 2 and not node.kwargs:
+            a, b = node.args
+            if not last_use(a, node) and last_use(b, node):
+                a, b = b, a  # both ops commute
+            if last_use(a, node):
+                node.target, node.args = _IN_PLACE[node.target], (a, b)
+        elif _act_of(node, modules) in ('swish', 'relu6') and last_use(node.args[0], node):
+            fn = F.silu if _act_of(node, modules) == 'swish' else F.relu6
+            node.op, node.target, node.args, node.kwargs = 'call_function', fn, (node.args[0],), {'inplace': True}
+
+
 def _rewrite(model: nn.Module) -> fx.GraphModule:
     try:
         graph = _Tracer().trace(model, concrete_args={'return_logits': True})
@@ -352,6 +405,7 @@ def _rewrite(model: nn.Module) -> fx.GraphModule:
     gm = fx.GraphModule(model, graph)
     _fold_constants(gm)
     _swap_convs(gm)
+    _use_in_place(gm)
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -118,6 +118,25 @@ def test_fuse_other_sizes(d0, hw):
         _close(u, v, f'{name} at {hw}')
 
 
+@pytest.mark.parametrize('fast', [False, True])
+def test_fuse_lite_relu6_odd_size(fast):
+    """EfficientDet-Lite0 (ReLU6, no SE) at 320 px (P7 3x3 up-sampled to P6 5x5): the swapped-layer
+    model matches the eager one, ReLU6 folded into the convs (oneDNN hardtanh on the fast path)."""
+    from efficientdet.fuse import FusedConv
+    torch.manual_seed(0)
+    model = randomize_(EfficientDetBackbone(num_classes=4, compound_coef='lite0'))
+    fused = fuse_model(model, image_size=320, fast=fast)
+    convs = [m for m in fused.modules() if isinstance(m, FusedConv)]
+    assert sum(m.act == 'relu6' for m in convs) > 40 and not any(m.act == 'swish' for m in convs)
+    assert any(m.fast for m in convs) == (fast and onednn_available('relu6'))
+    x = torch.randn(1, 3, 320, 320, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        ref, out = model(x), fused(x)
+    for name, a, b in zip(('regression', 'classification', 'anchors'), out[1:], ref[1:]):
+        assert a.shape == b.shape
+        _close(a, b, name)
+
+
 def test_fuse_bad_size(d0):
     with pytest.raises(UserError, match='image_size'):
         fuse_model(d0, image_size=(64, 2048))  # P6 would be 1x32: the official model cannot run it

@@ -138,7 +138,12 @@ def test_released_checkpoint_journey(released, layout, tmp_path):
             mine.pop(hit)
 
 
-@pytest.mark.parametrize('layout', LAYOUTS)
+# the loading path differs per layout only inside build_model, which the journey above covers for
+# all three: the heavier export / training runs take one layout in the fast suite, the rest in -m slow
+LAYOUTS_ONE_FAST = [LAYOUTS[0]] + [pytest.param(layout, marks=pytest.mark.slow) for layout in LAYOUTS[1:]]
+
+
+@pytest.mark.parametrize('layout', LAYOUTS_ONE_FAST)
 def test_released_checkpoint_export_and_benchmark(released, layout, tmp_path):
     weights = released['files'][layout]
     onnx_path = str(tmp_path / 'd0.onnx')
@@ -149,6 +154,19 @@ def test_released_checkpoint_export_and_benchmark(released, layout, tmp_path):
                      '--warmup', '1', '--threads', '1', '--device', 'cpu', '--json', str(tmp_path / 'b.json')))
     result = json.loads((tmp_path / 'b.json').read_text())
     assert result['latency_ms_median'] > 0, bench
+
+
+@pytest.mark.parametrize('layout', LAYOUTS_ONE_FAST)
+def test_released_checkpoint_fine_tunes_on_coco_keeping_the_classifier(released, layout, tmp_path):
+    """train.py -p coco -w RELEASED: every tensor fits the 90-slot label map, so nothing is
+    re-initialised; one step runs and a checkpoint is written."""
+    p = _run('train.py', '-p', 'coco', '-c', '0', '-w', released['files'][layout], '--data_path',
+             str(released['root'] / 'datasets'), '--image_size', SIZE, '--batch_size', '2', '--max_steps', '1',
+             '--num_epochs', '1', '--no_map', '--saved_path', str(tmp_path / 'saved'), '--log_path',
+             str(tmp_path / 'logs'), *_compat(layout))
+    out = _ok(p) + p.stderr
+    assert 'fine-tune load: 784/784 tensors' in out and 're-initialised' not in out
+    assert os.path.isdir(tmp_path / 'saved' / 'coco') and os.listdir(tmp_path / 'saved' / 'coco')
 
 
 def test_coco_label_map_scores_ground_truth_at_map_1(released):
@@ -175,6 +193,10 @@ def test_coco_label_map_scores_ground_truth_at_map_1(released):
                          'labels': np.array([a['category_id'] - 1 for a in mine])}])
     m = ev.compute(image_ids=image_ids)
     assert m['stats'][0] == pytest.approx(1.0)
+    # the data check accepts the placeholders on the same real COCO data
+    check = _ok(_run('-m', 'efficientdet.data.check', '-p', 'coco', '--data_path', str(released['root'] / 'datasets'),
+                     '--no_images', '--no_anchors'))
+    assert 'result: clean' in check
     # one class off (id + 1) and the score collapses: the test can fail
     ev2 = COCOEvaluator(ds.coco, cat_ids=ds.cat_ids, class_names=project.obj_list)
     for i in image_ids:
@@ -235,18 +257,21 @@ def test_model_rejects_a_size_it_cannot_run_clearly():
     assert str(e.value) == str(rule.value)
 
 
-@pytest.mark.parametrize('module', ['efficientdet.convert', 'efficientdet.export'])
+@pytest.mark.parametrize('module', ['efficientdet.convert', 'efficientdet.export', 'efficientdet.data.check',
+                                    'efficientdet.data.shapes', 'efficientdet.data.convert'])
 def test_help_names_the_module(module):
     out = _ok(_run('-m', module, '--help'))
     assert out.startswith(f'usage: python -m {module}')
 
 
 def test_readme_python_examples_run_as_written(released, tmp_path):
-    """Every ```python block of the README runs unchanged (with a released D0 file named as the
-    README names it, and the repository's weights/ and assets/)."""
+    """The README's pretrained-model examples (the ```python blocks that load weights) run
+    unchanged, with a released D0 file named as the README names it and the repository's
+    weights/ and assets/."""
     import re
     with open(os.path.join(ROOT, 'README.md'), encoding='utf-8') as f:
-        blocks = re.findall(r'```python\n(.*?)```', f.read(), re.S)
+        blocks = [b for b in re.findall(r'```python\n(.*?)```', f.read(), re.S)
+                  if 'build_model(' in b or 'Detector.from_checkpoint(' in b]
     assert len(blocks) >= 2
     shutil.copy(released['files']['yet_another'], tmp_path / 'efficientdet-d0.pth')
     for name in ('weights', 'assets'):

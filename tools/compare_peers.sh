@@ -2,27 +2,32 @@
 # Side-by-side CPU latency of this project and the two PyTorch peers, measured in ONE run,
 # alternating the candidates round by round so machine noise hits all of them alike.
 #
-# usage: tools/compare_peers.sh [COEF=0] [SIZE=512] [ROUNDS=3] [ITERS=15] [SET=full|short]
-# env:   THREADS (2), PY (python3); for the peer rows: PEER_PY (python of the peer environment),
-#        ZYLO (Yet-Another-EfficientDet-Pytorch checkout), PEER_SCRIPT
+# usage: tools/compare_peers.sh [COEFS=0] [SIZE=auto] [ROUNDS=3] [ITERS=15] [SET=full|short|targets]
+#        COEFS: one variant or a comma list (0,1,2,3: one row block per variant, all in the same rounds);
+#        SIZE: input side, or 'auto' for each variant's own size (512, 640, 768, 896 ...)
+# env:   THREADS (2), BATCH (8: the throughput rows), PY (python3); for the peer rows: PEER_PY (python
+#        of the peer environment), ZYLO (Yet-Another-EfficientDet-Pytorch checkout), PEER_SCRIPT
 #        (default ../shared/tools/peer_bench/peer_forward.py beside the repository)
 #
 # Peers: Yet-Another-EfficientDet-Pytorch and effdet (tf_efficientdet_dC), timed by the peer
 # script (forward only, random weights, 90 classes, batch 1), and effdet's ONNX export run by
 # onnxruntime with our backend's settings (row 'peer effdet_onnxruntime'); see its README for the setup
-# (../shared/tools/peer_bench). Ours: benchmark.py with random weights, 90 classes, batch 1,
-# forward and end2end, in the settings listed below ('default' = fused + channels_last + CPU fast
-# path + --tune_malloc; SET=short: the default torch backend, with and without --tune_malloc, and
-# onnxruntime only). Each round runs every candidate once (ITERS timed runs after warm-up);
-# the table shows the median over rounds of each candidate's per-round median, and ratios
-# against the peers' forward pass. Nothing of the peers is imported into this project.
+# (../shared/tools/peer_bench). Ours: benchmark.py with random weights, 90 classes, forward and
+# end2end (stage by stage in the JSON), in the settings listed below ('default' = the torch backend:
+# fused + channels_last + CPU fast path + --tune_malloc). SET=full: the torch optimisation steps one
+# by one, onnxruntime and openvino; SET=short: default, onnxruntime, openvino; SET=targets: default,
+# onnxruntime, openvino, plus batch-BATCH throughput rows (images/s) of default and openvino. Each
+# round runs every candidate once (ITERS timed runs after warm-up); the table shows the median over
+# rounds of each candidate's per-round median, and ratios against the peers' forward pass. Nothing of
+# the peers is imported into this project.
 set -euo pipefail
-COEF=${1:-0}
-SIZE=${2:-512}
+COEFS=${1:-0}
+SIZE_ARG=${2:-auto}
 ROUNDS=${3:-3}
 ITERS=${4:-15}
 SET=${5:-full}
 THREADS=${THREADS:-2}
+BATCH=${BATCH:-8}
 PY=${PY:-python3}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 PEER_PY=${PEER_PY:-}
@@ -38,27 +43,52 @@ if [[ -z "$PEER_PY" || ! -x "$PEER_PY" || ! -f "$PEER_SCRIPT" || -z "$ZYLO" || !
   have_peers=0
 fi
 
-if [[ "$SET" == full ]]; then
-  CONFIGS=("plain:--no-fuse --no-channels_last --no-tune_malloc"
-           "fused:--no-channels_last --no-fast --no-tune_malloc"
-           "fused_cl:--no-fast --no-tune_malloc"
-           "fused_cl_fast:--no-tune_malloc"
-           "default:"
-           "onnxruntime:--backend onnxruntime --model $OUT/model.onnx")
-else
-  CONFIGS=("fused_cl_fast:--no-tune_malloc" "default:" "onnxruntime:--backend onnxruntime --model $OUT/model.onnx")
-fi
+configs_for() {  # $1: folder of this variant's exports
+  local m=$1
+  case "$SET" in
+    full) CONFIGS=("plain:--no-fuse --no-channels_last --no-tune_malloc"
+                   "fused:--no-channels_last --no-fast --no-tune_malloc"
+                   "fused_cl:--no-fast --no-tune_malloc"
+                   "fused_cl_fast:--no-tune_malloc"
+                   "default:"
+                   "onnxruntime:--backend onnxruntime --model $m/model.onnx"
+                   "openvino:--backend openvino --model $m/model.xml") ;;
+    targets) CONFIGS=("default:"
+                      "onnxruntime:--backend onnxruntime --model $m/model.onnx"
+                      "openvino:--backend openvino --model $m/model.xml"
+                      "default_b${BATCH}:--batch_size $BATCH"
+                      "openvino_b${BATCH}:--backend openvino --model $m/model.xml --batch_size $BATCH") ;;
+    *) CONFIGS=("default:"
+                "onnxruntime:--backend onnxruntime --model $m/model.onnx"
+                "openvino:--backend openvino --model $m/model.xml") ;;
+  esac
+}
 
+size_of() {  # the input side of variant $1
+  if [[ "$SIZE_ARG" == auto ]]; then
+    (cd "$HERE" && $PY -c "import sys; from efficientdet.config import get_config, parse_variant; \
+print(get_config(parse_variant(sys.argv[1])).input_size)" "$1")
+  else
+    echo "$SIZE_ARG"
+  fi
+}
+
+IFS=',' read -r -a COEF_LIST <<< "$COEFS"
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo '?')
-echo "exporting D$COEF at $SIZE to ONNX once (not timed)" >&2
-(cd "$HERE" && $PY -m efficientdet.export onnx -c "$COEF" --num_classes 90 --image_size "$SIZE" \
-   -o "$OUT/model.onnx" --no-verify > /dev/null)
-
-# effdet's own ONNX export, run by the same onnxruntime settings as ours (forward only): the
-# reference for what onnxruntime makes of this network on this CPU. Needs onnx in the peer venv.
-have_effdet_onnx=0
-if [[ $have_peers == 1 ]]; then
-  (cd "$OUT" && "$PEER_PY" - "$COEF" "$SIZE" "$OUT/effdet.onnx" > /dev/null 2>&1 <<'PY'
+for COEF in "${COEF_LIST[@]}"; do
+  SIZE=$(size_of "$COEF")
+  M="$OUT/c$COEF"
+  mkdir -p "$M"
+  echo "$SIZE" > "$M/size"
+  echo "exporting D$COEF at $SIZE to ONNX and OpenVINO once (not timed)" >&2
+  (cd "$HERE" && $PY -m efficientdet.export onnx -c "$COEF" --num_classes 90 --image_size "$SIZE" \
+     -o "$M/model.onnx" --no-verify > /dev/null)
+  (cd "$HERE" && $PY -m efficientdet.export openvino -c "$COEF" --num_classes 90 --image_size "$SIZE" \
+     -o "$M/model.xml" --no-verify > /dev/null) || echo "openvino export failed (pip install openvino)" >&2
+  # effdet's own ONNX export, run by the same onnxruntime settings as ours (forward only): the
+  # reference for what onnxruntime makes of this network on this CPU. Needs onnx in the peer venv.
+  if [[ $have_peers == 1 ]]; then
+    (cd "$OUT" && "$PEER_PY" - "$COEF" "$SIZE" "$M/effdet.onnx" > /dev/null 2>&1 <<'PY'
 import sys, torch
 from effdet import create_model
 c, s, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
@@ -67,17 +97,21 @@ m = create_model(f'tf_efficientdet_d{c}', pretrained=False, pretrained_backbone=
 with torch.no_grad():
     torch.onnx.export(m, (torch.randn(1, 3, s, s),), path, opset_version=17, dynamo=False)
 PY
-  ) && have_effdet_onnx=1 || echo "effdet ONNX export failed (pip install onnx in the peer venv): row skipped" >&2
-fi
+    ) || echo "effdet ONNX export failed (pip install onnx in the peer venv): row skipped" >&2
+  fi
+done
 
 for r in $(seq 1 "$ROUNDS"); do
   echo "round $r/$ROUNDS" >&2
-  if [[ $have_peers == 1 ]]; then
-    (cd "$OUT" && THREADS=$THREADS "$PEER_PY" "$PEER_SCRIPT" "$COEF" "$SIZE" "$ITERS" 2>/dev/null \
-       | grep -E 'median' > "$OUT/peer_$r.txt") || echo "peer run failed in round $r" >&2
-  fi
-  if [[ $have_effdet_onnx == 1 ]]; then
-    PYTHONPATH="$HERE" $PY - "$OUT/effdet.onnx" "$SIZE" "$THREADS" "$ITERS" > "$OUT/peer_ort_$r.txt" <<'PY'
+  for COEF in "${COEF_LIST[@]}"; do
+    M="$OUT/c$COEF"
+    SIZE=$(cat "$M/size")
+    if [[ $have_peers == 1 ]]; then
+      (cd "$OUT" && THREADS=$THREADS "$PEER_PY" "$PEER_SCRIPT" "$COEF" "$SIZE" "$ITERS" 2>/dev/null \
+         | grep -E 'median' > "$M/peer_$r.txt") || echo "peer run failed in round $r" >&2
+    fi
+    if [[ -f "$M/effdet.onnx" ]]; then
+      PYTHONPATH="$HERE" $PY - "$M/effdet.onnx" "$SIZE" "$THREADS" "$ITERS" > "$M/peer_ort_$r.txt" <<'PY'
 import statistics, sys, time
 import numpy as np
 from efficientdet.backends import OnnxRuntimeModel  # the very session settings of our backend
@@ -91,43 +125,62 @@ for _ in range(iters):
     t = time.perf_counter(); sess.run(None, feed); ts.append(time.perf_counter() - t)
 print(f'effdet_onnxruntime median {statistics.median(ts) * 1000:.1f} ms')
 PY
-  fi
-  for cfg in "${CONFIGS[@]}"; do
-    name=${cfg%%:*}
-    flags=${cfg#*:}
-    for mode in forward end2end; do
-      # shellcheck disable=SC2086
-      (cd "$HERE" && $PY benchmark.py -c "$COEF" --image_size "$SIZE" --threads "$THREADS" --iters "$ITERS" \
-         --warmup 3 --mode $mode $flags --json "$OUT/ours_${name}_${mode}_$r.json" > /dev/null)
+    fi
+    configs_for "$M"
+    for cfg in "${CONFIGS[@]}"; do
+      name=${cfg%%:*}
+      flags=${cfg#*:}
+      for mode in forward end2end; do
+        # shellcheck disable=SC2086
+        (cd "$HERE" && $PY benchmark.py -c "$COEF" --image_size "$SIZE" --threads "$THREADS" --iters "$ITERS" \
+           --warmup 3 --mode $mode $flags --json "$M/ours_${name}_${mode}_$r.json" > /dev/null) \
+           || echo "D$COEF $name $mode failed in round $r" >&2
+      done
     done
   done
 done
 
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo '?')
-$PY - "$OUT" "$COEF" "$SIZE" "$THREADS" "$ROUNDS" "$ITERS" "$LOAD_START" "$LOAD_END" <<'PY'
+$PY - "$OUT" "$THREADS" "$ROUNDS" "$ITERS" "$LOAD_START" "$LOAD_END" <<'PY'
 import glob, json, os, re, statistics, sys
-out, coef, size, threads, rounds, iters, load0, load1 = sys.argv[1:]
-rows = {}
-for path in sorted(glob.glob(os.path.join(out, 'peer_*.txt'))):
-    for line in open(path):
-        m = re.match(r'\s*(zylo117|effdet_onnxruntime|effdet)\S*\s.*?median\s+([\d.]+)\s*ms', line)
-        if m:
-            rows.setdefault((f'peer {m.group(1)}', 'forward'), []).append(float(m.group(2)))
+out, threads, rounds, iters, load0, load1 = sys.argv[1:]
 device = None
-for path in sorted(glob.glob(os.path.join(out, 'ours_*.json'))):
-    r = json.load(open(path))
-    name = os.path.basename(path)[5:].rsplit('_', 2)[0]
-    rows.setdefault((f'ours {name}', r['mode']), []).append(r['latency_ms_median'])
-    device = r['device']
-med = {k: statistics.median(v) for k, v in rows.items()}
-zy = med.get(('peer zylo117', 'forward'))
-ed = med.get(('peer effdet', 'forward'))
-print(f'D{coef} {size}x{size}, batch 1, {threads} threads, {device}; {rounds} rounds x {iters} timed runs; '
-      'median of per-round medians (ms)')
+blocks = []
+for folder in sorted(glob.glob(os.path.join(out, 'c*')), key=lambda p: os.path.basename(p)):
+    rows, ips, e2e_minus_fwd = {}, {}, {}
+    for path in sorted(glob.glob(os.path.join(folder, 'peer_*.txt'))):
+        for line in open(path):
+            m = re.match(r'\s*(zylo117|effdet_onnxruntime|effdet)\S*\s.*?median\s+([\d.]+)\s*ms', line)
+            if m:
+                rows.setdefault((f'peer {m.group(1)}', 'forward', 1), []).append(float(m.group(2)))
+    for path in sorted(glob.glob(os.path.join(folder, 'ours_*.json'))):
+        r = json.load(open(path))
+        name = os.path.basename(path)[5:].rsplit('_', 2)[0]
+        key = (f'ours {name}', r['mode'], r['batch_size'])
+        rows.setdefault(key, []).append(r['latency_ms_median'])
+        ips.setdefault(key, []).append(r['images_per_second'])
+        if 'end2end_minus_forward_ms_median' in r:
+            e2e_minus_fwd.setdefault(key, []).append(r['end2end_minus_forward_ms_median'])
+        device = r['device']
+    if rows:
+        blocks.append((os.path.basename(folder)[1:], open(os.path.join(folder, 'size')).read().strip(), rows, ips,
+                       e2e_minus_fwd))
+print(f'{threads} threads, {device}; {rounds} rounds x {iters} timed runs; median of per-round medians (ms)')
 print(f'load average (1/5/15 min) at start {load0}, at end {load1}: above the thread count means a shared, noisy CPU')
-print(f'{"candidate":26s} {"mode":8s} {"ms":>8s} {"runs":>5s} {"Yet-Another/x":>14s} {"effdet/x":>9s}')
-for (name, mode), v in sorted(med.items(), key=lambda kv: (not kv[0][0].startswith('peer'), kv[0][1], -kv[1])):
-    a = f'{zy / v:.2f}x' if zy else '-'
-    b = f'{ed / v:.2f}x' if ed else '-'
-    print(f'{name:26s} {mode:8s} {v:8.1f} {len(rows[(name, mode)]):5d} {a:>14s} {b:>9s}')
+for coef, size, rows, ips, e2e in blocks:
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    zy = med.get(('peer zylo117', 'forward', 1))
+    ed = med.get(('peer effdet', 'forward', 1))
+    print(f'\nD{coef} {size}x{size}')
+    print(f'{"candidate":26s} {"mode":8s} {"batch":>5s} {"ms":>8s} {"images/s":>9s} {"e2e-fwd":>8s} {"runs":>5s} '
+          f'{"Yet-Another/x":>14s} {"effdet/x":>9s}')
+    for (name, mode, b), v in sorted(med.items(), key=lambda kv: (not kv[0][0].startswith('peer'), kv[0][2],
+                                                                   kv[0][1], -kv[1])):
+        per_image = v / b  # ratios against the peers' batch-1 forward, per image
+        a = f'{zy / per_image:.2f}x' if zy else '-'
+        c = f'{ed / per_image:.2f}x' if ed else '-'
+        k = (name, mode, b)
+        i = f'{statistics.median(ips[k]):.2f}' if k in ips else '-'
+        o = f'{statistics.median(e2e[k]):.1f}' if k in e2e else '-'
+        print(f'{name:26s} {mode:8s} {b:5d} {v:8.1f} {i:>9s} {o:>8s} {len(rows[k]):5d} {a:>14s} {c:>9s}')
 PY

@@ -20,7 +20,8 @@ def _origin(ck: Checkpoint) -> str:
     if ck.layout == 'ours':
         cands = ck.candidates
         if cands and all(get_config(c).is_lite for c in cands):
-            return 'this project (full training checkpoint)' if ck.training is not None else 'this project'  # no Yet-Another Lite
+            # Yet-Another has no Lite variants
+            return 'this project (full training checkpoint)' if ck.training is not None else 'this project'
         fusion = {k: s for c in cands if get_config(c).fusion == 'sum'
                   for k, s in yet_another_fusion_keys(c).items() if k in ck.state_dict}
         if fusion:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -17,22 +17,20 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import UserError
-from .annotations import (CROWD_CLASS, ISSUES, SKIPPING, CocoIndex, Issues, check_boxes, coco_from_dict,  # noqa: F401
-                          index_coco, load_coco_json, resolve_categories)
+from .annotations import (CROWD_CLASS, ISSUES, SKIPPING, CocoIndex, Issues, check_boxes, coco_from_dict, index_coco,
+                          load_coco_json)
 from .formats import get_format, load_split
 from .images import load_image_checked
 from .transforms import DetectionTransform, Size, UserTransform, apply_user_transform, as_hw, normalize_pad
 
+# the annotation names are re-exported: they lived here before data/annotations.py
+__all__ = ['CocoDataset', 'DetectionDataset', 'build_dataset', 'collate_fn', 'seed_worker', 'build_dataloader',
+           'PAD_VALUE', 'CROWD_CLASS', 'ISSUES', 'CocoIndex', 'Issues', 'check_boxes', 'index_coco', 'load_coco_json',
+           'load_image_checked']
+
 PAD_VALUE = -1.0
 # Bits of the per-image flags that data-loader workers set in shared memory.
 _FLAG_BITS = {'corrupt_image': 1, 'size_mismatch': 2, 'truncated_image': 4}
-
-
-def dataset_paths(root_dir: str, set_name: str) -> Tuple[str, str]:
-    """(annotation json, image folder) of a COCO-format set; UserError naming what is missing."""
-    from .formats.coco import COCO_FORMAT
-    part = COCO_FORMAT.read(root_dir, set_name, None, Issues())
-    return part.source, part.image_dir
 
 
 class CocoDataset(Dataset):

@@ -175,7 +175,8 @@ def generate_split(root: str, split: str, num_images: int, image_size: int, seed
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description='Write the synthetic shapes dataset (COCO format).')
+    ap = argparse.ArgumentParser(prog='python -m efficientdet.data.shapes',
+                                 description='Write the synthetic shapes dataset (COCO format).')
     ap.add_argument('--root', default='datasets/shape', help='output folder ({data_path}/{project_name})')
     ap.add_argument('--num_train', type=int, default=500)
     ap.add_argument('--num_val', type=int, default=100)

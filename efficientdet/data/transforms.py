@@ -175,19 +175,30 @@ def apply_user_transform(fn: UserTransform, image: np.ndarray, boxes: np.ndarray
     return np.ascontiguousarray(img), b, lab
 
 
-def albumentations_transform(compose: Any, label_field: str = 'labels') -> UserTransform:
-    """Adapt an albumentations ``Compose`` built with
-    ``bbox_params=A.BboxParams(format='pascal_voc', label_fields=['labels'])`` to the dataset's
-    ``transform=`` hook (image RGB uint8, boxes xyxy pixels = albumentations' pascal_voc)."""
-    params = getattr(compose, 'processors', {}).get('bboxes')
-    fmt = getattr(getattr(params, 'params', None), 'format', None)
-    if fmt is not None and fmt != 'pascal_voc':
-        raise ValueError(f"albumentations BboxParams format must be 'pascal_voc' (x1, y1, x2, y2 pixels), got {fmt!r}")
+class AlbumentationsTransform:
+    """An albumentations ``Compose`` built with
+    ``bbox_params=A.BboxParams(format='pascal_voc', label_fields=['labels'])`` as a dataset
+    ``transform=`` (image RGB uint8, boxes xyxy pixels = albumentations' pascal_voc). A class, not a
+    closure, so data-loader workers started with ``spawn`` can pickle it."""
 
-    def transform(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray
-                  ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        out = compose(image=image, bboxes=boxes, **{label_field: labels})
-        return out['image'], np.asarray(out['bboxes'], np.float32).reshape(-1, 4), np.asarray(out[label_field])
+    def __init__(self, compose: Any, label_field: str = 'labels'):
+        params = getattr(compose, 'processors', {}).get('bboxes')
+        fmt = getattr(getattr(params, 'params', None), 'format', None)
+        if fmt is not None and fmt != 'pascal_voc':
+            raise ValueError(f"albumentations BboxParams format must be 'pascal_voc' (x1, y1, x2, y2 pixels), "
+                             f'got {fmt!r}')
+        self.compose, self.label_field = compose, label_field
+        self.__name__ = f'albumentations({type(compose).__name__})'
 
-    transform.__name__ = f'albumentations({type(compose).__name__})'
-    return transform
+    def __call__(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray
+                 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        out = self.compose(image=image, bboxes=boxes, **{self.label_field: labels})
+        return out['image'], np.asarray(out['bboxes'], np.float32).reshape(-1, 4), np.asarray(out[self.label_field])
+
+    def __repr__(self) -> str:
+        return self.__name__
+
+
+def albumentations_transform(compose: Any, label_field: str = 'labels') -> AlbumentationsTransform:
+    """Adapt an albumentations ``Compose`` (pascal_voc boxes) to the dataset's ``transform=`` hook."""
+    return AlbumentationsTransform(compose, label_field)

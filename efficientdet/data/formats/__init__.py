@@ -55,6 +55,16 @@ class DatasetFormat(ABC):
                             f'({self.name} layout). Put the dataset there or pass --data_path pointing at the '
                             f'folder that holds it{hint}')
 
+    def need(self, path: str, root_dir: str, split: str, folder: bool = False, required: bool = True) -> bool:
+        """Whether ``path`` (a file, or a folder) exists; UserError naming it and the expected layout
+        when it does not and is ``required``."""
+        found = os.path.isdir(path) if folder else os.path.isfile(path)
+        if required and not found:
+            raise UserError(f'{"folder" if folder else "file"} {path} not found; expected '
+                            f'{self.describe(root_dir, split)} ({self.name} layout). Check train_set / val_set in '
+                            'the project file and --data_path')
+        return found
+
     @abstractmethod
     def read(self, root_dir: str, split: str, obj_list: Optional[Sequence[str]], issues: Issues,
              require_images: bool = True) -> SplitData:

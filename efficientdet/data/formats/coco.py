@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 from typing import Optional, Sequence
 
-from ...errors import UserError
 from ..annotations import Issues, load_coco_json
 from . import DatasetFormat, SplitData, register_format
 
@@ -24,14 +23,8 @@ class CocoFormat(DatasetFormat):
              require_images: bool = True) -> SplitData:
         self.check_root(root_dir, split)
         ann_file, image_dir = self.paths(root_dir, split)
-        expected = self.describe(root_dir, split)
-        if not os.path.isfile(ann_file):
-            raise UserError(f'annotation file {ann_file} not found; expected {expected}. Check train_set / val_set '
-                            'in the project file')
-        found = os.path.isdir(image_dir)
-        if require_images and not found:
-            raise UserError(f'image folder {image_dir} not found; expected {expected}. Check train_set / val_set '
-                            'in the project file')
+        self.need(ann_file, root_dir, split)
+        found = self.need(image_dir, root_dir, split, folder=True, required=require_images)
         return SplitData(load_coco_json(ann_file), image_dir, ann_file, issues, images_found=found)
 
 

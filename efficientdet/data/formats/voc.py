@@ -34,13 +34,8 @@ class VocFormat(DatasetFormat):
         self.check_root(root_dir, split)
         list_file = os.path.join(root_dir, 'ImageSets', 'Main', f'{split}.txt')
         ann_dir, image_dir = os.path.join(root_dir, 'Annotations'), os.path.join(root_dir, 'JPEGImages')
-        expected = self.describe(root_dir, split)
-        if not os.path.isfile(list_file):
-            raise UserError(f'{list_file} not found; expected {expected}. Check train_set / val_set in the '
-                            'project file')
-        found = os.path.isdir(image_dir)
-        if require_images and not found:
-            raise UserError(f'image folder {image_dir} not found; expected {expected}')
+        self.need(list_file, root_dir, split)
+        found = self.need(image_dir, root_dir, split, folder=True, required=require_images)
         with open(list_file, 'r', encoding='utf-8', errors='replace') as f:
             stems = [line.split()[0] for line in f if line.strip()]
         categories = categories_for(obj_list)

@@ -28,12 +28,8 @@ class YoloFormat(DatasetFormat):
         self.check_root(root_dir, split)
         image_dir = os.path.join(root_dir, 'images', split)
         label_dir = os.path.join(root_dir, 'labels', split)
-        expected = self.describe(root_dir, split)
-        if not os.path.isdir(image_dir):  # labels are normalised: the image sizes are always needed
-            raise UserError(f'image folder {image_dir} not found; expected {expected} (YOLO boxes are relative '
-                            'to the image size, so the images are needed). Check train_set / val_set')
-        if not os.path.isdir(label_dir):
-            raise UserError(f'label folder {label_dir} not found; expected {expected}')
+        self.need(image_dir, root_dir, split, folder=True)  # YOLO boxes are relative: images always needed
+        self.need(label_dir, root_dir, split, folder=True)
         files = sorted(f for f in os.listdir(image_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
         labels = {os.path.splitext(f)[0]: f for f in os.listdir(label_dir) if f.endswith('.txt')}
         stems = set()
