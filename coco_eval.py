@@ -2,6 +2,8 @@
 
     put images here        {data_path}/{project_name}/{val_set}/*.jpg
     put annotations here   {data_path}/{project_name}/annotations/instances_{val_set}.json
+    (or a Pascal VOC / YOLO folder: ``dataset_format: voc | yolo`` in the project file; results then
+    use the ids of ``python -m efficientdet.data.convert``)
 
     python coco_eval.py -p coco -c 0 -w weights/efficientdet-d0.pth
     python coco_eval.py -p coco --results results/val2017_bbox_results.json     # no model: score a file

@@ -69,7 +69,7 @@ def build_detector(args: argparse.Namespace, batch_size: int = 1):
                                       max_det=args.max_det, batch_size=batch_size, threads=args.threads,
                                       providers=args.providers.split(',') if args.providers else None)
     weights = args.weights or default_weights(args.project, args.compound_coef)
-    if not os.path.isfile(weights):
+    if not (os.path.exists(weights) or os.path.isfile(weights + '.index')):  # a file, or a TF checkpoint
         stem = os.path.splitext(os.path.basename(args.project))[0]
         hint = (f'train them with `python train.py -p {args.project} -c {args.compound_coef}` and copy the '
                 f'saved .pth there' if args.weights is None else 'check the path given with -w')

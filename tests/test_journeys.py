@@ -72,6 +72,17 @@ def released(tmp_path_factory):
     return {'root': root, 'files': files, 'gt': gt}
 
 
+def _assert_same_detections(a, b, box_atol, score_atol=1e-3):
+    """Lists of (score, class, box) hold the same detections, in any order among equal scores."""
+    assert len(a) == len(b) > 0
+    rest = list(a)
+    for s2, c2, b2 in b:
+        hit = next((k for k, (s1, c1, b1) in enumerate(rest) if c1 == c2 and abs(s1 - s2) < score_atol
+                    and np.abs(np.subtract(b1, b2)).max() < box_atol), None)
+        assert hit is not None, (s2, c2, b2)
+        rest.pop(hit)
+
+
 def _compat(layout):
     return ['--compat', 'zylo117'] if layout == 'yet_another' else []
 
@@ -130,12 +141,7 @@ def test_released_checkpoint_journey(released, layout, tmp_path):
         mine = [(d['score'], cat_id[d['class_name']], [d['x1'], d['y1'], d['x2'] - d['x1'], d['y2'] - d['y1']])
                 for d in dets]
         theirs = [(r['score'], r['category_id'], r['bbox']) for r in results if r['image_id'] == i]
-        assert len(mine) == len(theirs) > 0
-        for s2, c2, b2 in theirs:  # the same detections (order among equal scores may differ)
-            hit = next((k for k, (s1, c1, b1) in enumerate(mine) if c1 == c2 and abs(s1 - s2) < 1e-3
-                        and np.abs(np.subtract(b1, b2)).max() < 0.05), None)
-            assert hit is not None, (s2, cat_name[c2], b2)
-            mine.pop(hit)
+        _assert_same_detections(mine, theirs, box_atol=0.05)  # category ids: class index -> id, by name
 
 
 # the loading path differs per layout only inside build_model, which the journey above covers for
@@ -149,9 +155,19 @@ def test_released_checkpoint_export_and_benchmark(released, layout, tmp_path):
     onnx_path = str(tmp_path / 'd0.onnx')
     _ok(_run('-m', 'efficientdet.export', 'onnx', '-c', '0', '-p', 'coco', '-w', weights, '--image_size', SIZE,
              '-o', onnx_path, *_compat(layout)))
-    assert os.path.getsize(onnx_path) > 1_000_000
+    # the exported file finds what the checkpoint finds, through efficientdet_test.py --backend
+    image = os.path.join(COCO_TINY, 'val2017', released['gt']['images'][0]['file_name'])
+    found = {}
+    for backend, w in (('torch', weights), ('onnxruntime', onnx_path)):
+        out = tmp_path / backend
+        _ok(_run('efficientdet_test.py', image, '-p', 'coco', '-c', '0', '-w', w, '--backend', backend,
+                 '--image_size', SIZE, '--threshold', '0.05', '--iou', '0.5', '-o', str(out), *_compat(layout)))
+        dets = json.loads(next(out.glob('*.json')).read_text())['detections']
+        found[backend] = [(d['score'], d['class_id'], [d['x1'], d['y1'], d['x2'], d['y2']]) for d in dets]
+    _assert_same_detections(found['onnxruntime'], found['torch'], box_atol=0.5)
     bench = _ok(_run('benchmark.py', '-c', '0', '-p', 'coco', '-w', weights, '--image_size', SIZE, '--iters', '2',
-                     '--warmup', '1', '--threads', '1', '--device', 'cpu', '--json', str(tmp_path / 'b.json')))
+                     '--warmup', '1', '--threads', '1', '--device', 'cpu', '--json', str(tmp_path / 'b.json'),
+                     *_compat(layout)))
     result = json.loads((tmp_path / 'b.json').read_text())
     assert result['latency_ms_median'] > 0, bench
 

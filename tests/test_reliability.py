@@ -100,7 +100,7 @@ def test_sigkill_while_saving_leaves_a_loadable_checkpoint(tmp_path):
 def test_failed_atomic_write_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch, fail_in):
     """Deterministic: an error while writing the temp file or renaming it over the target leaves
     the previous file byte-for-byte intact and removes the temp file (atomic_save and atomic_write)."""
-    from efficientdet import checkpoint
+    from efficientdet.ckpt import files as checkpoint  # where atomic_write and its os live
     ckpt, txt = tmp_path / 'last.ckpt', tmp_path / 'log.json'
     atomic_save({'w': torch.arange(5.0), 'step': torch.tensor(7)}, str(ckpt))
     checkpoint.atomic_write(str(txt), lambda f: f.write('{"old": 1}'), binary=False)
@@ -223,8 +223,8 @@ def test_inference_user_mistakes(tiny, tmp_path):
     _assert_user_error(code, err, 'tpu:7')
     code, _, err = _run(base + [img, '-c', '2'])
     _assert_user_error(code, err, '-c 2')
-    code, _, err = _run(base[:-4] + ['--image_size', '100', img])
-    _assert_user_error(code, err, '128')
+    code, _, err = _run(base[:-4] + [img, '--image_size', '64', '512'])
+    _assert_user_error(code, err, 'too elongated')
 
 
 def test_dirty_data_is_survived_and_counted_by_training(tiny, tmp_path):

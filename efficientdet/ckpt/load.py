@@ -152,6 +152,20 @@ def _holds(ck: Checkpoint, sd: Mapping[str, torch.Tensor], file_anchors: int) ->
     return f'{describe_coef(ck.candidates)}{cls}, {how}'
 
 
+def _prepare(model: nn.Module, src: Union[Source, Checkpoint], mode: str
+             ) -> Tuple[Checkpoint, StateDict, StateDict, int, int, LoadReport]:
+    """What both loads start from: the checkpoint (variant checked), its weights under this
+    project's keys, the model's state_dict, anchors per location of model and file, the report."""
+    ck = _as_checkpoint(src)
+    check_variant(ck, getattr(model, 'compound_coef'))
+    sd, dropped = to_our_state_dict(ck, getattr(model, 'compound_coef'))
+    own = model.state_dict()
+    anchors = _num_anchors(model)
+    file_anchors = _file_anchors(sd, anchors)
+    report = LoadReport(ck.name, mode, _holds(ck, sd, file_anchors), total=len(own), dropped=dropped)
+    return ck, sd, own, anchors, file_anchors, report
+
+
 def load_weights(model: nn.Module, path_or_state_dict: Union[Source, Checkpoint], strict: bool = True,
                  verbose: bool = True) -> LoadReport:
     """Exact loading (inference, evaluation, resuming): every model tensor must come from the file.
@@ -159,14 +173,8 @@ def load_weights(model: nn.Module, path_or_state_dict: Union[Source, Checkpoint]
     Reads safely, unwraps, converts effdet / official-TF layouts, drops only Yet-Another's unused
     sum-fusion weights (and effdet's anchor buffer), then refuses with a UserError when the file's
     compound coefficient (from tensor shapes) or class count differs from the model's."""
-    ck = _as_checkpoint(path_or_state_dict)
+    ck, sd, own, anchors, file_anchors, report = _prepare(model, path_or_state_dict, 'exact')
     coef = getattr(model, 'compound_coef')
-    anchors = _num_anchors(model)
-    check_variant(ck, coef)
-    sd, dropped = to_our_state_dict(ck, coef)
-    own = model.state_dict()
-    file_anchors = _file_anchors(sd, anchors)
-    report = LoadReport(ck.name, 'exact', _holds(ck, sd, file_anchors), total=len(own), dropped=dropped)
     if file_anchors != anchors:
         raise UserError(f'{ck.name}: file has {file_anchors} anchors per location but the model {anchors} '
                         '(len(ratios) x len(scales)); build the model with the ratios/scales the weights were '
@@ -214,14 +222,8 @@ def load_pretrained(model: nn.Module, path: Union[Source, Checkpoint], verbose: 
     initialisation, and the classifier's last layer is re-initialised with the focal-loss prior when
     it did not fit (another class count). Prints ONE line saying what was loaded and what was
     skipped and why. A checkpoint of another compound coefficient is refused (UserError)."""
-    ck = _as_checkpoint(path)
+    ck, sd, own, anchors, file_anchors, report = _prepare(model, path, 'fine-tune')
     coef = getattr(model, 'compound_coef')
-    anchors = _num_anchors(model)
-    check_variant(ck, coef)
-    sd, dropped = to_our_state_dict(ck, coef)
-    own = model.state_dict()
-    file_anchors = _file_anchors(sd, anchors)
-    report = LoadReport(ck.name, 'fine-tune', _holds(ck, sd, file_anchors), total=len(own), dropped=dropped)
     fit: StateDict = {}
     for k, v in sd.items():
         if k not in own:

@@ -85,6 +85,7 @@ class OpenVINOModel(Runtime):
             self.config['INFERENCE_NUM_THREADS'] = int(threads)
         self.ov_device = device
         self._compiled: Dict[int, Tuple[Any, Any]] = {}  # batch size -> (compiled model, infer request)
+        self._constants: Dict[str, torch.Tensor] = {}  # 'anchors': a graph constant, copied out once
 
     def _request(self, batch: int):
         if batch not in self._compiled:
@@ -107,8 +108,15 @@ class OpenVINOModel(Runtime):
         arr = np.ascontiguousarray(x.detach().to('cpu', torch.float32).numpy())
         req = self._request(arr.shape[0])
         req.infer({0: arr})
-        return {name: torch.from_numpy(np.array(req.get_output_tensor(i).data))
-                for i, name in enumerate(self.output_names)}
+        out: Dict[str, torch.Tensor] = {}
+        for i, name in enumerate(self.output_names):
+            if name in self._constants:
+                out[name] = self._constants[name]
+                continue
+            out[name] = torch.from_numpy(np.array(req.get_output_tensor(i).data))
+            if name == 'anchors':
+                self._constants[name] = out[name]
+        return out
 
 
 class _OpenVINOTarget(Target):

@@ -81,7 +81,7 @@ class VocFormat(DatasetFormat):
                              'bbox': [x1, y1, bw, bh], 'area': bw * bh, 'iscrowd': int(difficult)})
                 where[aid] = loc
         data = {'images': images, 'annotations': anns, 'categories': categories}
-        return SplitData(data, image_dir, os.path.join(root_dir, ''), issues, where, found)
+        return SplitData(data, image_dir, root_dir, issues, where, found)
 
 
 def _parse_xml(path: str, issues: Issues):

@@ -53,7 +53,7 @@ class YoloFormat(DatasetFormat):
             issues.add('label_without_image', f'{os.path.join(label_dir, labels[stem])}: no image {stem}.* in '
                                               f'{image_dir}')
         data = {'images': images, 'annotations': anns, 'categories': categories}
-        return SplitData(data, image_dir, os.path.join(root_dir, ''), issues, where)
+        return SplitData(data, image_dir, root_dir, issues, where)
 
 
 def _read_labels(path: str, image_id: int, h: int, w: int, obj_list: Sequence[str], anns: List[Dict[str, Any]],
