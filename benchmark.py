@@ -34,16 +34,14 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from efficientdet.cli import add_model_args, image_size_arg, parse_device
+from efficientdet.cli import add_backend_args, add_model_args, image_size_arg, parse_device
 from efficientdet.detector import Detector
 from efficientdet.errors import UserError, run_cli
-from efficientdet.runtimes import BACKENDS
 
 # --------------------------------------------------------------------------- machine facts
 
@@ -220,7 +218,7 @@ def build_runner(args: argparse.Namespace, dev: torch.device, size: Tuple[int, i
             target.export(model.to(dev) if args.backend == 'torchscript' else model, path, size, **options)
             notes['export_s'] = round(time.perf_counter() - t, 2)
         runner = load_runtime(args.backend, path, threads=args.threads, device=str(dev),
-                              providers=args.providers.split(',') if args.providers else None)
+                              providers=args.providers)
         if runner.with_nms:
             raise UserError(f'{path} was exported --with-nms; benchmark a raw export (no --with-nms)')
         proj.update({k: runner.meta[k] for k in ('mean', 'std', 'num_classes') if k in runner.meta})
@@ -383,16 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('-p', '--project', default=None, help='projects/NAME.yml: classes, anchors, mean/std')
     p.add_argument('--projects_dir', default='projects')
     p.add_argument('--batch_size', type=int, default=1)
-    p.add_argument('--threads', type=int, default=None, help='intra-op threads (torch, onnxruntime, OpenCV)')
     p.add_argument('--device', default='cpu', help='cpu or cuda:N')
     p.add_argument('--half', action='store_true', help='autocast: float16 on CUDA, bfloat16 on CPU; anchors and '
                    'decoding stay float32 (torch backend)')
     p.add_argument('--half_dtype', default='auto', choices=['auto', 'float16', 'bfloat16'])
-    p.add_argument('--backend', default='torch', choices=list(BACKENDS),
-                   help='torch runs the model in PyTorch; the others export it to a temp dir first (or run --model)')
+    add_backend_args(p, model_help='--model, or the model exported to a temp dir first')
     p.add_argument('--model', default=None, help='an exported .onnx / .xml / .pt file (default: export to a temp dir)')
-    p.add_argument('--providers', default=None,
-                   help='onnxruntime execution providers, comma-separated (default CPUExecutionProvider)')
     p.add_argument('--mode', default='end2end', choices=['end2end', 'forward'])
     p.add_argument('--iters', type=int, default=30, help='timed runs')
     p.add_argument('--warmup', type=int, default=5, help='untimed runs first')

@@ -26,9 +26,8 @@ import json
 import os
 from typing import Any, Dict, List, Optional
 
-from efficientdet.cli import add_model_args, image_size_arg, str2bool
+from efficientdet.cli import add_backend_args, add_model_args, image_size_arg, str2bool
 from efficientdet.errors import UserError, run_cli
-from efficientdet.runtimes import BACKENDS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,12 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument('--cuda', type=str2bool, default=None, help='Yet-Another compatibility: False = cpu')
     ap.add_argument('--float16', type=str2bool, nargs='?', const=True, default=False,
                     help='run the network in float16 (CUDA only)')
-    ap.add_argument('--backend', choices=BACKENDS, default='torch',
-                    help='torch runs the -w checkpoint; onnxruntime / openvino / torchscript run the exported file '
-                         'given with -w (python -m efficientdet.export onnx|openvino|torchscript)')
-    ap.add_argument('--providers', default=None,
-                    help='onnxruntime execution providers, comma-separated (default CPUExecutionProvider)')
-    ap.add_argument('--threads', type=int, default=None, help='inference threads of the exported backends')
+    add_backend_args(ap)
     ap.add_argument('--override', type=str2bool, nargs='?', const=True, default=False,
                     help='recompute even if a results file made with the same settings exists')
     ap.add_argument('--max_images', type=int, default=None,
@@ -94,7 +88,8 @@ def _file_digest(path: str) -> str:
 
 def run_settings(args: argparse.Namespace, weights: str, size, project) -> Dict[str, Any]:
     """What decides a results file's content: weights (sha256), variant, input size (H, W), compat,
-    thresholds, NMS, max_det, max_images and the class list. Stored beside the results."""
+    thresholds, NMS, max_det, max_images, precision, the class list and the backend. Stored beside
+    the results."""
     return {'weights_sha256': _file_digest(weights), 'weights': os.path.abspath(weights),
             'variant': args.compound_coef, 'image_size': list(size), 'compat': args.compat,
             'score_threshold': args.score_threshold, 'nms_threshold': args.nms_threshold, 'nms': args.nms,
@@ -179,7 +174,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             if args.float16:
                 raise UserError('--float16 applies to --backend torch; an exported model runs in its own precision')
             model = load_backend(args.backend, weights, threads=args.threads, device=str(device),
-                                 providers=args.providers.split(',') if args.providers else None)
+                                 providers=args.providers)
         metrics, results = run_coco_eval(model, dataset, batch_size=args.batch_size, device=device,
                                          score_threshold=args.score_threshold, nms_threshold=args.nms_threshold,
                                          nms=args.nms, max_det=args.max_det, half=args.float16,

@@ -18,10 +18,10 @@ from typing import Dict, List, Optional, Sequence
 
 import cv2
 
-from efficientdet.cli import add_model_args, image_size_arg
+from efficientdet.cli import add_backend_args, add_model_args, image_size_arg
 from efficientdet.config import variant_tag
 from efficientdet.errors import UserError, run_cli
-from efficientdet.runtimes import BACKENDS, get_target
+from efficientdet.runtimes import get_target
 
 DEFAULT_IMAGE = os.path.join('assets', 'demo_shapes.jpg')
 _WRITABLE = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
@@ -43,12 +43,7 @@ def add_inference_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--device', default='cpu', help='cpu or cuda:0 …')
     p.add_argument('--half', action='store_true',
                    help='autocast the network (float16 on CUDA, bfloat16 on CPU); anchors and decoding stay float32')
-    p.add_argument('--backend', choices=BACKENDS, default='torch',
-                   help='torch runs the .pth; onnxruntime / openvino / torchscript run an exported file given with '
-                        '-w (python -m efficientdet.export onnx|openvino|torchscript)')
-    p.add_argument('--providers', default=None,
-                   help='onnxruntime execution providers, comma-separated (default CPUExecutionProvider)')
-    p.add_argument('--threads', type=int, default=None, help='inference threads of the exported backends')
+    add_backend_args(p)
 
 
 def default_weights(project: str, compound_coef) -> str:
@@ -67,7 +62,7 @@ def build_detector(args: argparse.Namespace, batch_size: int = 1):
                                       projects_dir=args.projects_dir, image_size=image_size_arg(args.image_size),
                                       device=args.device, threshold=args.threshold, iou=args.iou, nms=args.nms,
                                       max_det=args.max_det, batch_size=batch_size, threads=args.threads,
-                                      providers=args.providers.split(',') if args.providers else None)
+                                      providers=args.providers)
     weights = args.weights or default_weights(args.project, args.compound_coef)
     if not (os.path.exists(weights) or os.path.isfile(weights + '.index')):  # a file, or a TF checkpoint
         stem = os.path.splitext(os.path.basename(args.project))[0]

@@ -379,14 +379,16 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     signals = SignalHook(log=log)
     tb_dir = os.path.join(args.log_path, project.project_name, 'tensorboard',
                           datetime.datetime.now().strftime('%Y%m%d-%H%M%S'))
+    # order matters where hooks act on the same event: the signal hook after validation (a Ctrl+C
+    # during validation stops the run there), the checkpoint hook last (it saves every hook's state)
     hooks = [
         DataOrderHook(train_loader, args.seed, rank, images_per_step),
-        signals,
         ProgressHook(steps_per_epoch, args.num_epochs, enabled=is_main, log=log, epoch_summary=train_ds.summary),
         TensorBoardHook(tb_dir, enabled=is_main),
         ValidationHook(candidates, es_metric, args.val_interval, args.num_epochs, is_main=is_main, log=log),
         BestCheckpointHook(save_dir, tag, es_metric, args.es_min_delta, is_main=is_main, log=log),
         EarlyStoppingHook(args.es_patience, es_metric, args.es_min_delta, log=log),
+        signals,
         CheckpointHook(save_dir, tag, weights_to_save, args.save_interval, meta, is_main=is_main),
     ]
     if args.debug:

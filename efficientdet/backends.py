@@ -13,22 +13,12 @@ import sys
 from typing import Optional, Sequence
 
 from .runtimes import BACKENDS, Runtime, load_runtime
+from .runtimes.onnxruntime_backend import OnnxRuntimeModel
+from .runtimes.openvino_backend import OpenVINOModel
+from .runtimes.torchscript import TorchScriptModel
 
 __all__ = ['OnnxRuntimeModel', 'OpenVINOModel', 'TorchScriptModel', 'load_backend', 'tune_cpu_allocator',
            'BACKENDS', 'Runtime']
-
-
-def __getattr__(name: str):  # the runtime classes, imported on first use (optional packages)
-    if name == 'OnnxRuntimeModel':
-        from .runtimes.onnxruntime_backend import OnnxRuntimeModel
-        return OnnxRuntimeModel
-    if name == 'OpenVINOModel':
-        from .runtimes.openvino_backend import OpenVINOModel
-        return OpenVINOModel
-    if name == 'TorchScriptModel':
-        from .runtimes.torchscript import TorchScriptModel
-        return TorchScriptModel
-    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
 def load_backend(backend: str, path: str, threads: Optional[int] = None, device: str = 'cpu',

@@ -78,3 +78,24 @@ def image_size_arg(value: Any, flag: str = '--image_size') -> Union[None, tuple]
     if len(value) == 2:
         return (value[0], value[1])
     raise UserError(f'{flag} takes H W or one number, got {len(value)} numbers')
+
+
+def add_backend_args(p: argparse.ArgumentParser, model_help: str = 'the exported file given with -w') -> None:
+    """``--backend`` (``efficientdet.runtimes.BACKENDS``), ``--providers`` and ``--threads``: the
+    options of every script that runs a model. ``model_help`` says where a non-torch backend's file
+    comes from."""
+    from .runtimes import BACKENDS
+    p.add_argument('--backend', choices=BACKENDS, default='torch',
+                   help=f'torch runs the PyTorch model; onnxruntime / openvino / torchscript run {model_help} '
+                        '(python -m efficientdet.export onnx|openvino|torchscript)')
+    p.add_argument('--providers', type=providers_arg, default=None,
+                   help='onnxruntime execution providers, comma-separated (default CPUExecutionProvider)')
+    p.add_argument('--threads', type=int, default=None, help='inference threads (default: the runtime\'s)')
+
+
+def providers_arg(value: str) -> list:
+    """``--providers A,B`` → ['A', 'B']."""
+    names = [v.strip() for v in str(value).split(',') if v.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError('give provider names separated by commas, e.g. CPUExecutionProvider')
+    return names

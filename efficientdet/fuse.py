@@ -140,6 +140,9 @@ class FusedConv(Conv2dStaticSamePadding):
             pad = None
         if exporting():
             y = padded_conv(x, c.weight, c.bias, c.stride, pad, c.groups) if pad is not None else c(x)
+        elif (pad is None and x.shape[-2:] == (1, 1) and c.kernel_size == (1, 1) and c.groups == 1
+              and not torch.jit.is_tracing()):  # a 1x1 conv on a 1x1 map (SE): a matmul, no conv-call overhead
+            y = F.linear(x.flatten(1), c.weight.flatten(1), c.bias)[:, :, None, None]
         elif self.fast and onednn.usable(x, c.weight):
             if pad is not None:
                 x = self._bufs.padded(x, pad)
@@ -149,9 +152,6 @@ class FusedConv(Conv2dStaticSamePadding):
                 return onednn.conv_add(x, residual, self._packed, c)
             y = onednn.conv_act(x, self._packed, c, self.act)
             return y if residual is None else y.add_(residual)
-        elif (pad is None and x.shape[-2:] == (1, 1) and c.kernel_size == (1, 1) and c.groups == 1
-              and not torch.jit.is_tracing()):  # a 1x1 conv on a 1x1 map: a matmul, no conv-call overhead
-            y = F.linear(x.flatten(1), c.weight.flatten(1), c.bias)[:, :, None, None]
         else:
             y = c(F.pad(x, pad) if pad is not None else x)
         y = self._activate(y)
@@ -350,14 +350,20 @@ def _in_place_ok(a: torch.Tensor, b: Any) -> bool:
             and torch.broadcast_shapes(a.shape, b.shape) == a.shape)
 
 
-def add_into(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a + b``, written into ``a`` when the shapes allow (``a``: a fresh tensor nothing else reads)."""
-    return a.add_(b) if _in_place_ok(a, b) else a + b
+def add_into(a: torch.Tensor, b: torch.Tensor, either: bool = False) -> torch.Tensor:
+    """``a + b``, written into ``a`` (or into ``b`` with ``either``) when the shapes allow; the one
+    written into is a fresh tensor nothing else reads."""
+    if _in_place_ok(a, b):
+        return a.add_(b)
+    return b.add_(a) if either and _in_place_ok(b, a) else a + b
 
 
-def mul_into(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a * b``, written into ``a`` when the shapes allow (``a``: a fresh tensor nothing else reads)."""
-    return a.mul_(b) if _in_place_ok(a, b) else a * b
+def mul_into(a: torch.Tensor, b: torch.Tensor, either: bool = False) -> torch.Tensor:
+    """``a * b``, written into ``a`` (or into ``b`` with ``either``) when the shapes allow (SE gating:
+    the [B, C, 1, 1] gate times the [B, C, H, W] map goes into the map)."""
+    if _in_place_ok(a, b):
+        return a.mul_(b)
+    return b.mul_(a) if either and _in_place_ok(b, a) else a * b
 
 
 _FRESH_FUNCTIONS = (operator.add, operator.mul, torch.add, torch.mul, F.silu, F.relu6, torch.sigmoid, F.interpolate,
@@ -387,10 +393,10 @@ def _use_in_place(gm: fx.GraphModule) -> None:
     for node in list(graph.nodes):
         if node.op == 'call_function' and node.target in _IN_PLACE and len(node.args) == 2 and not node.kwargs:
             a, b = node.args
-            if not last_use(a, node) and last_use(b, node):
-                a, b = b, a  # both ops commute
-            if last_use(a, node):
-                node.target, node.args = _IN_PLACE[node.target], (a, b)
+            free_a, free_b = last_use(a, node), last_use(b, node)
+            if free_a or free_b:  # both ops commute: the free operand first
+                node.target = _IN_PLACE[node.target]
+                node.args, node.kwargs = ((a, b) if free_a else (b, a)), {'either': free_a and free_b}
         elif _act_of(node, modules) in ('swish', 'relu6') and last_use(node.args[0], node):
             fn = F.silu if _act_of(node, modules) == 'swish' else F.relu6
             node.op, node.target, node.args, node.kwargs = 'call_function', fn, (node.args[0],), {'inplace': True}

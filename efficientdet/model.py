@@ -17,9 +17,16 @@ from torch import nn
 
 from .anchors import Anchors
 from .bifpn import BiFPN
-from .config import COMPAT_MODES, DEFAULT_SCALES, EfficientDetConfig, Variant, get_config, parse_variant, ratios_for
+from .config import (COMPAT_MODES, DEFAULT_SCALES, EfficientDetConfig, Variant, check_image_size, get_config,
+                     parse_variant, ratios_for)
 from .efficientnet import EfficientNetBackbone
 from .head import Classifier, Regressor, init_head_
+
+
+def _eager(x: torch.Tensor) -> bool:
+    """True when ``x`` is a real tensor of an eager call (not a torch.jit / torch.compile / fx trace)."""
+    return not (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+                or isinstance(x, torch.fx.Proxy))
 
 
 class EfficientDetBackbone(nn.Module):
@@ -85,6 +92,8 @@ class EfficientDetBackbone(nn.Module):
         return self.bifpn(self.backbone_net(inputs))
 
     def forward(self, inputs: torch.Tensor, return_logits: bool = False):
+        if _eager(inputs):  # a size the official model cannot run: one clear ValueError, not a shape error
+            check_image_size(int(inputs.shape[-2]), int(inputs.shape[-1]), self.compound_coef)
         features = self.extract_features(inputs)
         regression = self.regressor(features)
         logits = self.classifier.forward_raw(features)

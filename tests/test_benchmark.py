@@ -96,8 +96,13 @@ def _run_measured(args, tmp_path, timeout=300):
 
 def _check_peak_child(r: dict, child_peak_mb: float) -> None:
     """The child's reported peak (since warm-up) is at most its lifetime peak and, as the model, the
-    input and the activations are all resident after the warm-up, most of it."""
-    assert 0.5 * child_peak_mb <= r['peak_memory_mb'] <= child_peak_mb + 0.1, child_peak_mb
+    input and the activations are all resident after the warm-up, most of it. Linux keeps the
+    parent's high-water mark across fork + exec, so where the child's lifetime peak is no more than
+    this (pytest) process's own, it says nothing of the child and only the upper bound applies."""
+    assert r['peak_memory_mb'] <= child_peak_mb + 0.1, child_peak_mb
+    parent_hwm = _status_mb('VmHWM')
+    if parent_hwm is None or child_peak_mb > parent_hwm + 1:
+        assert 0.5 * child_peak_mb <= r['peak_memory_mb'], child_peak_mb
 
 
 linux_only = pytest.mark.skipif(not (sys.platform.startswith('linux') and hasattr(os, 'wait4')),

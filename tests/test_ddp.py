@@ -39,17 +39,20 @@ def _setup(seed=0):
     return model, build_optimizer(model, 'sgd', 0.05), DetectionLoss, Trainer
 
 
-def _worker(rank, world, init_file, out_file):
+def _worker(rank, world, init_file, out_file, accumulate=1):
     sys.path.insert(0, ROOT)
     torch.set_num_threads(1)
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
     try:
         model, opt, DetectionLoss, Trainer = _setup()
         ddp = torch.nn.parallel.DistributedDataParallel(model)
-        trainer = Trainer(model, DetectionLoss(distributed=True), opt, ddp_model=ddp, max_nonfinite=1)
+        trainer = Trainer(model, DetectionLoss(distributed=True), opt, ddp_model=ddp, max_nonfinite=1,
+                          accumulate=accumulate)
         imgs, ann = _global_batch()
         per = imgs.shape[0] // world
-        r = trainer.train_step(imgs[rank * per:(rank + 1) * per], ann[rank * per:(rank + 1) * per])
+        mine = imgs[rank * per:(rank + 1) * per], ann[rank * per:(rank + 1) * per]
+        micro = per // accumulate  # --accumulate: micro-batches without gradient sync but the last
+        r = trainer.train_step_batches([(mine[0][i:i + micro], mine[1][i:i + micro]) for i in range(0, per, micro)])
         if rank == 0:
             params = dict(model.named_parameters())
             torch.save({'result': r, 'grads': {k: params[k].grad.clone() for k in CHECK},
@@ -58,9 +61,11 @@ def _worker(rank, world, init_file, out_file):
         dist.destroy_process_group()
 
 
-def test_two_gloo_processes_equal_one_process(tmp_path):
+@pytest.mark.parametrize('accumulate', [1, 2])
+def test_two_gloo_processes_equal_one_process(tmp_path, accumulate):
+    """accumulate=2: each process takes its 2 images as 2 micro-batches of 1; still the one-process step."""
     out_file = str(tmp_path / 'rank0.pt')
-    mp.spawn(_worker, args=(2, str(tmp_path / 'init'), out_file), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / 'init'), out_file, accumulate), nprocs=2, join=True)
     ddp = torch.load(out_file, weights_only=True)
 
     model, opt, DetectionLoss, Trainer = _setup()
@@ -103,6 +108,39 @@ def test_torchrun_train_py_two_cpu_processes(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1')
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert '(2 x 2)' in proc.stdout and proc.stdout.count('val epoch 0') == 1
+    assert '(2 x 1 x 2)' in proc.stdout and proc.stdout.count('val epoch 0 raw') == 1  # rank 0 only
     state = torch.load(str(tmp_path / 'out' / 'tiny' / 'last.ckpt'), weights_only=True)
     assert state['step'] == 3 and state['epoch'] == 1
+
+
+@pytest.mark.slow
+def test_torchrun_resume_is_exact(tmp_path):
+    """2 CPU processes: 2 steps, stop, -w last, 2 more steps == 4 straight steps (every process's RNG
+    state is saved in last.ckpt and restored on resume with the same process count)."""
+    import subprocess
+    from efficientdet.data import shapes
+    shapes.generate_split(str(tmp_path / 'data' / 'tiny'), 'train', 12, 128, seed=1)
+    shapes.generate_split(str(tmp_path / 'data' / 'tiny'), 'val', 2, 128, seed=1)
+    (tmp_path / 'projects').mkdir()
+    (tmp_path / 'projects' / 'tiny.yml').write_text(
+        "project_name: tiny\ntrain_set: train\nval_set: val\nobj_list: ['rectangle', 'circle', 'triangle']\n")
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1')
+
+    def run(out, steps, *extra):
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', os.path.join(ROOT, 'train.py'),
+               '-p', 'tiny', '--projects_dir', str(tmp_path / 'projects'), '--data_path', str(tmp_path / 'data'),
+               '-c', '0', '--image_size', '128', '--batch_size', '4', '-n', '0', '--num_epochs', '2', '--no_map',
+               '--saved_path', str(tmp_path / out), '--log_path', str(tmp_path / 'logs'), '--max_steps', str(steps),
+               '--save_interval', '0', '--warmup_epochs', '0.5', '--lr', '0.02', '--seed', '3', *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return torch.load(str(tmp_path / out / 'tiny' / 'last.ckpt'), weights_only=True)
+    straight = run('a', 4)
+    first = run('b', 2)
+    assert len(first['rng_per_rank']) == 2 and first['epoch_step'] == 2
+    resumed = run('b', 4, '-w', 'last')
+    assert straight['step'] == resumed['step'] == 4 and straight['epoch'] == resumed['epoch'] == 1
+    for k, v in straight['model'].items():
+        assert torch.equal(v, resumed['model'][k]), k
+    for k, v in straight['ema']['model'].items():
+        assert torch.equal(v, resumed['ema']['model'][k]), k

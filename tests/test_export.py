@@ -389,6 +389,18 @@ def test_openvino_runs_onnx_file(d0, tmp_path):
         _close(a, b, name)
 
 
+def test_openvino_missing_says_how_to_install(d0, tmp_path, monkeypatch):
+    import sys
+    from efficientdet.backends import load_backend
+    from efficientdet.export import export_openvino
+    monkeypatch.setitem(sys.modules, 'openvino', None)  # as if not installed: import fails
+    with pytest.raises(UserError, match='pip install openvino'):
+        export_openvino(d0, str(tmp_path / 'd0.xml'), 128)
+    with pytest.raises(UserError, match='pip install openvino'):
+        load_backend('openvino', str(tmp_path / 'd0.xml'))
+    assert not os.listdir(tmp_path)
+
+
 def test_targets_registry():
     """One module per target behind one interface; unknown names fail in one line."""
     from efficientdet.runtimes import BACKENDS, EXPORT_FORMATS, get_target, load_runtime, target_for_format

@@ -5,8 +5,9 @@ layout (official TF variables .npz, Yet-Another-EfficientDet-Pytorch .pth, effde
     python -m efficientdet.convert {tf,effdet} FILE -c 0 -o OUT.pth       (layouts that convert)
     python coco_eval.py -p coco -c 0 -w FILE ...                          (real COCO images)
     python efficientdet_test.py FOLDER -p coco -c 0 -w FILE ...
-    python -m efficientdet.export onnx -c 0 -p coco -w FILE ...
+    python -m efficientdet.export onnx -c 0 -p coco -w FILE ...   (and the .onnx through efficientdet_test.py)
     python benchmark.py -c 0 -p coco -w FILE ...
+    python train.py -p coco -c 0 -w FILE ...                            (fine-tuning keeps the classifier)
 
 The fixture weights are random, so mAP is ~0: the tests check exit codes, that coco_eval.py and
 efficientdet_test.py find the same detections in the same image, that class indices land on the

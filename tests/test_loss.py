@@ -299,3 +299,67 @@ def test_fused_focal_gradients_equal_dense_formula(ls):
     g2, = torch.autograd.grad(dense, logits)
     assert torch.allclose(g1, g2, rtol=1e-9, atol=1e-12)
     assert torch.all(g1[1] != 0) and torch.all(g1[ign] == 0)
+
+
+# ----------------------------------------------------------------------------- the official loss
+def _tf_loss_case():
+    from conftest import load_npz
+    z = load_npz('fixtures', 'tf_loss_d0', 'tf_loss.npz')
+    levels = range(3, 8)
+    batch = z['cls_logits_p3'].shape[0]
+    cls = np.concatenate([z[f'cls_logits_p{l}'].reshape(batch, -1, 10) for l in levels], 1)  # [B, A, C]
+    box = np.concatenate([z[f'box_outputs_p{l}'].reshape(batch, -1, 4) for l in levels], 1)  # [B, A, 4]
+    n_max = max(len(z[f'gt_classes_img{b}']) for b in range(batch))
+    ann = torch.full((batch, max(n_max, 1), 5), -1.0)
+    for b in range(batch):
+        yx = torch.from_numpy(z[f'gt_boxes_yxyx_img{b}'])
+        n = yx.shape[0]
+        if n:
+            ann[b, :n, :4] = yx[:, [1, 0, 3, 2]]  # yxyx -> xyxy
+            ann[b, :n, 4] = torch.from_numpy(z[f'gt_classes_img{b}']).float() - 1.0  # official classes are 1-based
+    return z, torch.from_numpy(cls), torch.from_numpy(box), torch.from_numpy(z['anchors_yxyx']), ann
+
+
+def test_official_tf_loss_values_gradients_and_anchor_labels():
+    """google/automl's AnchorLabeler + detection loss on two real COCO images and an empty one
+    (../shared/fixtures/tf_loss_d0): losses to 1e-5 relative, gradients to 1e-8, same anchor labels."""
+    z, cls, box, anchors, ann = _tf_loss_case()
+    cls.requires_grad_(True)
+    box.requires_grad_(True)
+    out = DetectionLoss()(cls, box, anchors[None], ann)
+    for ours, theirs in (('cls_loss', 'cls_loss'), ('box_loss', 'box_loss'), ('loss', 'total_loss')):
+        assert float(out[ours].detach()) == pytest.approx(float(z[theirs]), rel=1e-5), ours
+    assert float(out['num_pos']) == float(z['num_positives'].sum())
+    out['loss'].backward()
+    batch = cls.shape[0]
+    want_cls = np.concatenate([z[f'grad_cls_logits_p{l}'].reshape(batch, -1, 10) for l in range(3, 8)], 1)
+    want_box = np.concatenate([z[f'grad_box_outputs_p{l}'].reshape(batch, -1, 4) for l in range(3, 8)], 1)
+    assert np.abs(want_cls).max() > 1e-4 and np.abs(want_box).max() > 1e-4  # a real comparison
+    np.testing.assert_allclose(cls.grad.numpy(), want_cls, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(box.grad.numpy(), want_box, rtol=0, atol=1e-8)
+    # anchor labels: class of the matched box on positives, -1 elsewhere; box targets on positives
+    matched, positive, ignored = match_anchors(anchors, ann)
+    assert not ignored.any()
+    labels = torch.where(positive, ann[torch.arange(batch)[:, None], matched, 4].long(), torch.full_like(matched, -1))
+    want_labels = np.concatenate([z[f'cls_targets_p{l}'].reshape(batch, -1) for l in range(3, 8)], 1)
+    np.testing.assert_array_equal(labels.numpy(), want_labels)
+    assert positive.sum(1).tolist() == z['num_positives'].tolist()
+    from efficientdet.anchors import encode_boxes
+    want_t = torch.from_numpy(np.concatenate([z[f'box_targets_p{l}'].reshape(batch, -1, 4) for l in range(3, 8)], 1))
+    b, a = positive.nonzero(as_tuple=True)
+    gt = ann[b, matched[b, a]]
+    ours_t = encode_boxes(gt[:, [1, 0, 3, 2]], anchors[a])
+    assert torch.allclose(ours_t, want_t[b, a], atol=1e-4)
+
+
+def test_official_tf_loss_with_micro_batches_and_external_normaliser():
+    """The fixture's batch split image by image with the normaliser of the whole batch sums to the
+    official loss (what --accumulate does); count_positives gives the official counts."""
+    z, cls, box, anchors, ann = _tf_loss_case()
+    crit = DetectionLoss()
+    counts = [float(crit.count_positives(anchors[None], ann[i:i + 1])) for i in range(cls.shape[0])]
+    assert counts == z['num_positives'].tolist()
+    norm = torch.tensor(sum(counts) + 1.0)
+    total = sum(float(crit(cls[i:i + 1], box[i:i + 1], anchors[None], ann[i:i + 1], normalizer=norm)['loss'])
+                for i in range(cls.shape[0]))
+    assert total == pytest.approx(float(z['total_loss']), rel=1e-5)

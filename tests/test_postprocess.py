@@ -370,3 +370,30 @@ def test_exact_ties_keep_the_lower_index():
         xyxy = a[0][:, [1, 0, 3, 2]]
         assert nms(xyxy, cls[0, :, 0], 0.5).tolist() == [0]
         assert batched_nms(xyxy, cls[0, :, 0], torch.zeros(3, dtype=torch.long), 0.5).tolist() == [0]
+
+
+@pytest.mark.parametrize('per_class', [True, False])
+@pytest.mark.parametrize('iou', [0.3, 0.5, 0.7])
+def test_hard_nms_padded_equals_greedy_loop(per_class, iou):
+    """detect's hard NMS (one blocked NMS over every image's candidates) selects exactly what the
+    padded greedy loop selects: same boxes, same order, ties (quantised scores) to the lower
+    position, at most max_output per image, padding where an image has fewer candidates."""
+    from efficientdet.postprocess import _hard_nms_padded, _select_padded
+    g = torch.Generator().manual_seed(int(iou * 10) + per_class)
+    b, m = 3, 300
+    xy = torch.rand(b, m, 2, generator=g) * 100
+    wh = torch.rand(b, m, 2, generator=g) * 30 + 1
+    boxes = torch.cat([xy, xy + wh], -1)
+    boxes[:, 10:20] = boxes[:, :10]  # exact duplicates
+    scores = (torch.rand(b, m, generator=g) * 20).round() / 20  # many exact ties
+    valid = torch.rand(b, m, generator=g) > 0.2
+    valid[2] = False
+    valid[2, :3] = True  # an image with fewer candidates than max_output
+    labels = torch.randint(0, 4, (b, m), generator=g)
+    lab = labels if per_class else None
+    for max_out in (5, 100):
+        ref_idx, ref_sc, _ = _select_padded(boxes, scores, valid, lab, iou, 0.0, float('-inf'), max_out,
+                                            tf_style=False)
+        idx, sc = _hard_nms_padded(boxes, scores, valid, lab, iou, max_out)
+        assert torch.equal(idx, ref_idx) and torch.equal(sc, ref_sc)
+    assert (ref_idx[2] >= 0).sum() <= 3 and (ref_idx[0] >= 0).sum() == 100

@@ -198,8 +198,14 @@ def test_train_user_mistakes_are_one_clear_line(tiny, tmp_path):
     code, _, err = _run(_train_args(root, tmp_path))
     _assert_user_error(code, err, 'hexagon')
 
-    code, _, err = _run(_train_args(tiny, tmp_path, '--image_size', '200'))
-    _assert_user_error(code, err, '128')
+    code, _, err = _run(_train_args(tiny, tmp_path, '--image_size', '64', '512'))
+    _assert_user_error(code, err, '--image_size', 'too elongated')
+
+    code, _, err = _run(_train_args(tiny, tmp_path, '--accumulate', '3'))
+    _assert_user_error(code, err, '--batch_size 2', '--accumulate 3')
+
+    code, _, err = _run(_train_args(tiny, tmp_path, '--freeze', 'efficientnet'))
+    _assert_user_error(code, err, '--freeze', 'backbone_net')
 
     d1 = tmp_path / 'd1.pth'
     torch.save(EfficientDetBackbone(num_classes=3, compound_coef=1).state_dict(), str(d1))

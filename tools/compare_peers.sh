@@ -16,7 +16,8 @@
 # end2end (stage by stage in the JSON), in the settings listed below ('default' = the torch backend:
 # fused + channels_last + CPU fast path + --tune_malloc). SET=full: the torch optimisation steps one
 # by one, onnxruntime and openvino; SET=short: default, onnxruntime, openvino; SET=targets: default,
-# onnxruntime, openvino, plus batch-BATCH throughput rows (images/s) of default and openvino. Each
+# onnxruntime, openvino, plus batch-BATCH throughput rows (images/s) of default and openvino for the
+# first variant of COEFS. Each
 # round runs every candidate once (ITERS timed runs after warm-up); the table shows the median over
 # rounds of each candidate's per-round median, and ratios against the peers' forward pass. Nothing of
 # the peers is imported into this project.
@@ -43,8 +44,8 @@ if [[ -z "$PEER_PY" || ! -x "$PEER_PY" || ! -f "$PEER_SCRIPT" || -z "$ZYLO" || !
   have_peers=0
 fi
 
-configs_for() {  # $1: folder of this variant's exports
-  local m=$1
+configs_for() {  # $1: folder of this variant's exports, $2: 1 for the first variant of COEFS
+  local m=$1 first=$2
   case "$SET" in
     full) CONFIGS=("plain:--no-fuse --no-channels_last --no-tune_malloc"
                    "fused:--no-channels_last --no-fast --no-tune_malloc"
@@ -55,9 +56,11 @@ configs_for() {  # $1: folder of this variant's exports
                    "openvino:--backend openvino --model $m/model.xml") ;;
     targets) CONFIGS=("default:"
                       "onnxruntime:--backend onnxruntime --model $m/model.onnx"
-                      "openvino:--backend openvino --model $m/model.xml"
-                      "default_b${BATCH}:--batch_size $BATCH"
-                      "openvino_b${BATCH}:--backend openvino --model $m/model.xml --batch_size $BATCH") ;;
+                      "openvino:--backend openvino --model $m/model.xml")
+             if [[ $first == 1 ]]; then  # throughput rows for the first variant only (time)
+               CONFIGS+=("default_b${BATCH}:--batch_size $BATCH"
+                         "openvino_b${BATCH}:--backend openvino --model $m/model.xml --batch_size $BATCH")
+             fi ;;
     *) CONFIGS=("default:"
                 "onnxruntime:--backend onnxruntime --model $m/model.onnx"
                 "openvino:--backend openvino --model $m/model.xml") ;;
@@ -126,7 +129,7 @@ for _ in range(iters):
 print(f'effdet_onnxruntime median {statistics.median(ts) * 1000:.1f} ms')
 PY
     fi
-    configs_for "$M"
+    configs_for "$M" "$([[ $COEF == "${COEF_LIST[0]}" ]] && echo 1 || echo 0)"
     for cfg in "${CONFIGS[@]}"; do
       name=${cfg%%:*}
       flags=${cfg#*:}

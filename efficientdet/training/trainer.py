@@ -165,7 +165,7 @@ class Trainer:
         """One optimizer step over the micro-batches ``batches`` (gradients accumulated)."""
         if not batches:
             raise ValueError('train_step_batches needs at least one micro-batch')
-        rank, world = dist_info()
+        _, world = dist_info()
         n = len(batches)
         self.optimizer.zero_grad(set_to_none=True)
         sums = torch.zeros(3, dtype=torch.float64)
