@@ -322,13 +322,17 @@ def _tf_loss_case():
 
 def test_official_tf_loss_values_gradients_and_anchor_labels():
     """google/automl's AnchorLabeler + detection loss on two real COCO images and an empty one
-    (../shared/fixtures/tf_loss_d0): losses to 1e-5 relative, gradients to 1e-8, same anchor labels."""
+    (../shared/fixtures/tf_loss_d0): losses to 3e-5 relative, gradients to 1e-8, same anchor labels.
+
+    The fixture's float32 sums over ~1e6 elements agree with another summation order to about 1e-5
+    relative; ours depends on the thread count (cls_loss measured 1.4e-5 off at 1 thread, 5.4e-6 at 2).
+    Any real change (alpha, gamma, delta, normaliser) moves the losses by far more than 3e-5."""
     z, cls, box, anchors, ann = _tf_loss_case()
     cls.requires_grad_(True)
     box.requires_grad_(True)
     out = DetectionLoss()(cls, box, anchors[None], ann)
     for ours, theirs in (('cls_loss', 'cls_loss'), ('box_loss', 'box_loss'), ('loss', 'total_loss')):
-        assert float(out[ours].detach()) == pytest.approx(float(z[theirs]), rel=1e-5), ours
+        assert float(out[ours].detach()) == pytest.approx(float(z[theirs]), rel=3e-5), ours
     assert float(out['num_pos']) == float(z['num_positives'].sum())
     out['loss'].backward()
     batch = cls.shape[0]
