@@ -118,6 +118,8 @@ class Detector:
             self.runner = model
         self.model = model
         self.obj_list = list(obj_list)
+        # '' slots of obj_list (e.g. COCO's ten unused ids): their detections are never output
+        self._placeholder = np.array([name == '' for name in self.obj_list] + [False], dtype=bool)
         variant = getattr(model, 'compound_coef', None)
         if variant is not None:  # the variant's own normalisation unless given (Lite: (x - 127) / 128)
             mean, std = resolve_normalization(variant, mean, std)
@@ -254,8 +256,8 @@ class Detector:
 
     def _real_class(self, ids: np.ndarray) -> np.ndarray:
         """Boolean mask over class indices ``ids``: False for '' placeholder slots of obj_list."""
-        names = self.obj_list
-        return np.array([not (0 <= i < len(names) and names[i] == '') for i in ids.tolist()], dtype=bool)
+        n = len(self.obj_list)
+        return ~self._placeholder[np.where((ids >= 0) & (ids < n), ids, n)]
 
     def class_name(self, class_id: int) -> str:
         """Name of a class index (its index as text when obj_list has no name for it)."""
