@@ -83,7 +83,7 @@ for COEF in "${COEF_LIST[@]}"; do
   M="$OUT/c$COEF"
   mkdir -p "$M"
   echo "$SIZE" > "$M/size"
-  echo "exporting D$COEF at $SIZE to ONNX and OpenVINO once (not timed)" >&2
+  echo "exporting $COEF at $SIZE to ONNX and OpenVINO once (not timed)" >&2
   (cd "$HERE" && $PY -m efficientdet.export onnx -c "$COEF" --num_classes 90 --image_size "$SIZE" \
      -o "$M/model.onnx" --no-verify > /dev/null)
   (cd "$HERE" && $PY -m efficientdet.export openvino -c "$COEF" --num_classes 90 --image_size "$SIZE" \
@@ -137,7 +137,7 @@ PY
         # shellcheck disable=SC2086
         (cd "$HERE" && $PY benchmark.py -c "$COEF" --image_size "$SIZE" --threads "$THREADS" --iters "$ITERS" \
            --warmup 3 --mode $mode $flags --json "$M/ours_${name}_${mode}_$r.json" > /dev/null) \
-           || echo "D$COEF $name $mode failed in round $r" >&2
+           || echo "$COEF $name $mode failed in round $r" >&2
       done
     done
   done
@@ -174,7 +174,7 @@ for coef, size, rows, ips, e2e in blocks:
     med = {k: statistics.median(v) for k, v in rows.items()}
     zy = med.get(('peer zylo117', 'forward', 1))
     ed = med.get(('peer effdet', 'forward', 1))
-    print(f'\nD{coef} {size}x{size}')
+    print(f'\n{"D" + coef if coef.isdigit() else coef} {size}x{size}')
     print(f'{"candidate":26s} {"mode":8s} {"batch":>5s} {"ms":>8s} {"images/s":>9s} {"e2e-fwd":>8s} {"runs":>5s} '
           f'{"Yet-Another/x":>14s} {"effdet/x":>9s}')
     for (name, mode, b), v in sorted(med.items(), key=lambda kv: (not kv[0][0].startswith('peer'), kv[0][2],
