@@ -186,6 +186,46 @@ def test_released_checkpoint_fine_tunes_on_coco_keeping_the_classifier(released,
     assert os.path.isdir(tmp_path / 'saved' / 'coco') and os.listdir(tmp_path / 'saved' / 'coco')
 
 
+def test_official_lite0_journey_through_every_script(released, tmp_path):
+    """The official EfficientDet-Lite0 variables (../shared/fixtures/tf_lite0, 90 classes) through the
+    same commands with ``-c lite0`` at its own 320 px (levels 40, 20, 10, 5, 3) and at an odd,
+    non-square size: inspect, convert, coco_eval.py, efficientdet_test.py, export + the exported file,
+    benchmark.py, and one fine-tuning step of train.py."""
+    npz = str(shutil.copy(need_shared('fixtures', 'tf_lite0', 'tf_weights.npz'), tmp_path / 'efficientdet-lite0.npz'))
+    info = _ok(_run('-m', 'efficientdet.convert', 'inspect', npz))
+    assert 'lite0' in info and 'num_classes:    90' in info
+    pth = str(tmp_path / 'lite0.pth')
+    _ok(_run('-m', 'efficientdet.convert', 'tf', npz, '-c', 'lite0', '-o', pth))
+    wrong = _run('-m', 'efficientdet.convert', 'tf', npz, '-c', '0', '-o', str(tmp_path / 'x.pth'))
+    assert wrong.returncode == 2 and 'lite0' in wrong.stderr and wrong.stderr.count('\n') == 1
+    data = str(released['root'] / 'datasets')
+    out_dir = tmp_path / 'eval'
+    _ok(_run('coco_eval.py', '-p', 'coco', '-c', 'lite0', '-w', npz, '--data_path', data, '--max_images', '2',
+             '--device', 'cpu', '--output_dir', str(out_dir), '--no_progress'))  # default size: 320
+    results = json.loads((out_dir / 'val2017_bbox_results.json').read_text())
+    assert results and {r['category_id'] for r in results} <= {c['id'] for c in released['gt']['categories']}
+    image = os.path.join(COCO_TINY, 'val2017', released['gt']['images'][0]['file_name'])
+    onnx_path = str(tmp_path / 'lite0.onnx')
+    _ok(_run('-m', 'efficientdet.export', 'onnx', '-c', 'lite0', '-p', 'coco', '-w', pth, '--image_size', '200', '296',
+             '-o', onnx_path))
+    found = {}
+    for backend, w in (('torch', pth), ('onnxruntime', onnx_path)):
+        out = tmp_path / backend
+        _ok(_run('efficientdet_test.py', image, '-p', 'coco', '-c', 'lite0', '-w', w, '--backend', backend,
+                 '--image_size', '200', '296', '--threshold', '0.05', '-o', str(out)))
+        dets = json.loads(next(out.glob('*.json')).read_text())['detections']
+        found[backend] = [(d['score'], d['class_id'], [d['x1'], d['y1'], d['x2'], d['y2']]) for d in dets]
+    _assert_same_detections(found['onnxruntime'], found['torch'], box_atol=0.5)
+    _ok(_run('benchmark.py', '-c', 'lite0', '-p', 'coco', '-w', pth, '--iters', '2', '--warmup', '1', '--threads', '1',
+             '--device', 'cpu', '--json', str(tmp_path / 'b.json')))
+    assert json.loads((tmp_path / 'b.json').read_text())['latency_ms_median'] > 0
+    p = _run('train.py', '-p', 'coco', '-c', 'lite0', '-w', pth, '--data_path', data, '--image_size', '200', '296',
+             '--batch_size', '2', '--max_steps', '1', '--num_epochs', '1', '--no_map', '--saved_path',
+             str(tmp_path / 'saved'), '--log_path', str(tmp_path / 'logs'))
+    out = _ok(p) + p.stderr
+    assert 're-initialised' not in out and os.listdir(tmp_path / 'saved' / 'coco')
+
+
 def test_coco_label_map_scores_ground_truth_at_map_1(released):
     """Class index i of projects/coco.yml is COCO category id i + 1 (the official label map); ground
     truth given as detections with label = category id - 1 scores mAP 1.0 through the project's own
