@@ -186,8 +186,8 @@ def build_runner(args: argparse.Namespace, dev: torch.device, size: Tuple[int, i
     from efficientdet.runtimes import get_target, load_runtime
     notes: Dict[str, Any] = {}
     proj: Dict[str, Any] = {}
-    if args.backend != 'torch' and (args.half or args.compile or args.cuda_graphs):
-        raise UserError('--half, --compile and --cuda_graphs apply to --backend torch only')
+    if args.backend != 'torch' and (args.compile or args.cuda_graphs):
+        raise UserError('--compile and --cuda_graphs apply to --backend torch only')
     if args.providers and args.backend != 'onnxruntime':
         raise UserError('--providers is for --backend onnxruntime')
     if args.model is not None and args.backend == 'torch':
@@ -218,7 +218,9 @@ def build_runner(args: argparse.Namespace, dev: torch.device, size: Tuple[int, i
             target.export(model.to(dev) if args.backend == 'torchscript' else model, path, size, **options)
             notes['export_s'] = round(time.perf_counter() - t, 2)
         runner = load_runtime(args.backend, path, threads=args.threads, device=str(dev),
-                              providers=args.providers)
+                              providers=args.providers, half=args.half)
+        if args.half:
+            notes['half'] = f'{args.backend} {getattr(runner, "precision", "reduced precision")}; anchors and decoding float32'
         if runner.with_nms:
             raise UserError(f'{path} was exported --with-nms; benchmark a raw export (no --with-nms)')
         proj.update({k: runner.meta[k] for k in ('mean', 'std', 'num_classes') if k in runner.meta})
@@ -382,8 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--projects_dir', default='projects')
     p.add_argument('--batch_size', type=int, default=1)
     p.add_argument('--device', default='cpu', help='cpu or cuda:N')
-    p.add_argument('--half', action='store_true', help='autocast: float16 on CUDA, bfloat16 on CPU; anchors and '
-                   'decoding stay float32 (torch backend)')
+    p.add_argument('--half', action='store_true', help='reduced precision: autocast float16 on CUDA / bfloat16 on '
+                   'CPU (torch), bfloat16 or float16 inference (openvino); anchors and decoding stay float32')
     p.add_argument('--half_dtype', default='auto', choices=['auto', 'float16', 'bfloat16'])
     add_backend_args(p, model_help='--model, or the model exported to a temp dir first')
     p.add_argument('--model', default=None, help='an exported .onnx / .xml / .pt file (default: export to a temp dir)')

@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help='cpu, cuda, cuda:N or a GPU index; default cuda:0 when available, else cpu')
     ap.add_argument('--cuda', type=str2bool, default=None, help='Yet-Another compatibility: False = cpu')
     ap.add_argument('--float16', type=str2bool, nargs='?', const=True, default=False,
-                    help='run the network in float16 (CUDA only)')
+                    help='reduced precision: autocast float16 on CUDA / bfloat16 on CPU (torch), bfloat16 or '
+                         'float16 inference (openvino); anchors and decoding stay float32')
     add_backend_args(ap)
     ap.add_argument('--override', type=str2bool, nargs='?', const=True, default=False,
                     help='recompute even if a results file made with the same settings exists')
@@ -171,10 +172,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             from efficientdet.backends import load_backend
             if args.weights is None:
                 raise UserError(f'--backend {args.backend} evaluates an exported file: pass it with -w')
-            if args.float16:
-                raise UserError('--float16 applies to --backend torch; an exported model runs in its own precision')
             model = load_backend(args.backend, weights, threads=args.threads, device=str(device),
-                                 providers=args.providers)
+                                 providers=args.providers, half=bool(args.float16))
         metrics, results = run_coco_eval(model, dataset, batch_size=args.batch_size, device=device,
                                          score_threshold=args.score_threshold, nms_threshold=args.nms_threshold,
                                          nms=args.nms, max_det=args.max_det, half=args.float16,

@@ -42,7 +42,8 @@ def add_inference_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--max_det', type=int, default=100, help='detections per image at most')
     p.add_argument('--device', default='cpu', help='cpu or cuda:0 …')
     p.add_argument('--half', action='store_true',
-                   help='autocast the network (float16 on CUDA, bfloat16 on CPU); anchors and decoding stay float32')
+                   help='reduced precision: autocast float16 on CUDA / bfloat16 on CPU (torch), bfloat16 or float16 '
+                        'inference (openvino); anchors and decoding stay float32')
     add_backend_args(p)
 
 
@@ -62,7 +63,7 @@ def build_detector(args: argparse.Namespace, batch_size: int = 1):
                                       projects_dir=args.projects_dir, image_size=image_size_arg(args.image_size),
                                       device=args.device, threshold=args.threshold, iou=args.iou, nms=args.nms,
                                       max_det=args.max_det, batch_size=batch_size, threads=args.threads,
-                                      providers=args.providers)
+                                      providers=args.providers, half=args.half)
     weights = args.weights or default_weights(args.project, args.compound_coef)
     if not (os.path.exists(weights) or os.path.isfile(weights + '.index')):  # a file, or a TF checkpoint
         stem = os.path.splitext(os.path.basename(args.project))[0]

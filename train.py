@@ -34,7 +34,7 @@ from efficientdet.config import resolve_normalization, variant_tag
 from efficientdet.errors import UserError, run_cli
 from efficientdet.factory import build_model, resolve_image_size, resolve_variant
 from efficientdet.loss import DetectionLoss
-from efficientdet.project import load_project
+from efficientdet.project import check_scale_range, load_project
 from efficientdet.training import (BestCheckpointHook, CheckpointHook, DataOrderHook, EarlyStoppingHook, EpochSampler, Hook,
                                    ModelEMA, ProgressHook, SignalHook, TensorBoardHook, Trainer, ValidationHook,
                                    build_optimizer, build_scheduler, freeze_for_head_only, freeze_parameters,
@@ -106,6 +106,9 @@ def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument('--projects_dir', type=str, default='projects')
     p.add_argument('--max_steps', type=int, default=None, help='stop after this many optimizer steps in total')
     p.add_argument('--warmup_epochs', type=float, default=1.0, help='linear LR warm-up length (official 1.0)')
+    p.add_argument('--scale_range', type=float, nargs=2, default=None, metavar=('MIN', 'MAX'),
+                   help='training scale jitter: random resize factor range (default: the project\'s '
+                        'scale_range, else the official 0.1 2.0; 1 1 turns it off)')
     p.add_argument('--label_smoothing', type=float, default=0.0)
     p.add_argument('--weight_decay', type=float, default=None, help='default 4e-5 (sgd, official) / 1e-2 (adamw)')
     p.add_argument('--momentum', type=float, default=0.9)
@@ -166,7 +169,10 @@ def build_data(args, project, image_size: Tuple[int, int], rank: int, world: int
     from efficientdet.data import build_dataset
     from efficientdet.data.dataset import seed_worker
     mean, std = resolve_normalization(args.compound_coef, project.mean, project.std)
-    train_ds = build_dataset(project, project.train_set, image_size, args.data_path, augment=True, mean=mean, std=std)
+    scale_range = (check_scale_range(args.scale_range, '--scale_range') if args.scale_range is not None
+                   else project.scale_range)
+    train_ds = build_dataset(project, project.train_set, image_size, args.data_path, augment=True, mean=mean, std=std,
+                             scale_range=scale_range)
     val_ds = build_dataset(project, project.val_set, image_size, args.data_path, augment=False, mean=mean, std=std)
     idx = subset_indices(len(train_ds), args.subset, args.seed)
     train_items = Subset(train_ds, idx) if idx is not None else train_ds

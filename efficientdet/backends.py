@@ -22,9 +22,9 @@ __all__ = ['OnnxRuntimeModel', 'OpenVINOModel', 'TorchScriptModel', 'load_backen
 
 
 def load_backend(backend: str, path: str, threads: Optional[int] = None, device: str = 'cpu',
-                 providers: Optional[Sequence[str]] = None) -> Runtime:
+                 providers: Optional[Sequence[str]] = None, half: bool = False) -> Runtime:
     """The runtime for ``--backend`` on an exported file; UserError for 'torch' or unknown names."""
-    return load_runtime(backend, path, threads=threads, device=device, providers=providers)
+    return load_runtime(backend, path, threads=threads, device=device, providers=providers, half=half)
 
 
 def tune_cpu_allocator(threshold_bytes: int = 1 << 30) -> bool:

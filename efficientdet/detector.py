@@ -112,10 +112,7 @@ class Detector:
             model = model.to(device=self.device).eval()
             self.runner: ModelFn = TorchModel(model, self.device, half=half, fuse=fuse, image_size=self.image_size)
         else:
-            if half:
-                raise UserError('--half applies to the torch backend; an exported model runs in the precision '
-                                'it was exported / compiled with')
-            self.runner = model
+            self.runner = model  # an exported runtime: its precision was chosen when it was loaded
         self.model = model
         self.obj_list = list(obj_list)
         # '' slots of obj_list (e.g. COCO's ten unused ids): their detections are never output
@@ -181,12 +178,13 @@ class Detector:
                       threads: Optional[int] = None, threshold: float = 0.2, iou: float = 0.2, nms: str = 'hard',
                       max_det: int = 100, mean: Optional[Sequence[float]] = None,
                       std: Optional[Sequence[float]] = None, batch_size: int = 8,
-                      providers: Optional[Sequence[str]] = None) -> 'Detector':
+                      providers: Optional[Sequence[str]] = None, half: bool = False) -> 'Detector':
         """Detector on an exported model (``efficientdet.runtimes``: 'onnxruntime', 'openvino' or
-        'torchscript'; ``providers``: onnxruntime execution providers). Classes, mean/std and the
+        'torchscript'; ``providers``: onnxruntime execution providers; ``half``: reduced precision
+        where the backend has it, UserError elsewhere). Classes, mean/std and the
         input size come from the explicit arguments, then the project, then the file's metadata."""
         from .backends import load_backend
-        runtime = load_backend(backend, path, threads=threads, device=device, providers=providers)
+        runtime = load_backend(backend, path, threads=threads, device=device, providers=providers, half=half)
         meta = getattr(runtime, 'meta', {}) or {}
         if project is not None:
             from .project import load_project
@@ -208,7 +206,7 @@ class Detector:
             raise UserError(f'{path}: the input size is unknown; pass --image_size')
         return cls(runtime, obj_list, size, mean=mean if mean is not None else meta.get('mean', IMAGENET_MEAN),
                    std=std if std is not None else meta.get('std', IMAGENET_STD), threshold=threshold, iou=iou,
-                   nms=nms, max_det=max_det, device=device, batch_size=batch_size)
+                   nms=nms, max_det=max_det, device=device, batch_size=batch_size, half=half)
 
     # ------------------------------------------------------------------ inference
     @torch.inference_mode()

@@ -478,8 +478,9 @@ def run_coco_eval(model: torch.nn.Module, dataset: Any, batch_size: int = 1,
     anchors [1,A,4] yxyx)`` like ``EfficientDetBackbone``. Items of ``dataset`` are dicts with
     ``img`` [3,H,W] normalised, ``image_id``, ``scale`` (network px per original px) and
     ``orig_size`` (h, w); the dataset also exposes ``coco`` and ``cat_ids`` (category id per label).
-    ``max_images`` evaluates the first K images only; ``half`` runs the forward under float16
-    autocast (CUDA only). The model is put in eval mode and its train/eval state restored after.
+    ``max_images`` evaluates the first K images only; ``half`` runs an ``nn.Module``'s forward
+    under autocast (float16 on CUDA, bfloat16 on CPU: ``runtimes.eager.half_dtype``; decoding stays
+    float32); an exported runtime runs in the precision it was loaded with. The model is put in eval mode and its train/eval state restored after.
 
     Returns ``(metrics, results)``: ``COCOEvaluator.compute`` metrics and the COCO results list
     (bbox x, y, w, h in original-image pixels).
@@ -499,8 +500,10 @@ def run_coco_eval(model: torch.nn.Module, dataset: Any, batch_size: int = 1,
         raise UserError('the validation set has no images to evaluate'
                         + (f' (max_images={max_images})' if max_images is not None else ''))
     device = torch.device(device)
-    if half and device.type != 'cuda':
-        raise UserError('float16 evaluation needs a CUDA device (use --device cuda:0 or drop --float16)')
+    autocast_dtype = None
+    if half and isinstance(model, torch.nn.Module):
+        from .runtimes.eager import half_dtype
+        autocast_dtype = half_dtype(device)
     subset = dataset if n == len(dataset) else torch.utils.data.Subset(dataset, range(n))
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False,
                                          num_workers=num_workers, collate_fn=_eval_collate)
@@ -515,7 +518,8 @@ def run_coco_eval(model: torch.nn.Module, dataset: Any, batch_size: int = 1,
         with torch.no_grad():
             for batch in loader:
                 x = batch['img'].to(device=device, dtype=dtype, non_blocking=True)
-                ctx = torch.autocast(device.type, dtype=torch.float16) if half else contextlib.nullcontext()
+                ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                       else contextlib.nullcontext())
                 with ctx:
                     _, regression, classification, anchors = model(x)
                 dets = detect(classification.float(), regression.float(), anchors.float(),

@@ -14,7 +14,7 @@ candidates of all images at once.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -38,30 +38,62 @@ except Exception:  # ImportError, missing compiled ops, ABI mismatch …
 
 
 # --------------------------------------------------------------------------- class scores
-class BestClass(NamedTuple):
+class BestClass:
     """Each anchor's best class: scores [B, A] (its probability, after sigmoid) and labels [B, A]
     long (0-based; the first maximum on ties). Every post-processing here keeps only the best
     class of an anchor, so this is all it needs of the [B, A, C] classification; runtimes that
-    take the best class in the graph return it instead (``efficientdet.runtimes``)."""
-    scores: torch.Tensor
-    labels: torch.Tensor
+    take the best class in the graph return it instead (``efficientdet.runtimes``).
+
+    Made from [B, A, C] values (:meth:`from_logits`, :meth:`of`), the labels are computed when
+    first asked for, and :meth:`labels_at` takes them for a few anchors only: on a CPU the arg-max
+    over all A x C values costs about four times the maximum itself, and post-processing needs
+    the labels of its NMS candidates only. Unpacks as ``scores, labels``."""
+
+    __slots__ = ('scores', '_labels', '_values')
+
+    def __init__(self, scores: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                 values: Optional[torch.Tensor] = None):
+        if labels is None and values is None:
+            raise ValueError('BestClass needs the labels or the [B, A, C] values they come from')
+        self.scores = scores
+        self._labels = labels
+        self._values = values  # [B, A, C] logits or probabilities (same arg-max)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """[B, A] long, the first maximum on ties."""
+        if self._labels is None:
+            self._labels = self._values.argmax(-1)
+        return self._labels
+
+    def labels_at(self, index: torch.Tensor) -> torch.Tensor:
+        """Labels of the anchors ``index`` [B, K] (long [B, K]), as ``labels.gather(1, index)``."""
+        if self._labels is not None:
+            return self._labels.gather(1, index).long()
+        values = self._values.gather(1, index.unsqueeze(-1).expand(-1, -1, self._values.shape[-1]))
+        return values.argmax(-1)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter((self.scores, self.labels))
+
+    def __repr__(self) -> str:
+        return f'BestClass(scores {tuple(self.scores.shape)}, labels {"lazy" if self._labels is None else "given"})'
 
     @classmethod
     def of(cls, classification: 'Scores') -> 'BestClass':
         """From a [B, A, C] classification (after sigmoid), or a BestClass (returned as float32)."""
         if isinstance(classification, BestClass):
             return classification.float()
-        scores, labels = classification.float().max(-1)
-        return cls(scores, labels)
+        return cls(classification.float().amax(-1), values=classification)
 
     @classmethod
     def from_logits(cls, logits: torch.Tensor) -> 'BestClass':
         """From [B, A, C] logits: the maximum first, then the sigmoid of [B, A] values only."""
-        best, labels = logits.max(-1)
-        return cls(torch.sigmoid(best.float()), labels)
+        return cls(torch.sigmoid(logits.amax(-1).float()), values=logits)
 
     def float(self) -> 'BestClass':
-        return BestClass(self.scores.float(), self.labels.long())
+        labels = self._labels.long() if self._labels is not None else None
+        return BestClass(self.scores.float(), labels, self._values)
 
 
 Scores = Union[torch.Tensor, BestClass]  # [B, A, C] after sigmoid, or each anchor's best class
@@ -335,13 +367,14 @@ def to_xyxy_clipped(boxes_yxyx: torch.Tensor, image_size: Tuple[int, int]) -> to
     return torch.stack([x1.clamp(0, w), y1.clamp(0, h), x2.clamp(0, w), y2.clamp(0, h)], -1)
 
 
-def candidates(best: torch.Tensor, labels: torch.Tensor, regression: torch.Tensor, anchors: torch.Tensor,
-               image_size: Tuple[int, int], score_threshold: float, k: int
+def candidates(best: torch.Tensor, labels: Union[torch.Tensor, BestClass], regression: torch.Tensor,
+               anchors: torch.Tensor, image_size: Tuple[int, int], score_threshold: float, k: int
                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The NMS candidates of ``detect`` and of the exported NMS graph.
 
     ``best, labels = classification.max(-1)``: each anchor keeps its best class (first maximum,
-    [B, A] each), regression [B, A, 4], anchors [1, A, 4] yxyx pixels. The ``k`` best anchors above
+    [B, A] each; ``labels`` may be the :class:`BestClass`, whose labels are then computed for the
+    candidates only), regression [B, A, 4], anchors [1, A, 4] yxyx pixels. The ``k`` best anchors above
     ``score_threshold`` are taken and put back in anchor order, so that NMS ties go to the lower
     anchor index. Returns scores [B, k] (-inf where fewer than k pass), boxes [B, k, 4]
     (x1, y1, x2, y2) decoded and clipped to the input, labels [B, k] (0-based). Traceable (``k``
@@ -351,7 +384,8 @@ def candidates(best: torch.Tensor, labels: torch.Tensor, regression: torch.Tenso
     top_idx = torch.sort(masked.topk(k, dim=1).indices, dim=1).values
     reg = regression.gather(1, top_idx.unsqueeze(-1).expand(-1, -1, 4))
     boxes = to_xyxy_clipped(decode_boxes(reg, anchors[0][top_idx]), image_size)
-    return masked.gather(1, top_idx), boxes, labels.gather(1, top_idx)
+    cand_labels = labels.labels_at(top_idx) if isinstance(labels, BestClass) else labels.gather(1, top_idx)
+    return masked.gather(1, top_idx), boxes, cand_labels
 
 
 def _hard_nms_padded(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor, labels: Optional[torch.Tensor],
@@ -436,13 +470,14 @@ def detect(classification: Scores, regression: torch.Tensor, anchors: torch.Tens
         labels = classes - 1
         keep = (torch.arange(boxes.shape[1], device=boxes.device)[None] < valid[:, None]) & (scores > score_threshold)
     else:
-        best, best_labels = BestClass.of(classification)  # [B, A]; the one large reduction if [B, A, C]
+        best_class = BestClass.of(classification)  # [B, A]; the one large reduction if [B, A, C]
+        best = best_class.scores
         with _small_work_threads(best):
             # no wider than the most candidates any image has (>= 1 column, so gathers stay valid): the
             # NMS below then works on a few columns, not pre_nms_topk, when a few dozen boxes pass
             most = int((best > score_threshold).sum(1).max()) if best.numel() else 0
             k = min(int(pre_nms_topk), best.shape[1], max(most, 1))
-            top_scores, cand, cand_labels = candidates(best, best_labels, regression.float(), anchors.float(),
+            top_scores, cand, cand_labels = candidates(best, best_class, regression.float(), anchors.float(),
                                                        image_size, score_threshold, k)
             valid = torch.isfinite(top_scores)
             if nms == 'hard':

@@ -26,7 +26,9 @@ PACKAGE_PROJECTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.absp
 Arith = Union[float, List['Arith'], Tuple['Arith', ...]]
 
 KNOWN_FIELDS = ('project_name', 'train_set', 'val_set', 'num_gpus', 'mean', 'std', 'anchors_scales',
-                'anchors_ratios', 'obj_list', 'dataset_format')
+                'anchors_ratios', 'obj_list', 'dataset_format', 'scale_range')
+# Official training scale jitter (hparams ``jitter_min``, ``jitter_max``).
+OFFICIAL_SCALE_RANGE = (0.1, 2.0)
 # Values of ``dataset_format`` (one module each in efficientdet/data/formats/; keep in step with it).
 DATASET_FORMATS = ('coco', 'voc', 'yolo')
 
@@ -139,6 +141,7 @@ class Project:
     path: str
     extra: Dict[str, Any] = field(default_factory=dict)
     dataset_format: str = 'coco'
+    scale_range: Tuple[float, float] = OFFICIAL_SCALE_RANGE
 
     @property
     def num_classes(self) -> int:
@@ -178,7 +181,8 @@ def load_project(name_or_path: str, projects_dir: str = 'projects') -> Project:
 
     Required fields: project_name, train_set, val_set, obj_list. Optional: num_gpus (1),
     mean/std (ImageNet, RGB), anchors_scales / anchors_ratios (official values), dataset_format
-    (coco, voc or yolo; default coco).
+    (coco, voc or yolo; default coco), scale_range ([min, max] of the training scale jitter, the
+    official ``jitter_min``/``jitter_max``; default [0.1, 2.0]).
     """
     path = resolve_project_path(name_or_path, projects_dir)
     try:
@@ -228,8 +232,19 @@ def load_project(name_or_path: str, projects_dir: str = 'projects') -> Project:
     if not isinstance(dataset_format, str) or dataset_format.strip().lower() not in DATASET_FORMATS:
         raise UserError(f'{path}: field \'dataset_format\' must be one of {", ".join(DATASET_FORMATS)}, '
                         f'got {dataset_format!r}')
+    scale_range = check_scale_range(raw.get('scale_range', list(OFFICIAL_SCALE_RANGE)), f'{path}: field \'scale_range\'')
     return Project(project_name, train_set, val_set, num_gpus, mean, std, scales, ratios, obj_list,
-                   os.path.abspath(path), extra, dataset_format.strip().lower())
+                   os.path.abspath(path), extra, dataset_format.strip().lower(), scale_range)
+
+
+def check_scale_range(value: Any, where: str) -> Tuple[float, float]:
+    """``[min, max]`` of the random resize factor of training augmentation: 0 < min <= max."""
+    ok = (isinstance(value, (list, tuple)) and len(value) == 2
+          and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in value))
+    if not ok or not 0 < value[0] <= value[1]:
+        raise UserError(f'{where} must be two numbers [min, max] with 0 < min <= max (the official jitter is '
+                        f'[0.1, 2.0]; [1, 1] turns scale jitter off), got {value!r}')
+    return float(value[0]), float(value[1])
 
 
 def _arith_field(value: Any, key: str, path: str) -> Any:

@@ -396,8 +396,29 @@ def test_run_coco_eval_errors(coco):
     model = _GTModel(torch.zeros(1, 1, 4), torch.zeros(1, 1, 80))
     with pytest.raises(UserError, match='no images'):
         run_coco_eval(model, _FakeDataset(coco, []), progress=False)
-    with pytest.raises(UserError, match='CUDA'):
-        run_coco_eval(model, _FakeDataset(coco, coco.getImgIds()[:1]), half=True, device='cpu', progress=False)
+    with pytest.raises(UserError, match='float16 needs --device cuda'):
+        from efficientdet.runtimes.eager import half_dtype
+        half_dtype('cpu', 'float16')
+
+
+def test_run_coco_eval_half_on_cpu_is_bfloat16_autocast(coco):
+    """--float16 / --half on a CPU: the forward runs under bfloat16 autocast, decoding in float32."""
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            seen.append(torch.get_autocast_dtype('cpu') if torch.is_autocast_enabled('cpu') else None)
+            a = x.shape[0]
+            return None, torch.zeros(a, 1, 4), torch.zeros(a, 1, 80), torch.tensor([[[0., 0., 10., 10.]]])
+
+    m, _ = run_coco_eval(Probe(), _FakeDataset(coco, coco.getImgIds()[:1]), half=True, device='cpu', progress=False)
+    assert seen == [torch.bfloat16] and m['num_images'] == 1
+    run_coco_eval(Probe(), _FakeDataset(coco, coco.getImgIds()[:1]), device='cpu', progress=False)
+    assert seen[-1] is None
 
 
 def test_cleaned_training_annotations_evaluate_without_a_second_validator():

@@ -85,8 +85,10 @@ def test_detector_maps_boxes_back_to_original_pixels():
 def test_detector_rejects_bad_settings():
     with pytest.raises(UserError, match='--nms'):
         Detector(StubModel(), ['a'], 256, nms='soft')
-    with pytest.raises(UserError, match='--half'):
-        Detector(StubModel(), ['a'], 256, half=True)
+    from efficientdet.runtimes import load_runtime
+    for backend in ('onnxruntime', 'torchscript'):  # run in the precision they were exported with
+        with pytest.raises(UserError, match='--half: --backend .* applies to torch, openvino'):
+            load_runtime(backend, 'model.file', half=True)
     with pytest.raises(UserError, match='--threshold'):
         Detector(StubModel(), ['a'], 256, threshold=2.0)
 

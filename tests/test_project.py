@@ -184,3 +184,14 @@ def _value(t):
 @given(_tree())
 def test_parse_arith_matches_direct_arithmetic(tree):
     assert parse_arith(_render(tree), 'f') == pytest.approx(_value(tree), rel=1e-12, abs=1e-9)
+
+
+def test_scale_range_field(tmp_path):
+    """``scale_range`` (the official jitter_min / jitter_max) defaults to [0.1, 2.0]; a bad value
+    names the field and what is allowed."""
+    assert load_project(write(tmp_path, BASE)).scale_range == (0.1, 2.0)
+    assert load_project(write(tmp_path, BASE + 'scale_range: [0.5, 1.5]\n')).scale_range == (0.5, 1.5)
+    assert load_project(write(tmp_path, BASE + 'scale_range: [1, 1]\n')).scale_range == (1.0, 1.0)
+    for bad in ('[1.5, 0.5]', '[0, 1]', '0.5', '[0.5]', "['a', 1]", '[.nan, 1]'):
+        with pytest.raises(UserError, match=r"p\.yml: field 'scale_range' must be two numbers \[min, max\]"):
+            load_project(write(tmp_path, BASE + f'scale_range: {bad}\n'))

@@ -52,11 +52,19 @@ def target_for_format(fmt: str) -> Target:
 
 
 def load_runtime(backend: str, path: str, threads: Optional[int] = None, device: str = 'cpu',
-                 providers: Optional[Sequence[str]] = None) -> Runtime:
-    """Run an exported file with ``backend`` ('onnxruntime', 'openvino', 'torchscript')."""
+                 providers: Optional[Sequence[str]] = None, half: bool = False) -> Runtime:
+    """Run an exported file with ``backend`` ('onnxruntime', 'openvino', 'torchscript');
+    ``half``: reduced-precision compute where the backend has it (openvino: bfloat16 or float16)."""
     if backend == 'torch':
         raise UserError('--backend torch runs the .pth checkpoint directly (-w); the other backends run an '
                         'exported file')
     if providers and backend != 'onnxruntime':
         raise UserError('--providers is for --backend onnxruntime')
-    return get_target(backend).load(path, threads=threads, device=device, providers=providers)
+    target = get_target(backend)
+    if half and not target.supports_half:
+        half_ok = ', '.join(['torch'] + [n for n in BACKENDS if n != 'torch' and get_target(n).supports_half])
+        raise UserError(f'--half: --backend {backend} runs the exported file in the precision it was exported with; '
+                        f'--half applies to {half_ok}')
+    if half:
+        return target.load(path, threads=threads, device=device, providers=providers, half=True)
+    return target.load(path, threads=threads, device=device, providers=providers)

@@ -249,6 +249,7 @@ class Target:
     export_format: Optional[str] = None
     suffix = ''
     requires: Tuple[str, ...] = ()  # Python packages it needs (for the message when missing)
+    supports_half = False  # whether load(half=True) runs the network in reduced precision
 
     def add_export_arguments(self, parser: argparse.ArgumentParser) -> None:
         """The target's own export options (common ones are added by ``efficientdet.export``)."""
@@ -262,5 +263,7 @@ class Target:
         raise UserError(f'--backend {self.name} has no export; it runs the .pth checkpoint directly')
 
     def load(self, path: str, threads: Optional[int] = None, device: str = 'cpu',
-             providers: Optional[Sequence[str]] = None) -> Runtime:
+             providers: Optional[Sequence[str]] = None, half: bool = False) -> Runtime:
+        """The runtime of ``path``; ``half``: reduced-precision compute (only where
+        ``supports_half``; anchors and box decoding stay float32)."""
         raise NotImplementedError

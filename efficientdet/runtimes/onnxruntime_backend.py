@@ -112,7 +112,7 @@ class _OnnxRuntimeTarget(Target):
         return onnx_graph.verify(path, OnnxRuntimeModel(path), reference, names, size, atol, batch)
 
     def load(self, path: str, threads: Optional[int] = None, device: str = 'cpu',
-             providers: Optional[Sequence[str]] = None) -> OnnxRuntimeModel:
+             providers: Optional[Sequence[str]] = None, half: bool = False) -> OnnxRuntimeModel:
         if device not in ('cpu', None) and not providers:
             raise UserError('--backend onnxruntime: choose the device with --providers (e.g. CUDAExecutionProvider); '
                             '--device is for the torch backends')

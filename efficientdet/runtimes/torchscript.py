@@ -115,7 +115,7 @@ class _TorchScriptTarget(Target):
         return compare_outputs(path, names, [out[n] for n in names], ref, atol)
 
     def load(self, path: str, threads: Optional[int] = None, device: str = 'cpu',
-             providers: Optional[Sequence[str]] = None) -> TorchScriptModel:
+             providers: Optional[Sequence[str]] = None, half: bool = False) -> TorchScriptModel:
         return TorchScriptModel(path, threads, device)
 
 
