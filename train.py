@@ -109,6 +109,9 @@ def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument('--scale_range', type=float, nargs=2, default=None, metavar=('MIN', 'MAX'),
                    help='training scale jitter: random resize factor range (default: the project\'s '
                         'scale_range, else the official 0.1 2.0; 1 1 turns it off)')
+    p.add_argument('--drop_connect', type=float, default=None, metavar='RATE',
+                   help='stochastic depth of the backbone blocks (official 1 - survival_prob; default: the '
+                        'variant\'s: 0 for D0, 0.2 for the others)')
     p.add_argument('--label_smoothing', type=float, default=0.0)
     p.add_argument('--weight_decay', type=float, default=None, help='default 4e-5 (sgd, official) / 1e-2 (adamw)')
     p.add_argument('--momentum', type=float, default=0.9)
@@ -311,6 +314,10 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     if args.backbone_weights:
         from efficientdet.convert.backbone import load_backbone_weights
         log(load_backbone_weights(model, args.backbone_weights))
+    if args.drop_connect is not None:
+        if not 0.0 <= args.drop_connect < 1.0:
+            raise UserError(f'--drop_connect {args.drop_connect}: must be in [0, 1) (the official 1 - survival_prob)')
+        model.backbone_net.model.set_drop_connect_rate(args.drop_connect)
     frozen: List[str] = []
     if args.head_only:
         freeze_for_head_only(model)

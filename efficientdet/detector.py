@@ -229,7 +229,9 @@ class Detector:
     # the three stages of ``__call__`` (``benchmark.py`` times them one by one)
     def preprocess(self, images: Sequence[ImageLike], bgr: bool = False) -> Tuple[torch.Tensor, List[ImageMeta]]:
         """Images -> (normalised float32 batch [B, 3, H, W] on the device, per-image ImageMeta)."""
-        batch, metas = preprocess_batch(images, self.image_size, self.mean, self.std, bgr=bgr)
+        channels_last = self.device.type == 'cpu' and getattr(self.runner, 'channels_last', False)
+        batch, metas = preprocess_batch(images, self.image_size, self.mean, self.std, bgr=bgr,
+                                        channels_last=channels_last)
         if self.device.type == 'cuda':
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         return batch, metas

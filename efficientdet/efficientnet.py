@@ -95,6 +95,14 @@ class EfficientNet(nn.Module):
             self.stage_ends.append(len(blocks) - 1)
         self._blocks = nn.ModuleList(blocks)
 
+    def set_drop_connect_rate(self, rate: float) -> None:
+        """Stochastic depth (training only): block i of n skips its residual branch with
+        probability ``rate * i / n``, the official schedule (``rate`` = 1 - survival_prob)."""
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f'drop connect rate must be in [0, 1), got {rate}')
+        for i, block in enumerate(self._blocks):
+            block.drop_rate = rate * i / len(self._blocks)
+
 
 class EfficientNetBackbone(nn.Module):
     """Returns the P3, P4, P5 feature maps (strides 8, 16, 32; ``ceil(size / 8)`` … for any

@@ -150,16 +150,22 @@ def load_image(image: ImageLike, bgr: bool = False) -> np.ndarray:
 
 def preprocess_batch(images: Union[ImageLike, Sequence[ImageLike]], size: Union[int, Sequence[int]],
                      mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                     bgr: bool = False) -> Tuple[torch.Tensor, List[ImageMeta]]:
+                     bgr: bool = False, channels_last: bool = False) -> Tuple[torch.Tensor, List[ImageMeta]]:
     """Images of any sizes (paths, arrays, tensors; see ``load_image``) -> (batch float32
     [B, 3, H, W], metas). Each image is letterboxed straight into its slot of the batch: a uint8
     frame (e.g. B, G, R from ``cv2.imread`` with ``bgr``) is read once by the resize and once by the
-    normalisation, with no intermediate colour-converted or stacked copy."""
+    normalisation, with no intermediate colour-converted or stacked copy. ``channels_last``: the
+    batch is laid out B, H, W, 3 in memory (``torch.channels_last`` strides; same values), the
+    layout of the image itself and the one the CPU runtimes' first convolution reads."""
     if isinstance(images, (str, os.PathLike, np.ndarray, torch.Tensor)):
         images = [images]
     images = list(images)
     hh, ww = as_hw(size)
-    out = np.empty((len(images), 3, hh, ww), np.float32)
+    if channels_last:
+        buf = np.empty((len(images), hh, ww, 3), np.float32)
+        out = buf.transpose(0, 3, 1, 2)  # [B, 3, H, W] view of the B, H, W, 3 memory
+    else:
+        out = buf = np.empty((len(images), 3, hh, ww), np.float32)
     metas = []
     for i, im in enumerate(images):
         if isinstance(im, np.ndarray):
@@ -167,4 +173,5 @@ def preprocess_batch(images: Union[ImageLike, Sequence[ImageLike]], size: Union[
         else:
             _, meta = letterbox(load_image(im, bgr=bgr), (hh, ww), mean, std, out=out[i])
         metas.append(meta)
-    return torch.from_numpy(out), metas
+    batch = torch.from_numpy(buf)
+    return (batch.permute(0, 3, 1, 2) if channels_last else batch), metas

@@ -135,6 +135,12 @@ def test_preprocess_batch_mixed_sources_and_sizes(tmp_path):
                                atol=1e-3, rtol=0)
     bgr_batch, _ = preprocess_batch(a[..., ::-1].copy(), 128, bgr=True)
     torch.testing.assert_close(bgr_batch[0], batch[0])
+    # channels_last: the same values (padding included), laid out B, H, W, 3, for every source
+    cl, cl_metas = preprocess_batch([p, a, t, tf, gray, a[:20]], 128, channels_last=True)
+    assert cl.shape == batch.shape and cl.is_contiguous(memory_format=torch.channels_last)
+    assert not cl.is_contiguous() and torch.equal(cl, batch) and cl_metas == metas
+    cl_bgr, _ = preprocess_batch(a[..., ::-1].copy(), 128, bgr=True, channels_last=True)
+    assert torch.equal(cl_bgr[0], batch[0])
     with pytest.raises(UserError, match='missing.png'):
         preprocess_batch([p, str(tmp_path / 'missing.png')], 128)
 

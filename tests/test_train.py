@@ -645,3 +645,20 @@ def test_train_py_accumulate_checkpoint_freeze_and_backbone(tiny_data, tmp_path)
     first = EfficientDetBackbone(num_classes=3, compound_coef=0)
     assert not torch.equal(model['classifier.header.pointwise_conv.conv.weight'],
                            first.classifier.header.pointwise_conv.conv.weight)
+
+
+def test_scale_range_from_the_project_or_the_command_line(tiny_data, tmp_path):
+    """Training scale jitter: the project's ``scale_range`` (default official 0.1-2.0), replaced by
+    ``--scale_range MIN MAX``; validation data is never jittered; a bad range is a UserError."""
+    import train
+    from efficientdet.project import load_project
+    project = load_project('tiny', str(tiny_data / 'projects'))
+    base = ['-p', 'tiny', '--projects_dir', str(tiny_data / 'projects'), '--data_path', str(tiny_data / 'data'),
+            '-n', '0']
+    for extra, expect in (([], (0.1, 2.0)), (['--scale_range', '1', '1'], (1.0, 1.0)),
+                          (['--scale_range', '0.5', '1.5'], (0.5, 1.5))):
+        args = train.get_args(base + extra)
+        train_ds, val_ds, *_ = train.build_data(args, project, (128, 128), 0, 1, 2)
+        assert train_ds.transform.scale_range == expect and not val_ds.transform.augment
+    with pytest.raises(UserError, match=r'--scale_range must be two numbers \[min, max\] with 0 < min <= max'):
+        train.build_data(train.get_args(base + ['--scale_range', '2', '1']), project, (128, 128), 0, 1, 2)

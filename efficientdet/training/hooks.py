@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Protocol
 
 import numpy as np
 import torch
@@ -26,8 +26,33 @@ from .optim import load_scheduler_position
 from .rng import rng_state, set_rng_state
 from .util import dist_info
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .trainer import Trainer
+
+class Trainer(Protocol):
+    """What hooks see of ``efficientdet.training.trainer.Trainer`` (declared here, so that this
+    module does not import the trainer that imports it)."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    step: int
+    epoch: int
+    epoch_step: int
+    stop_reason: Optional[str]
+    nonfinite_in_row: int
+    nonfinite_total: int
+
+    @property
+    def ema(self) -> Optional[ModelEMA]: ...
+
+    @property
+    def scheduler(self) -> Any: ...
+
+    def hook(self, name: str) -> Optional['Hook']: ...
+
+    def call(self, event: str, *args: Any) -> None: ...
+
+    def request_stop(self, reason: str) -> None: ...
+
+    def state_dict(self, meta: Optional[Dict[str, Any]] = None) -> Dict[str, Any]: ...
 
 __all__ = ['Hook', 'EMAHook', 'LRScheduleHook', 'SignalHook', 'DataOrderHook', 'ProgressHook', 'TensorBoardHook',
            'ValidationHook', 'BestCheckpointHook', 'EarlyStoppingHook', 'CheckpointHook', 'is_better']
