@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
-from efficientdet.checkpoint import safe_load
+from efficientdet.ckpt.files import safe_load
 from efficientdet.cli import add_model_args, image_size_arg, str2bool
 from efficientdet.config import resolve_normalization, variant_tag
 from efficientdet.errors import UserError, run_cli

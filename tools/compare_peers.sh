@@ -16,7 +16,8 @@
 # end2end (stage by stage in the JSON), in the settings listed below ('default' = the torch backend:
 # fused + channels_last + CPU fast path + --tune_malloc). SET=full: the torch optimisation steps one
 # by one, onnxruntime and openvino; SET=short: default, onnxruntime, openvino; SET=targets: default,
-# onnxruntime, openvino, plus batch-BATCH throughput rows (images/s) of default and openvino for the
+# onnxruntime, openvino, the --half rows of torch (bfloat16 autocast on a CPU) and openvino (bfloat16
+# or float16 inference), plus batch-BATCH throughput rows (images/s) of default and openvino for the
 # first variant of COEFS. Each
 # round runs every candidate once (ITERS timed runs after warm-up); the table shows the median over
 # rounds of each candidate's per-round median, and ratios against the peers' forward pass. Nothing of
@@ -56,7 +57,9 @@ configs_for() {  # $1: folder of this variant's exports, $2: 1 for the first var
                    "openvino:--backend openvino --model $m/model.xml") ;;
     targets) CONFIGS=("default:"
                       "onnxruntime:--backend onnxruntime --model $m/model.onnx"
-                      "openvino:--backend openvino --model $m/model.xml")
+                      "openvino:--backend openvino --model $m/model.xml"
+                      "default_half:--half"
+                      "openvino_half:--backend openvino --model $m/model.xml --half")
              if [[ $first == 1 ]]; then  # throughput rows for the first variant only (time)
                CONFIGS+=("default_b${BATCH}:--batch_size $BATCH"
                          "openvino_b${BATCH}:--backend openvino --model $m/model.xml --batch_size $BATCH")

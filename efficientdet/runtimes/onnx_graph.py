@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import atomic_write
+from ..ckpt.files import atomic_write
 from ..config import as_hw
 from ..errors import UserError
 from ..onnx_ops import onnx_nms

@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 from torch import nn
 
-from ..checkpoint import atomic_write
+from ..ckpt.files import atomic_write
 from ..errors import UserError
 from .base import (ExportWrapper, Runtime, SizeLike, Target, check_export_size, compare_outputs, export_metadata,
                    head_outputs, parse_meta, random_batch)

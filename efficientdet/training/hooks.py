@@ -395,7 +395,7 @@ class BestCheckpointHook(Hook):
             return
         self.value, self.epoch, self.source = float(report['value']), int(report['epoch']), report['source']
         if self.is_main and report.get('state_dict') is not None:
-            from ..checkpoint import atomic_save
+            from ..ckpt.files import atomic_save
             atomic_save(report['state_dict'], os.path.join(self.save_dir, 'best.pth'))
             atomic_save(report['state_dict'],
                         os.path.join(self.save_dir, f'efficientdet-{self.tag}_{report["epoch"]}_{report["step"]}.pth'))
@@ -460,14 +460,14 @@ class CheckpointHook(Hook):
         return os.path.join(self.save_dir, 'last.ckpt')
 
     def save_last(self, trainer: 'Trainer') -> None:
-        from ..checkpoint import atomic_save
+        from ..ckpt.files import atomic_save
         state = trainer.state_dict(self.meta)  # every process (RNG states are gathered)
         if self.is_main:
             atomic_save(state, self.last_path)
 
     def save_weights(self, trainer: 'Trainer', epoch: int) -> None:
         if self.is_main:
-            from ..checkpoint import atomic_save
+            from ..ckpt.files import atomic_save
             atomic_save(self.weights(), os.path.join(self.save_dir, f'efficientdet-{self.tag}_{epoch}_{trainer.step}.pth'))
 
     def on_step_end(self, trainer, result):
