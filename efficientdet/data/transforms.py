@@ -34,8 +34,9 @@ def normalize_pad(content: np.ndarray, out_hw: Tuple[int, int], mean: Sequence[f
                   std: Sequence[float], out: Optional[np.ndarray] = None, bgr: bool = False) -> torch.Tensor:
     """uint8 RGB [h, w, 3] (h <= H, w <= W; B, G, R order with ``bgr``) → float32 [3, H, W] =
     (x / 255 − mean) / std, zeros at the bottom/right. x * mul + add per channel, read from the
-    uint8 image once; ``out`` (float32 [3, H, W], e.g. one image of a batch) is written in place.
-    Training data and inference share it."""
+    uint8 image once; ``out`` (float32 [3, H, W], e.g. one image of a batch) is written in place,
+    also when it is a [3, H, W] view of H, W, 3 memory (a channels-last batch: then written in
+    that order, pixel by pixel). Training data and inference share it."""
     mean_a, std_a = np.asarray(mean, np.float64).reshape(3), np.asarray(std, np.float64).reshape(3)
     mul = (1.0 / (255.0 * std_a)).astype(np.float32).reshape(3, 1, 1)
     add = (-mean_a / std_a).astype(np.float32).reshape(3, 1, 1)
@@ -45,6 +46,14 @@ def normalize_pad(content: np.ndarray, out_hw: Tuple[int, int], mean: Sequence[f
     else:
         out[:, ch:, :] = 0
         out[:, :ch, cw:] = 0
+    hwc = out.transpose(1, 2, 0)
+    if out.strides[0] < out.strides[2] and hwc.strides[1] == 3 * hwc.strides[2] == 3 * out.itemsize:
+        # channels innermost (a channels-last batch): rows of w * 3 values, one pass each
+        rows = hwc[:ch, :cw].reshape(ch, cw * 3)  # a view: (w, c) are contiguous within a row
+        src = cv2.cvtColor(content, cv2.COLOR_BGR2RGB) if bgr else np.ascontiguousarray(content)
+        np.multiply(src.reshape(ch, cw * 3), np.tile(mul.reshape(3), cw), out=rows, casting='unsafe')
+        rows += np.tile(add.reshape(3), cw)
+        return torch.from_numpy(out)
     region = out[:, :ch, :cw]
     src = content.transpose(2, 0, 1)
     np.multiply(src[::-1] if bgr else src, mul, out=region, casting='unsafe')
