@@ -315,9 +315,10 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
         from efficientdet.convert.backbone import load_backbone_weights
         log(load_backbone_weights(model, args.backbone_weights))
     if args.drop_connect is not None:
-        if not 0.0 <= args.drop_connect < 1.0:
-            raise UserError(f'--drop_connect {args.drop_connect}: must be in [0, 1) (the official 1 - survival_prob)')
-        model.backbone_net.model.set_drop_connect_rate(args.drop_connect)
+        try:
+            model.backbone_net.model.set_drop_connect_rate(args.drop_connect)
+        except ValueError as e:
+            raise UserError(f'--drop_connect: {e} (the official 1 - survival_prob)') from None
     frozen: List[str] = []
     if args.head_only:
         freeze_for_head_only(model)

@@ -480,7 +480,8 @@ def run_coco_eval(model: torch.nn.Module, dataset: Any, batch_size: int = 1,
     ``orig_size`` (h, w); the dataset also exposes ``coco`` and ``cat_ids`` (category id per label).
     ``max_images`` evaluates the first K images only; ``half`` runs an ``nn.Module``'s forward
     under autocast (float16 on CUDA, bfloat16 on CPU: ``runtimes.eager.half_dtype``; decoding stays
-    float32); an exported runtime runs in the precision it was loaded with. The model is put in eval mode and its train/eval state restored after.
+    float32); an exported runtime runs in the precision it was loaded with. The model is put in
+    eval mode and its train/eval state restored after.
 
     Returns ``(metrics, results)``: ``COCOEvaluator.compute`` metrics and the COCO results list
     (bbox x, y, w, h in original-image pixels).

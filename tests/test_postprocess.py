@@ -397,3 +397,23 @@ def test_hard_nms_padded_equals_greedy_loop(per_class, iou):
         idx, sc = _hard_nms_padded(boxes, scores, valid, lab, iou, max_out)
         assert torch.equal(idx, ref_idx) and torch.equal(sc, ref_sc)
     assert (ref_idx[2] >= 0).sum() <= 3 and (ref_idx[0] >= 0).sum() == 100
+
+
+def test_best_class_lazy_labels_equal_the_full_arg_max_with_ties():
+    """BestClass made from [B, A, C] values computes labels for the asked anchors only; they equal
+    the full arg-max (first maximum on ties) and what given labels return."""
+    from efficientdet.postprocess import BestClass
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randint(-3, 3, (2, 50, 7), generator=g).float()  # many ties
+    lazy = BestClass.from_logits(logits)
+    ref_scores, ref_labels = logits.max(-1)
+    first_max = (logits == ref_scores[..., None]).float().argmax(-1)  # first maximum
+    idx = torch.randint(0, 50, (2, 9), generator=g)
+    assert torch.equal(lazy.labels_at(idx), first_max.gather(1, idx))
+    assert torch.allclose(lazy.scores, torch.sigmoid(ref_scores))
+    given = BestClass(torch.sigmoid(ref_scores), first_max)
+    assert torch.equal(given.labels_at(idx), lazy.labels_at(idx))
+    scores, labels = BestClass.of(torch.sigmoid(logits))  # unpacks; labels computed in full on demand
+    assert torch.equal(labels, first_max) and torch.equal(scores, torch.sigmoid(ref_scores))
+    with pytest.raises(ValueError, match='labels or the'):
+        BestClass(scores)

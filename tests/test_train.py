@@ -662,3 +662,16 @@ def test_scale_range_from_the_project_or_the_command_line(tiny_data, tmp_path):
         assert train_ds.transform.scale_range == expect and not val_ds.transform.augment
     with pytest.raises(UserError, match=r'--scale_range must be two numbers \[min, max\] with 0 < min <= max'):
         train.build_data(train.get_args(base + ['--scale_range', '2', '1']), project, (128, 128), 0, 1, 2)
+
+
+def test_drop_connect_rate_schedule_and_bad_value(tiny_data, tmp_path):
+    """--drop_connect sets the official linear stochastic-depth schedule on the backbone blocks;
+    an out-of-range value is a UserError naming the option."""
+    import train
+    m = EfficientDetBackbone(num_classes=3, compound_coef=0)
+    blocks = m.backbone_net.model._blocks
+    assert all(b.drop_rate == 0.0 for b in blocks)  # official D0: none
+    m.backbone_net.model.set_drop_connect_rate(0.2)
+    assert [b.drop_rate for b in blocks] == pytest.approx([0.2 * i / len(blocks) for i in range(len(blocks))])
+    with pytest.raises(UserError, match=r'--drop_connect: drop connect rate must be in \[0, 1\)'):
+        _run_train(tiny_data, tmp_path / 'o', '--max_steps', '1', '--drop_connect', '1.5')

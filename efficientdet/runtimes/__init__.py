@@ -65,6 +65,4 @@ def load_runtime(backend: str, path: str, threads: Optional[int] = None, device:
         half_ok = ', '.join(['torch'] + [n for n in BACKENDS if n != 'torch' and get_target(n).supports_half])
         raise UserError(f'--half: --backend {backend} runs the exported file in the precision it was exported with; '
                         f'--half applies to {half_ok}')
-    if half:
-        return target.load(path, threads=threads, device=device, providers=providers, half=True)
-    return target.load(path, threads=threads, device=device, providers=providers)
+    return target.load(path, threads=threads, device=device, providers=providers, half=half)

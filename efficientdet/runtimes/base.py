@@ -184,6 +184,7 @@ class Runtime:
     image_size: Optional[Tuple[int, int]]
     output_names: List[str]
     device = torch.device('cpu')
+    channels_last = False  # True: reads a torch.channels_last batch without a copy (Detector.preprocess)
 
     # -- nn.Module look-alike, for code written against the eager model
     def eval(self) -> 'Runtime':

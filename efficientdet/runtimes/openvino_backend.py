@@ -126,6 +126,12 @@ class OpenVINOModel(Runtime):
             self._compiled[batch] = (compiled, compiled.create_infer_request())
         return self._compiled[batch][1]
 
+    def compiled_precision(self, batch: int = 1) -> str:
+        """The inference precision OpenVINO compiled the network for: 'f32', 'bf16' or 'f16' (the
+        names ``precision`` takes)."""
+        self._request(batch)
+        return self._compiled[batch][0].get_property('INFERENCE_PRECISION_HINT').get_type_name()
+
     def run(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """All outputs by name, as torch tensors (copies: the next call reuses OpenVINO's buffers)."""
         self.check_input(x)
