@@ -12,6 +12,11 @@ only leaf layers in that graph; the model passed in is left untouched and stays 
   are computed once and stored as constants;
 - element-wise adds / multiplies / activations write into an operand that is a fresh tensor no
   later node reads (fusion sums, SE gating);
+- a 1x1 conv feeding only a strided "SAME" conv (MBConv expand -> stride-2 depthwise) becomes
+  one :class:`PrePaddedPair` (fast path: the padding goes on the narrow input, not the wide map);
+- the class head's concatenation is left out of the graph: ``FusedEfficientDet`` concatenates
+  the per-level logits, or hands them on (``class_levels=True``) so that the best class is taken
+  level by level without a copy of all A x C logits;
 - every other node (up-sampling, pooling, fusion sums, SE gating, anchors) is the eager code.
 
 :class:`FusedConv` keeps TF "SAME" padding exact for any input size, runs a 1x1 conv on a 1x1
@@ -42,7 +47,8 @@ from .errors import UserError
 from .layers import Conv2dStaticSamePadding, MaxPool2dStaticSamePadding, Swish, same_pad_amounts
 from .onnx_ops import exporting, padded_conv, padded_max_pool
 
-__all__ = ['fuse_model', 'fold_bn', 'FusedEfficientDet', 'FusedConv', 'FusedMaxPool', 'onednn_available']
+__all__ = ['fuse_model', 'fold_bn', 'FusedEfficientDet', 'FusedConv', 'FusedMaxPool', 'PrePaddedPair',
+           'onednn_available']
 
 SizeLike = Union[int, Tuple[int, int], Sequence[int]]
 onednn_available = onednn.onednn_available
@@ -114,10 +120,11 @@ class FusedConv(Conv2dStaticSamePadding):
     def _reset_cache(self) -> None:
         self._packed: Optional[torch.Tensor] = None
         self._bufs = onednn.PadBuffers()
+        self._plans: Dict[Tuple[int, int], Tuple[Optional[Tuple[int, int, int, int]], bool]] = {}
 
     def __getstate__(self):  # deepcopy / pickle: opaque oneDNN tensors cannot be copied
         state = dict(self.__dict__)
-        state['_packed'], state['_bufs'] = None, onednn.PadBuffers()
+        state['_packed'], state['_bufs'], state['_plans'] = None, onednn.PadBuffers(), {}
         return state
 
     def _apply(self, fn, recurse=True):  # .to() / .float() / channels_last: drop caches of the old weights
@@ -133,29 +140,84 @@ class FusedConv(Conv2dStaticSamePadding):
             return y
         return onednn.ACTIVATIONS[self.act][2](y, inplace=True)  # y: this conv's fresh output
 
+    def plan(self, h: int, w: int) -> Tuple[Optional[Tuple[int, int, int, int]], bool]:
+        """For an H x W input: the explicit (left, right, top, bottom) padding still to apply (None:
+        none) and whether the conv runs as a matmul (a 1x1 conv on a 1x1 map: the SE convs, ~10 us
+        instead of ~60-150 us of conv-call overhead). Cached per size."""
+        key = (h, w)
+        plan = self._plans.get(key)
+        if plan is None:
+            c = self.conv
+            pad = self._pad_for(h, w) if self.same else None
+            if pad is not None and not any(pad):
+                pad = None
+            matmul = (h * w == 1 and pad is None and c.kernel_size == (1, 1) and c.stride == (1, 1)
+                      and c.groups == 1 and c.padding == (0, 0))
+            plan = (pad, matmul)
+            self._plans[key] = plan
+        return plan
+
+    def run_onednn(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The fast path on an already padded input: one oneDNN call with the activation or the
+        residual add fused in (callers check ``self.fast`` and :func:`onednn.usable`)."""
+        if self._packed is None:
+            self._packed = onednn.pack_weight(self.conv, x.shape)
+        if residual is not None and self.act is None:
+            return onednn.conv_add(x, residual, self._packed, self.conv)
+        y = onednn.conv_act(x, self._packed, self.conv, self.act)
+        return y if residual is None else y.add_(residual)
+
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         c = self.conv
-        pad = self._pad_for(x.shape[-2], x.shape[-1]) if self.same else None
-        if pad is not None and not any(pad):
-            pad = None
         if exporting():
-            y = padded_conv(x, c.weight, c.bias, c.stride, pad, c.groups) if pad is not None else c(x)
-        elif (pad is None and x.shape[-2:] == (1, 1) and c.kernel_size == (1, 1) and c.groups == 1
-              and not torch.jit.is_tracing()):  # a 1x1 conv on a 1x1 map (SE): a matmul, no conv-call overhead
-            y = F.linear(x.flatten(1), c.weight.flatten(1), c.bias)[:, :, None, None]
-        elif self.fast and onednn.usable(x, c.weight):
-            if pad is not None:
-                x = self._bufs.padded(x, pad)
-            if self._packed is None:
-                self._packed = onednn.pack_weight(c, x.shape)
-            if residual is not None and self.act is None:
-                return onednn.conv_add(x, residual, self._packed, c)
-            y = onednn.conv_act(x, self._packed, c, self.act)
-            return y if residual is None else y.add_(residual)
+            pad = self._pad_for(x.shape[-2], x.shape[-1]) if self.same else None
+            if pad is not None and any(pad):
+                y = padded_conv(x, c.weight, c.bias, c.stride, pad, c.groups)
+            else:
+                y = c(x)
         else:
-            y = c(F.pad(x, pad) if pad is not None else x)
+            n, ci, h, w = x.shape
+            pad, matmul = self.plan(h, w)
+            if matmul and not torch.jit.is_tracing():
+                y = F.linear(x.reshape(n, ci), c.weight.reshape(c.out_channels, ci), c.bias)[:, :, None, None]
+            elif self.fast and onednn.usable(x, c.weight):
+                return self.run_onednn(self._bufs.padded(x, pad) if pad is not None else x, residual)
+            else:
+                y = c(F.pad(x, pad) if pad is not None else x)
         y = self._activate(y)
         return y if residual is None else y + residual
+
+
+class PrePaddedPair(nn.Module):
+    """A 1x1 conv (:class:`FusedConv`, stride 1) feeding only a conv with asymmetric "SAME"
+    padding (the expand conv and the stride-2 depthwise conv of an MBConv block): in the CPU fast
+    path the padding is applied to the 1x1 conv's narrow input instead of its wide output (16
+    channels instead of 96 in D0's second stage), and the 1x1 conv's values on the border (its
+    bias through the activation) are zeroed, so the second conv reads exactly the zero-padded map.
+    Everywhere else (export, tracing, autocast, other devices): ``second(first(x))``."""
+
+    def __init__(self, first: FusedConv, second: FusedConv) -> None:
+        super().__init__()
+        self.first, self.second = first, second
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, second = self.first, self.second
+        if first.fast and second.fast and not exporting() and onednn.usable(x, first.conv.weight):
+            h, w = x.shape[-2], x.shape[-1]
+            pad, _ = second.plan(h, w)
+            if pad is not None:
+                left, right, top, bottom = pad
+                y = first.run_onednn(first._bufs.padded(x, pad))
+                if top:
+                    y[:, :, :top].zero_()
+                if bottom:
+                    y[:, :, top + h:].zero_()
+                if left:
+                    y[:, :, :, :left].zero_()
+                if right:
+                    y[:, :, :, left + w:].zero_()
+                return second.run_onednn(y)
+        return second(first(x))
 
 
 class FusedMaxPool(MaxPool2dStaticSamePadding):
@@ -342,7 +404,35 @@ def _swap_convs(gm: fx.GraphModule) -> None:
             node.replace_all_uses_with(conv)
             graph.erase_node(node)
             break
+    _pair_prepadded(gm)
     gm.delete_all_unused_submodules()
+
+
+def _pair_prepadded(gm: fx.GraphModule) -> None:
+    """A 1x1 stride-1 :class:`FusedConv` whose only user is a strided "SAME" :class:`FusedConv`
+    (an MBConv expand conv and its stride-2 depthwise conv) -> one :class:`PrePaddedPair` call."""
+    graph = gm.graph
+    modules = dict(gm.named_modules())
+    k = 0
+    for node in list(graph.nodes):
+        first = modules.get(node.target) if node.op == 'call_module' else None
+        if not (isinstance(first, FusedConv) and len(node.args) == 1 and not node.kwargs
+                and first.conv.kernel_size == (1, 1) and first.conv.stride == (1, 1)
+                and first.conv.padding == (0, 0)):
+            continue
+        user = _only_user(node)
+        second = modules.get(user.target) if user is not None and user.op == 'call_module' else None
+        if not (isinstance(second, FusedConv) and second.same and max(second.conv.stride) > 1
+                and user.args == (node,) and not user.kwargs):
+            continue
+        name = f'prepadded_{k}'
+        k += 1
+        gm.add_submodule(name, PrePaddedPair(first, second))
+        with graph.inserting_after(user):
+            new = graph.call_module(name, (node.args[0],))
+        user.replace_all_uses_with(new)
+        graph.erase_node(user)
+        graph.erase_node(node)
 
 
 def _in_place_ok(a: torch.Tensor, b: Any) -> bool:
@@ -402,6 +492,25 @@ def _use_in_place(gm: fx.GraphModule) -> None:
             node.op, node.target, node.args, node.kwargs = 'call_function', fn, (node.args[0],), {'inplace': True}
 
 
+def _class_levels(gm: fx.GraphModule) -> None:
+    """The graph returns the class logits as the list of per-level [B, A_l, C] tensors the head
+    concatenates (``FusedEfficientDet.forward`` concatenates them, or hands them on with
+    ``class_levels=True``: each anchor's best class is then taken level by level, without the copy
+    of all A x C logits into one tensor)."""
+    graph = gm.graph
+    out = next(n for n in graph.nodes if n.op == 'output')
+    result = out.args[0]
+    if not (isinstance(result, (tuple, list)) and len(result) == 4):
+        return
+    cls = result[2]
+    dim = cls.kwargs.get('dim', cls.args[1] if len(cls.args) > 1 else 0) if isinstance(cls, fx.Node) else None
+    if not (isinstance(cls, fx.Node) and cls.op == 'call_function' and cls.target is torch.cat and dim == 1
+            and len(cls.users) == 1 and isinstance(cls.args[0], (list, tuple))):
+        return
+    out.args = ((result[0], result[1], list(cls.args[0]), result[3]),)
+    graph.erase_node(cls)
+
+
 def _rewrite(model: nn.Module) -> fx.GraphModule:
     try:
         graph = _Tracer().trace(model, concrete_args={'return_logits': True})
@@ -412,6 +521,7 @@ def _rewrite(model: nn.Module) -> fx.GraphModule:
     _fold_constants(gm)
     _swap_convs(gm)
     _use_in_place(gm)
+    _class_levels(gm)
     gm.graph.lint()
     gm.recompile()
     return gm
@@ -422,7 +532,8 @@ class FusedEfficientDet(nn.Module):
 
     ``forward(x [B, 3, H, W] normalised, return_logits=False) -> (features, regression [B, A, 4]
     (ty, tx, th, tw), classification [B, A, C] after sigmoid (logits with return_logits=True),
-    anchors [1, A, 4] yxyx pixels)``; any input size the eager model takes.
+    anchors [1, A, 4] yxyx pixels)``; any input size the eager model takes. ``class_levels=True``
+    returns the class logits as a list of per-level [B, A_l, C] tensors (P3 first) instead.
     """
 
     def __init__(self, net: fx.GraphModule, source: nn.Module, image_size: Tuple[int, int]) -> None:
@@ -441,10 +552,14 @@ class FusedEfficientDet(nn.Module):
                 m.set_fast(enabled)
         return self
 
-    def forward(self, x: torch.Tensor, return_logits: bool = False):
+    def forward(self, x: torch.Tensor, return_logits: bool = False, class_levels: bool = False):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)  # cheap: 3 channels
         features, regression, logits, anchors = self.net(x, True)
+        if class_levels:  # the logits level by level, [B, A_l, C] each (P3 first), not concatenated
+            return features, regression, list(logits) if isinstance(logits, (list, tuple)) else [logits], anchors
+        if isinstance(logits, (list, tuple)):
+            logits = torch.cat(logits, 1)
         classification = logits if return_logits else logits.sigmoid_()  # logits: fresh from cat
         return features, regression, classification, anchors
 

@@ -44,34 +44,44 @@ class BestClass:
     class of an anchor, so this is all it needs of the [B, A, C] classification; runtimes that
     take the best class in the graph return it instead (``efficientdet.runtimes``).
 
-    Made from [B, A, C] values (:meth:`from_logits`, :meth:`of`), the labels are computed when
-    first asked for, and :meth:`labels_at` takes them for a few anchors only: on a CPU the arg-max
-    over all A x C values costs about four times the maximum itself, and post-processing needs
-    the labels of its NMS candidates only. Unpacks as ``scores, labels``."""
+    Made from [B, A, C] values (:meth:`from_logits`, :meth:`of`) or from the per-level
+    [B, A_l, C] pieces they are concatenated from (:meth:`from_level_logits`), the labels are
+    computed when first asked for, and :meth:`labels_at` takes them for a few anchors only: on a
+    CPU the arg-max over all A x C values costs about four times the maximum itself, and
+    post-processing needs the labels of its NMS candidates only. Unpacks as ``scores, labels``."""
 
     __slots__ = ('scores', '_labels', '_values')
 
     def __init__(self, scores: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                 values: Optional[torch.Tensor] = None):
+                 values: Union[None, torch.Tensor, List[torch.Tensor]] = None):
         if labels is None and values is None:
             raise ValueError('BestClass needs the labels or the [B, A, C] values they come from')
         self.scores = scores
         self._labels = labels
-        self._values = values  # [B, A, C] logits or probabilities (same arg-max)
+        # [B, A, C] logits or probabilities (same arg-max), or its per-level pieces [B, A_l, C]
+        self._values = [values] if isinstance(values, torch.Tensor) else values
 
     @property
     def labels(self) -> torch.Tensor:
         """[B, A] long, the first maximum on ties."""
         if self._labels is None:
-            self._labels = self._values.argmax(-1)
+            self._labels = torch.cat([v.argmax(-1) for v in self._values], 1)
         return self._labels
 
     def labels_at(self, index: torch.Tensor) -> torch.Tensor:
         """Labels of the anchors ``index`` [B, K] (long [B, K]), as ``labels.gather(1, index)``."""
         if self._labels is not None:
             return self._labels.gather(1, index).long()
-        values = self._values.gather(1, index.unsqueeze(-1).expand(-1, -1, self._values.shape[-1]))
-        return values.argmax(-1)
+        labels = torch.zeros_like(index)
+        start = 0
+        for v in self._values:  # the level of each anchor, then its [C] values' arg-max
+            n, c = v.shape[1], v.shape[-1]
+            inside = (index >= start) & (index < start + n)
+            local = (index - start).clamp(0, n - 1)
+            rows = v.gather(1, local.unsqueeze(-1).expand(-1, -1, c))
+            labels = torch.where(inside, rows.argmax(-1), labels)
+            start += n
+        return labels
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return iter((self.scores, self.labels))
@@ -90,6 +100,13 @@ class BestClass:
     def from_logits(cls, logits: torch.Tensor) -> 'BestClass':
         """From [B, A, C] logits: the maximum first, then the sigmoid of [B, A] values only."""
         return cls(torch.sigmoid(logits.amax(-1).float()), values=logits)
+
+    @classmethod
+    def from_level_logits(cls, levels: List[torch.Tensor]) -> 'BestClass':
+        """From the per-level [B, A_l, C] logits (P3 first) that concatenate to [B, A, C]: the same
+        result as :meth:`from_logits` on the concatenation, without making it."""
+        best = torch.cat([v.amax(-1) for v in levels], 1)
+        return cls(torch.sigmoid(best.float()), values=list(levels))
 
     def float(self) -> 'BestClass':
         labels = self._labels.long() if self._labels is not None else None

@@ -162,6 +162,56 @@ def test_fuse_swaps_layers_only(d0):
     assert n_res == sum(getattr(b, 'id_skip', False) for b in d0.backbone_net.model._blocks)
 
 
+@pytest.mark.parametrize('size', [(9, 9), (10, 12), (11, 8)])
+@pytest.mark.parametrize('kernel', [3, 5])
+def test_prepadded_pair_equals_the_two_convs(size, kernel):
+    """The fast path pads a 1x1 conv's narrow input instead of its wide output and zeroes the
+    border values: the strided conv then reads exactly the zero-padded map, whatever the padding
+    (3x3 stride 2: (0, 1) on even sides, 5x5: (1, 2), odd sides: symmetric)."""
+    from efficientdet.fuse import FusedConv, PrePaddedPair
+    from efficientdet.layers import Conv2dStaticSamePadding
+    if not onednn_available('swish'):
+        pytest.skip('the oneDNN fast path is not available in this torch build')
+    torch.manual_seed(0)
+    expand = Conv2dStaticSamePadding(4, 12, 1)
+    dw = Conv2dStaticSamePadding(12, 12, kernel, stride=2, groups=12)
+    with torch.no_grad():
+        expand.conv.bias.uniform_(1.0, 2.0)  # a border left unzeroed would show: swish(bias) > 0
+    pair = PrePaddedPair(FusedConv(expand, act='swish'), FusedConv(dw, act='swish')).eval()
+    pair = pair.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 4, *size).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        ref = pair.second(pair.first(x))  # fast path off: the plain convs
+        pair.first.set_fast(True)
+        pair.second.set_fast(True)
+        out = pair(x)
+        again = pair(x)  # the reused padding buffer keeps its zero border
+    assert pair.first._bufs._bufs, 'the fast path padded the 1x1 conv input'
+    ref_eager = torch.nn.functional.silu(dw(torch.nn.functional.silu(expand(x))))
+    _close(out, ref_eager, 'pre-padded pair', 1e-5)
+    _close(ref, ref_eager, 'plain pair', 1e-5)
+    assert torch.equal(out, again)
+
+
+def test_fused_class_levels_concatenate_to_the_logits(d0):
+    """``class_levels=True`` hands on the per-level logits the head concatenates; the best class
+    taken level by level equals the one of the concatenation."""
+    from efficientdet.fuse import PrePaddedPair
+    from efficientdet.postprocess import BestClass
+    fused = fuse_model(d0, image_size=256)
+    assert sum(isinstance(m, PrePaddedPair) for m in fused.modules()) == 4  # D0's four stride-2 blocks
+    x = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        logits = fused(x, return_logits=True)[2]
+        levels = fused(x, return_logits=True, class_levels=True)[2]
+    assert [v.shape[1] for v in levels] == [32 * 32 * 9, 16 * 16 * 9, 8 * 8 * 9, 4 * 4 * 9, 2 * 2 * 9]
+    assert torch.equal(torch.cat(levels, 1), logits)
+    whole, split = BestClass.from_logits(logits), BestClass.from_level_logits(levels)
+    assert torch.equal(whole.scores, split.scores) and torch.equal(whole.labels, split.labels)
+    idx = torch.tensor([[0, 9215, 9216, 11519, 11520, 12095, 12096, 12239, 12240, 12275]] * 2)  # level edges
+    assert torch.equal(BestClass.from_level_logits(levels).labels_at(idx), whole.labels.gather(1, idx))
+
+
 def test_fast_fused_model_copies_and_moves(d0):
     import copy
     fused = fuse_model(d0, image_size=128, fast=True)

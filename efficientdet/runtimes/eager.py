@@ -78,8 +78,13 @@ class TorchModel:
             x = x.contiguous(memory_format=torch.channels_last)
         ctx = torch.autocast(self.device.type, dtype=self.half) if self.half is not None else nullcontext()
         with ctx:
-            _, regression, logits, anchors = self.net(x, return_logits=True)
-        return None, regression.float(), BestClass.from_logits(logits), anchors.float()
+            if self.fused:  # class logits level by level: no [B, A, C] concatenation
+                _, regression, levels, anchors = self.net(x, return_logits=True, class_levels=True)
+                best = BestClass.from_level_logits(levels)
+            else:
+                _, regression, logits, anchors = self.net(x, return_logits=True)
+                best = BestClass.from_logits(logits)
+        return None, regression.float(), best, anchors.float()
 
 
 class _TorchTarget(Target):
