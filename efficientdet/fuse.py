@@ -118,13 +118,13 @@ class FusedConv(Conv2dStaticSamePadding):
 
     # -- fast-path state: derived from the weights, never saved, copied or moved
     def _reset_cache(self) -> None:
-        self._packed: Optional[torch.Tensor] = None
+        self._call: Optional[onednn.ConvCall] = None
         self._bufs = onednn.PadBuffers()
         self._plans: Dict[Tuple[int, int], Tuple[Optional[Tuple[int, int, int, int]], bool]] = {}
 
     def __getstate__(self):  # deepcopy / pickle: opaque oneDNN tensors cannot be copied
         state = dict(self.__dict__)
-        state['_packed'], state['_bufs'], state['_plans'] = None, onednn.PadBuffers(), {}
+        state['_call'], state['_bufs'], state['_plans'] = None, onednn.PadBuffers(), {}
         return state
 
     def _apply(self, fn, recurse=True):  # .to() / .float() / channels_last: drop caches of the old weights
@@ -160,12 +160,10 @@ class FusedConv(Conv2dStaticSamePadding):
     def run_onednn(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The fast path on an already padded input: one oneDNN call with the activation or the
         residual add fused in (callers check ``self.fast`` and :func:`onednn.usable`)."""
-        if self._packed is None:
-            self._packed = onednn.pack_weight(self.conv, x.shape)
-        if residual is not None and self.act is None:
-            return onednn.conv_add(x, residual, self._packed, self.conv)
-        y = onednn.conv_act(x, self._packed, self.conv, self.act)
-        return y if residual is None else y.add_(residual)
+        call = self._call
+        if call is None:
+            call = self._call = onednn.ConvCall(self.conv, x.shape, self.act)
+        return call(x, residual)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         c = self.conv
@@ -436,8 +434,11 @@ def _pair_prepadded(gm: fx.GraphModule) -> None:
 
 
 def _in_place_ok(a: torch.Tensor, b: Any) -> bool:
-    return (not a.requires_grad and isinstance(b, torch.Tensor) and b.dtype == a.dtype
-            and torch.broadcast_shapes(a.shape, b.shape) == a.shape)
+    """Whether ``a op= b`` gives ``a op b``: same dtype, ``b`` broadcasts to ``a``'s shape (checked
+    by hand: ``torch.broadcast_shapes`` costs ~50 us, on every fusion sum and SE gate)."""
+    if a.requires_grad or not isinstance(b, torch.Tensor) or b.dtype != a.dtype or b.dim() > a.dim():
+        return False
+    return all(m == 1 or m == n for m, n in zip(reversed(b.shape), reversed(a.shape)))
 
 
 def add_into(a: torch.Tensor, b: torch.Tensor, either: bool = False) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ['onednn_available', 'ACTIVATIONS', 'pack_weight', 'conv_act', 'conv_add', 'PadBuffers',
+__all__ = ['onednn_available', 'ACTIVATIONS', 'pack_weight', 'ConvCall', 'PadBuffers',
            'cpu_autocast_enabled', 'usable']
 
 # activation name -> (oneDNN attribute, scalars, eager function)
@@ -42,13 +42,12 @@ def onednn_available(act: Optional[str] = None) -> bool:
             with torch.no_grad():
                 conv.weight.copy_(w * 3.0)  # values beyond 6 so that ReLU6's clip matters
                 conv.bias.copy_(b)
-            packed = pack_weight(conv, x.shape)
+            call = ConvCall(conv, x.shape, act)
             ref = F.conv2d(x, conv.weight, conv.bias, 1, 1, 1, 4)
             if act is None:
-                ok = torch.allclose(conv_add(x, o, packed, conv), ref + o, atol=1e-4)
-                ok = ok and torch.allclose(conv_act(x, packed, conv, None), ref, atol=1e-4)
+                ok = torch.allclose(call(x, o), ref + o, atol=1e-4) and torch.allclose(call(x), ref, atol=1e-4)
             else:
-                ok = torch.allclose(conv_act(x, packed, conv, act), ACTIVATIONS[act][2](ref), atol=1e-4)
+                ok = torch.allclose(call(x), ACTIVATIONS[act][2](ref), atol=1e-4)
             _CHECKED[key] = bool(ok)
         except Exception:  # missing op, changed signature, build without oneDNN ...
             _CHECKED[key] = False
@@ -62,18 +61,29 @@ def pack_weight(conv: nn.Conv2d, input_shape: Sequence[int]) -> torch.Tensor:
         list(input_shape))
 
 
-def conv_act(x: torch.Tensor, packed: torch.Tensor, conv: nn.Conv2d, act: Optional[str]) -> torch.Tensor:
-    """``act(conv(x))`` in one oneDNN call (``act`` None: the plain conv)."""
-    attr, scalars = ('none', []) if act is None else ACTIVATIONS[act][:2]
-    return torch.ops.mkldnn._convolution_pointwise(x, packed, conv.bias, list(conv.padding), list(conv.stride),
-                                                   list(conv.dilation), conv.groups, attr, list(scalars), '')
+class ConvCall:
+    """One conv's oneDNN call with everything but the input prepared once: the weight reordered
+    for inputs shaped like ``input_shape``, the argument lists, the activation attribute.
+    ``call(x, residual=None)`` is ``act(conv(x))`` or, without an activation, ``conv(x) +
+    residual`` in one call (with both, the add follows the call). Valid while the weights are."""
 
+    __slots__ = ('packed', 'bias', 'args', 'attr', 'scalars', 'has_act')
 
-def conv_add(x: torch.Tensor, other: torch.Tensor, packed: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """``conv(x) + other`` in one oneDNN call."""
-    return torch.ops.mkldnn._convolution_pointwise.binary(x, other, packed, conv.bias, list(conv.padding),
-                                                          list(conv.stride), list(conv.dilation), conv.groups,
-                                                          'add', None, None, [], None)
+    def __init__(self, conv: nn.Conv2d, input_shape: Sequence[int], act: Optional[str]):
+        self.packed = pack_weight(conv, input_shape)
+        self.bias = conv.bias
+        self.args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+        self.attr, self.scalars = ('none', []) if act is None else (ACTIVATIONS[act][0], list(ACTIVATIONS[act][1]))
+        self.has_act = act is not None
+
+    def __call__(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        padding, stride, dilation, groups = self.args
+        if residual is not None and not self.has_act:
+            return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, self.packed, self.bias, padding, stride,
+                                                                  dilation, groups, 'add', None, None, [], None)
+        y = torch.ops.mkldnn._convolution_pointwise(x, self.packed, self.bias, padding, stride, dilation, groups,
+                                                    self.attr, self.scalars, '')
+        return y if residual is None else y.add_(residual)
 
 
 class PadBuffers:
@@ -116,7 +126,7 @@ def cpu_autocast_enabled() -> bool:
 def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the oneDNN path may run on ``x`` now: eager float32 CPU inference only (never with
     autograd, under autocast, or while tracing / scripting / exporting)."""
-    return (x.device.type == 'cpu' and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and not x.requires_grad and not cpu_autocast_enabled() and not torch.jit.is_tracing()
+    return (x.is_cpu and x.dtype is torch.float32 and weight.dtype is torch.float32 and not x.requires_grad
+            and not torch.jit.is_tracing() and not torch.compiler.is_compiling() and not cpu_autocast_enabled()
             and not torch.jit.is_scripting())
 

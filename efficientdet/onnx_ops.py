@@ -22,8 +22,9 @@ __all__ = ['exporting', 'padded_conv', 'padded_max_pool', 'onnx_nms']
 
 
 def exporting() -> bool:
-    """True while ``torch.onnx.export`` traces the model."""
-    return torch.onnx.is_in_onnx_export()
+    """True while ``torch.onnx.export`` traces the model (asked on every layer call: the cheap
+    tracing check first)."""
+    return (torch.jit.is_tracing() or torch.compiler.is_compiling()) and torch.onnx.is_in_onnx_export()
 
 
 def _ints(values: Sequence[int]) -> tuple:
