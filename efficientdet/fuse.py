@@ -167,21 +167,16 @@ class FusedConv(Conv2dStaticSamePadding):
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         c = self.conv
-        if exporting():
-            pad = self._pad_for(x.shape[-2], x.shape[-1]) if self.same else None
-            if pad is not None and any(pad):
-                y = padded_conv(x, c.weight, c.bias, c.stride, pad, c.groups)
-            else:
-                y = c(x)
+        n, ci, h, w = x.shape
+        pad, matmul = self.plan(int(h), int(w))
+        if exporting():  # an asymmetric padding becomes the ONNX Conv's own pads
+            y = padded_conv(x, c.weight, c.bias, c.stride, pad, c.groups) if pad is not None else c(x)
+        elif matmul and not torch.jit.is_tracing():
+            y = F.linear(x.reshape(n, ci), c.weight.reshape(c.out_channels, ci), c.bias)[:, :, None, None]
+        elif self.fast and onednn.usable(x, c.weight):
+            return self.run_onednn(self._bufs.padded(x, pad) if pad is not None else x, residual)
         else:
-            n, ci, h, w = x.shape
-            pad, matmul = self.plan(h, w)
-            if matmul and not torch.jit.is_tracing():
-                y = F.linear(x.reshape(n, ci), c.weight.reshape(c.out_channels, ci), c.bias)[:, :, None, None]
-            elif self.fast and onednn.usable(x, c.weight):
-                return self.run_onednn(self._bufs.padded(x, pad) if pad is not None else x, residual)
-            else:
-                y = c(F.pad(x, pad) if pad is not None else x)
+            y = c(F.pad(x, pad) if pad is not None else x)
         y = self._activate(y)
         return y if residual is None else y + residual
 
