@@ -228,13 +228,13 @@ def build_runner(args: argparse.Namespace, dev: torch.device, size: Tuple[int, i
 
     from efficientdet.runtimes.eager import TorchModel
     torch_model = TorchModel(model, dev, half=args.half, half_kind=args.half_dtype, fuse=args.fuse,
-                             channels_last=args.channels_last, fast=args.fast, image_size=size)
+                             channels_last=args.channels_last, fast=args.fast, image_size=size, compile=args.compile)
     if args.half:
         notes['half'] = f'autocast {str(torch_model.half).replace("torch.", "")}; anchors and decoding float32'
     notes['cpu_fast_path'] = any(getattr(m, 'fast', False) for m in torch_model.net.modules())
     if args.compile:
-        torch_model.net = torch.compile(torch_model.net)
-        notes['compile'] = 'torch.compile (compiled during warm-up)'
+        notes['compile'] = 'torch.compile' + (' (inductor, frozen weights)' if dev.type == 'cpu' else '') + \
+                           ', compiled during warm-up'
     if args.cuda_graphs:
         if dev.type != 'cuda':
             raise UserError('--cuda_graphs needs --device cuda:0')

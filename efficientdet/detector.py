@@ -82,14 +82,15 @@ class Detector:
     ``runtimes.eager.TorchModel``: ``fuse`` (default: yes, unless
     ``half``) runs its BN-folded copy, the model itself (``.model``) staying as given; ``half``
     runs the network under autocast (float16 on CUDA, bfloat16 on CPU) while anchors, decoding and
-    NMS stay float32 (the one meaning of ``--half`` everywhere).
+    NMS stay float32 (the one meaning of ``--half`` everywhere); ``compile``: ``torch.compile``
+    the network (``TorchModel``; the first call of each input shape compiles).
     """
 
     def __init__(self, model: ModelFn, obj_list: Sequence[str], image_size: Union[int, Sequence[int]],
                  mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
                  threshold: float = 0.2, iou: float = 0.2, nms: str = 'hard', max_det: int = 100,
                  device: Union[str, torch.device] = 'cpu', half: bool = False, batch_size: int = 8,
-                 fuse: Optional[bool] = None):
+                 fuse: Optional[bool] = None, compile: bool = False):
         if nms not in NMS_METHODS:
             raise UserError(f'--nms {nms!r}: choose one of {", ".join(NMS_METHODS)}')
         if not 0.0 <= float(threshold) <= 1.0:
@@ -110,7 +111,10 @@ class Detector:
                     raise UserError(f'--image_size: {e}') from None
             from .runtimes.eager import TorchModel
             model = model.to(device=self.device).eval()
-            self.runner: ModelFn = TorchModel(model, self.device, half=half, fuse=fuse, image_size=self.image_size)
+            self.runner: ModelFn = TorchModel(model, self.device, half=half, fuse=fuse, image_size=self.image_size,
+                                              compile=compile)
+        elif compile:
+            raise UserError('--compile applies to the torch backend (a PyTorch model), not to an exported one')
         else:
             self.runner = model  # an exported runtime: its precision was chosen when it was loaded
         self.model = model
@@ -134,7 +138,7 @@ class Detector:
                         max_det: int = 100, mean: Optional[Sequence[float]] = None,
                         std: Optional[Sequence[float]] = None, ratios: Optional[Sequence[Tuple[float, float]]] = None,
                         scales: Optional[Sequence[float]] = None, compat: str = 'official',
-                        batch_size: int = 8) -> 'Detector':
+                        batch_size: int = 8, compile: bool = False) -> 'Detector':
         """Build an ``EfficientDetBackbone`` and load ``path`` exactly (strict).
 
         Classes / mean / std / anchors come from ``project`` (a name under ``projects_dir`` or a
@@ -169,7 +173,7 @@ class Detector:
         size = model.image_size
         mean, std = resolve_normalization(compound_coef, mean, std)
         return cls(model, obj_list, size, mean=mean, std=std, threshold=threshold, iou=iou, nms=nms,
-                   max_det=max_det, device=device, half=half, batch_size=batch_size)
+                   max_det=max_det, device=device, half=half, batch_size=batch_size, compile=compile)
 
     @classmethod
     def from_exported(cls, path: str, backend: str = 'onnxruntime', obj_list: Optional[Sequence[str]] = None,

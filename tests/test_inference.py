@@ -341,3 +341,27 @@ def test_detector_torch_paths_agree(tiny):
     assert torch.equal(anchors, fused.model.anchors(batch, torch.float32))  # never computed in half precision
     c = half(img)[0]
     assert len(c) > 0 and np.abs(c.scores[:1] - a.scores[:1]).max() < 0.05
+
+
+@pytest.mark.slow
+def test_detector_compiled_equals_eager(tiny):
+    """``compile=True`` (the scripts' ``--compile``): torch.compile of the fused network, with frozen
+    weights on a CPU; the same detections as the uncompiled fused model (compiles once, ~1 min)."""
+    fused = Detector.from_checkpoint(tiny['weights'], project=tiny['project'], image_size=128)
+    compiled = Detector(fused.model, CLASSES, 128, compile=True)
+    assert compiled.runner.compiled and compiled.runner.fused
+    img = (np.random.default_rng(5).random((90, 128, 3)) * 255).astype(np.uint8)
+    a, b = fused(img)[0], compiled(img)[0]
+    assert len(a) == len(b) > 0
+    np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-3)
+    np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
+    assert list(a.class_ids) == list(b.class_ids)
+
+
+def test_compile_is_for_the_torch_backend(tiny, tmp_path):
+    with pytest.raises(UserError, match='--compile applies to the torch backend'):
+        Detector(StubModel(), CLASSES, 128, compile=True)
+    r = run_script(['efficientdet_test.py', str(tmp_path / 'x.jpg'), '--backend', 'onnxruntime', '-w', 'm.onnx',
+                    '--compile'])
+    assert r.returncode != 0 and 'Traceback' not in r.stderr
+    assert '--compile applies to --backend torch, not onnxruntime' in r.stderr
