@@ -233,8 +233,7 @@ def build_runner(args: argparse.Namespace, dev: torch.device, size: Tuple[int, i
         notes['half'] = f'autocast {str(torch_model.half).replace("torch.", "")}; anchors and decoding float32'
     notes['cpu_fast_path'] = any(getattr(m, 'fast', False) for m in torch_model.net.modules())
     if args.compile:
-        notes['compile'] = 'torch.compile' + (' (inductor, frozen weights)' if dev.type == 'cpu' else '') + \
-                           ', compiled during warm-up'
+        notes['compile'] = f'torch.compile, inductor options {torch_model.compile_options}, compiled during warm-up'
     if args.cuda_graphs:
         if dev.type != 'cuda':
             raise UserError('--cuda_graphs needs --device cuda:0')

@@ -59,8 +59,6 @@ def build_detector(args: argparse.Namespace, batch_size: int = 1):
     """Detector from parsed options; a missing weights file is a UserError saying how to get it."""
     from efficientdet.detector import Detector
     if args.backend != 'torch':
-        if args.compile:
-            raise UserError(f'--compile applies to --backend torch, not {args.backend}')
         if not args.weights:
             raise UserError(f'--backend {args.backend} needs the exported file: pass -w PATH (export one with '
                             f'python -m efficientdet.export {get_target(args.backend).export_format} ...)')
@@ -68,7 +66,7 @@ def build_detector(args: argparse.Namespace, batch_size: int = 1):
                                       projects_dir=args.projects_dir, image_size=image_size_arg(args.image_size),
                                       device=args.device, threshold=args.threshold, iou=args.iou, nms=args.nms,
                                       max_det=args.max_det, batch_size=batch_size, threads=args.threads,
-                                      providers=args.providers, half=args.half)
+                                      providers=args.providers, half=args.half, compile=args.compile)
     weights = args.weights or default_weights(args.project, args.compound_coef)
     if not (os.path.exists(weights) or os.path.isfile(weights + '.index')):  # a file, or a TF checkpoint
         stem = os.path.splitext(os.path.basename(args.project))[0]

@@ -71,6 +71,11 @@ class Detections:
 
 
 
+def _refuse_compile(backend: str) -> None:
+    """``--compile`` is torch.compile of a PyTorch model: one message wherever an exported one is asked."""
+    raise UserError(f'--compile applies to the torch backend (a PyTorch model), not to {backend}')
+
+
 class Detector:
     """Run a detection model on images.
 
@@ -114,7 +119,7 @@ class Detector:
             self.runner: ModelFn = TorchModel(model, self.device, half=half, fuse=fuse, image_size=self.image_size,
                                               compile=compile)
         elif compile:
-            raise UserError('--compile applies to the torch backend (a PyTorch model), not to an exported one')
+            _refuse_compile(getattr(model, 'name', 'an exported model'))
         else:
             self.runner = model  # an exported runtime: its precision was chosen when it was loaded
         self.model = model
@@ -182,11 +187,15 @@ class Detector:
                       threads: Optional[int] = None, threshold: float = 0.2, iou: float = 0.2, nms: str = 'hard',
                       max_det: int = 100, mean: Optional[Sequence[float]] = None,
                       std: Optional[Sequence[float]] = None, batch_size: int = 8,
-                      providers: Optional[Sequence[str]] = None, half: bool = False) -> 'Detector':
+                      providers: Optional[Sequence[str]] = None, half: bool = False,
+                      compile: bool = False) -> 'Detector':
         """Detector on an exported model (``efficientdet.runtimes``: 'onnxruntime', 'openvino' or
         'torchscript'; ``providers``: onnxruntime execution providers; ``half``: reduced precision
-        where the backend has it, UserError elsewhere). Classes, mean/std and the
+        where the backend has it, UserError elsewhere; ``compile``: always a UserError, it is
+        for the torch backend). Classes, mean/std and the
         input size come from the explicit arguments, then the project, then the file's metadata."""
+        if compile:
+            _refuse_compile(backend)
         from .backends import load_backend
         runtime = load_backend(backend, path, threads=threads, device=device, providers=providers, half=half)
         meta = getattr(runtime, 'meta', {}) or {}

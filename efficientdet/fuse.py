@@ -195,20 +195,14 @@ class PrePaddedPair(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         first, second = self.first, self.second
-        if first.fast and second.fast and not exporting() and onednn.usable(x, first.conv.weight):
+        if first.fast and second.fast and onednn.usable(x, first.conv.weight):  # never while exporting
             h, w = x.shape[-2], x.shape[-1]
             pad, _ = second.plan(h, w)
             if pad is not None:
                 left, right, top, bottom = pad
                 y = first.run_onednn(first._bufs.padded(x, pad))
-                if top:
-                    y[:, :, :top].zero_()
-                if bottom:
-                    y[:, :, top + h:].zero_()
-                if left:
-                    y[:, :, :, :left].zero_()
-                if right:
-                    y[:, :, :, left + w:].zero_()
+                for border in (y[:, :, :top], y[:, :, top + h:], y[:, :, :, :left], y[:, :, :, left + w:]):
+                    border.zero_()  # an empty slice where that side has no padding
                 return second.run_onednn(y)
         return second(first(x))
 

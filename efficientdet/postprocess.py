@@ -73,14 +73,12 @@ class BestClass:
         if self._labels is not None:
             return self._labels.gather(1, index).long()
         labels = torch.zeros_like(index)
+        image = torch.arange(index.shape[0], device=index.device)[:, None].expand_as(index)
         start = 0
-        for v in self._values:  # the level of each anchor, then its [C] values' arg-max
-            n, c = v.shape[1], v.shape[-1]
-            inside = (index >= start) & (index < start + n)
-            local = (index - start).clamp(0, n - 1)
-            rows = v.gather(1, local.unsqueeze(-1).expand(-1, -1, c))
-            labels = torch.where(inside, rows.argmax(-1), labels)
-            start += n
+        for v in self._values:  # each level reads the [C] values of its own anchors only
+            inside = (index >= start) & (index < start + v.shape[1])
+            labels[inside] = v[image[inside], index[inside] - start].argmax(-1)
+            start += v.shape[1]
         return labels
 
     def __iter__(self) -> Iterator[torch.Tensor]:

@@ -364,4 +364,4 @@ def test_compile_is_for_the_torch_backend(tiny, tmp_path):
     r = run_script(['efficientdet_test.py', str(tmp_path / 'x.jpg'), '--backend', 'onnxruntime', '-w', 'm.onnx',
                     '--compile'])
     assert r.returncode != 0 and 'Traceback' not in r.stderr
-    assert '--compile applies to --backend torch, not onnxruntime' in r.stderr
+    assert '--compile applies to the torch backend (a PyTorch model), not to onnxruntime' in r.stderr

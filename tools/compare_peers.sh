@@ -15,8 +15,8 @@
 # (../shared/tools/peer_bench). Ours: benchmark.py with random weights, 90 classes, forward and
 # end2end (stage by stage in the JSON), in the settings listed below ('default' = the torch backend:
 # fused + channels_last + CPU fast path + --tune_malloc). SET=full: the torch optimisation steps one
-# by one, onnxruntime and openvino; SET=short: default, onnxruntime, openvino; SET=targets: default,
-# --compile (torch.compile; compiled in each round's warm-up, not timed), onnxruntime, openvino, the
+# by one, --compile (torch.compile; compiled in each round's warm-up, not timed), onnxruntime and
+# openvino; SET=short: default, onnxruntime, openvino; SET=targets: default, onnxruntime, openvino, the
 # --half rows of torch (bfloat16 autocast on a CPU) and openvino (bfloat16 or float16 inference), plus
 # batch-BATCH throughput rows (images/s) of default and openvino for the first variant of COEFS. Each
 # round runs every candidate once (ITERS timed runs after warm-up); the table shows the median over
@@ -53,10 +53,10 @@ configs_for() {  # $1: folder of this variant's exports, $2: 1 for the first var
                    "fused_cl:--no-fast --no-tune_malloc"
                    "fused_cl_fast:--no-tune_malloc"
                    "default:"
+                   "default_compile:--compile"
                    "onnxruntime:--backend onnxruntime --model $m/model.onnx"
                    "openvino:--backend openvino --model $m/model.xml") ;;
     targets) CONFIGS=("default:"
-                      "default_compile:--compile"
                       "onnxruntime:--backend onnxruntime --model $m/model.onnx"
                       "openvino:--backend openvino --model $m/model.xml"
                       "default_half:--half"

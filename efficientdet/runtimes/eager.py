@@ -58,16 +58,16 @@ class TorchModel:
             fuse = hasattr(model, 'fuse') and self.half is None
         self.fused = bool(fuse)
         self.channels_last = channels_last
-        if compile:
-            fast = False  # inductor lowers the plain convs itself
-        self.net = model.fuse(channels_last=channels_last, image_size=image_size, fast=fast) if fuse else model
+        self.net = model.fuse(channels_last=channels_last, image_size=image_size,
+                              fast=False if compile else fast) if fuse else model  # compiled: inductor's convs
         if not fuse and channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.image_size = getattr(self.net, 'image_size', None)
         self.compiled = bool(compile)
+        # inductor options of the compiled network (CPU: frozen, prepacked weights); None: not compiled
+        self.compile_options = ({'freezing': True} if self.device.type == 'cpu' else {}) if compile else None
         if compile:
-            options = {'freezing': True} if self.device.type == 'cpu' else None
-            self.net = torch.compile(self.net, dynamic=False, options=options)
+            self.net = torch.compile(self.net, dynamic=False, options=self.compile_options or None)
 
     def eval(self) -> 'TorchModel':
         return self
