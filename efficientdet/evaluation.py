@@ -14,6 +14,8 @@ validator and category rule, shared with the datasets); this module only scores.
 from __future__ import annotations
 
 import contextlib
+import glob
+import hashlib
 import io
 import json
 import os
@@ -28,8 +30,8 @@ from .data.annotations import coco_from_dict, load_ground_truth, resolve_categor
 from .errors import UserError
 
 __all__ = ['COCOEvaluator', 'STAT_NAMES', 'load_coco', 'coco_from_dict', 'resolve_category_ids', 'format_summary',
-           'load_results_file', 'write_results_json', 'format_table', 'run_coco_eval',
-           'to_original_pixels']
+           'load_results_file', 'write_results_json', 'format_table', 'run_coco_eval', 'file_digest', 'data_digest',
+           'reuse_refusal', 'evaluation_key', 'evaluate_project', 'score_results_file']
 
 #: Names of pycocotools' 12 ``COCOeval.stats`` entries, in order.
 STAT_NAMES: Tuple[str, ...] = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl',
@@ -393,6 +395,55 @@ def write_results_json(obj: Any, path: str) -> None:
     atomic_write(path, lambda f: json.dump(obj, f), binary=False)
 
 
+# ----------------------------------------------------------------------------- reusing a results file
+def file_digest(path: str) -> str:
+    """sha256 of what a path holds: a file (with the ``.bin`` of an OpenVINO ``.xml``), every file
+    of a folder (names and contents, in name order), or every file of an official TF checkpoint
+    prefix (``PREFIX.index``, ``PREFIX.data-*``)."""
+    h = hashlib.sha256()
+    if os.path.isdir(path):
+        files = [os.path.join(path, f) for f in sorted(os.listdir(path))]
+    elif os.path.isfile(path):
+        files = [path] + ([path[:-4] + '.bin'] if path.lower().endswith('.xml') else [])
+    else:
+        files = sorted(glob.glob(glob.escape(path) + '.*'))
+    for name in files:
+        if os.path.isfile(name):
+            h.update(os.path.basename(name).encode())
+            with open(name, 'rb') as f:
+                for chunk in iter(lambda: f.read(1 << 20), b''):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+def data_digest(obj: Any) -> str:
+    """sha256 of a JSON-able object (sorted keys): e.g. the ground truth a dataset built."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def reuse_refusal(meta_path: str, key: Mapping[str, Any]) -> Optional[str]:
+    """None when the results file beside ``meta_path`` was made with exactly ``key`` (everything
+    that decides its content); else why it may not be reused (one phrase naming the first field
+    that differs)."""
+    if not os.path.isfile(meta_path):
+        return f'{meta_path} (which says how the results were made) is missing'
+    try:
+        with open(meta_path, encoding='utf-8') as f:
+            stored = json.load(f)
+    except (OSError, ValueError):
+        return f'{meta_path} is unreadable'
+    stored = stored.get('key', stored) if isinstance(stored, dict) else {}
+    for k in sorted(set(key) | set(stored)):
+        if json.dumps(stored.get(k), sort_keys=True) != json.dumps(key.get(k), sort_keys=True):
+            return f'they were made with {k}={_short(stored.get(k))}, not {_short(key.get(k))}'
+    return None
+
+
+def _short(v: Any) -> str:
+    text = json.dumps(v, default=str)
+    return text if len(text) <= 80 else text[:77] + '...'
+
+
 # ----------------------------------------------------------------------------- helpers
 @contextlib.contextmanager
 def _quiet(verbose: bool):
@@ -456,37 +507,40 @@ def _eval_collate(items: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
     return {'img': batch, 'image_id': ids, 'scale': scale, 'orig_size': orig}
 
 
-def to_original_pixels(boxes: torch.Tensor, batch_index: torch.Tensor, scale: torch.Tensor,
-                       orig_size: torch.Tensor) -> torch.Tensor:
-    """Map boxes [N,4] xyxy in network-input pixels back to original-image pixels: divide by the
-    per-image ``scale`` [B] (network px per original px) and clip to ``orig_size`` [B,2] (h, w)."""
-    s = scale.to(boxes)[batch_index].unsqueeze(1)
-    hw = orig_size.to(boxes)[batch_index]
-    out = boxes / s
-    upper = torch.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], 1)
-    return torch.minimum(out.clamp(min=0), upper)
+def _metas(batch: Mapping[str, Any], input_hw: Tuple[int, int]) -> List[Any]:
+    """The ``preprocess.ImageMeta`` of each image of an evaluation batch (``scale``: network pixels
+    per original pixel, ``orig_size`` (h, w)), for ``Detector.detect_prepared``."""
+    from .preprocess import ImageMeta
+    metas = []
+    for s, (h, w) in zip(batch['scale'].tolist(), batch['orig_size'].tolist()):
+        h, w = int(h), int(w)
+        metas.append(ImageMeta(scale=float(s), orig_hw=(h, w), input_hw=tuple(input_hw),
+                               resized_hw=(int(h * s), int(w * s))))
+    return metas
 
 
-def run_coco_eval(model: torch.nn.Module, dataset: Any, batch_size: int = 1,
-                  device: Union[str, torch.device] = 'cpu', score_threshold: float = 0.05,
+def run_coco_eval(model: Any, dataset: Any, batch_size: int = 1,
+                  device: Union[str, torch.device, None] = 'cpu', score_threshold: float = 0.05,
                   nms_threshold: float = 0.5, nms: str = 'hard', max_det: int = 100, half: bool = False,
                   max_images: Optional[int] = None, progress: bool = True, num_workers: int = 0,
                   verbose: bool = False) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
-    """Run ``model`` over a validation ``CocoDataset`` (augment off) and evaluate with pycocotools.
+    """Run a detector over a validation ``CocoDataset`` (augment off) and evaluate with pycocotools.
 
-    ``model(x)`` must return ``(features, regression [B,A,4], classification [B,A,C] after sigmoid,
-    anchors [1,A,4] yxyx)`` like ``EfficientDetBackbone``. Items of ``dataset`` are dicts with
-    ``img`` [3,H,W] normalised, ``image_id``, ``scale`` (network px per original px) and
-    ``orig_size`` (h, w); the dataset also exposes ``coco`` and ``cat_ids`` (category id per label).
-    ``max_images`` evaluates the first K images only; ``half`` runs an ``nn.Module``'s forward
-    under autocast (float16 on CUDA, bfloat16 on CPU: ``runtimes.eager.half_dtype``; decoding stays
-    float32); an exported runtime runs in the precision it was loaded with. The model is put in
-    eval mode and its train/eval state restored after.
+    ``model``: an ``efficientdet.detector.Detector`` (its thresholds, NMS, precision and classes
+    are used as they are), or a model it wraps — an ``EfficientDetBackbone`` or an exported
+    runtime — with the dataset's classes, input size and normalisation and ``score_threshold``,
+    ``nms_threshold``, ``nms``, ``max_det``, ``half``, ``device``. Detections therefore come from
+    the same path as ``efficientdet_test.py``'s (``Detector.detect_prepared``: one autocast rule,
+    one mapping back to the original image, one placeholder-class rule). Items of ``dataset`` are
+    dicts with ``img`` [3, H, W] normalised, ``image_id``, ``scale`` (network px per original px)
+    and ``orig_size`` (h, w); the dataset also exposes ``coco``, ``cat_ids`` (category id per
+    label), ``obj_list``, ``image_size``, ``mean``, ``std``. ``max_images`` evaluates the first K
+    images only. A PyTorch model's train/eval state is restored after.
 
     Returns ``(metrics, results)``: ``COCOEvaluator.compute`` metrics and the COCO results list
     (bbox x, y, w, h in original-image pixels).
     """
-    from .postprocess import detect  # local: keeps COCOEvaluator free of the model code
+    from .detector import Detector  # local: keeps COCOEvaluator free of the model code
 
     coco = getattr(dataset, 'coco', None)
     if coco is None:
@@ -500,44 +554,117 @@ def run_coco_eval(model: torch.nn.Module, dataset: Any, batch_size: int = 1,
     if n <= 0:
         raise UserError('the validation set has no images to evaluate'
                         + (f' (max_images={max_images})' if max_images is not None else ''))
-    device = torch.device(device)
-    autocast_dtype = None
-    if half and isinstance(model, torch.nn.Module):
-        from .runtimes.eager import half_dtype
-        autocast_dtype = half_dtype(device)
+    module = model if isinstance(model, torch.nn.Module) else None
+    was_training = module.training if module is not None else False
+    if isinstance(model, Detector):
+        detector = model
+    else:
+        detector = Detector(model, list(dataset.obj_list), dataset.image_size, mean=dataset.mean, std=dataset.std,
+                            threshold=score_threshold, iou=nms_threshold, nms=nms, max_det=max_det,
+                            device=device, half=half, batch_size=batch_size)
     subset = dataset if n == len(dataset) else torch.utils.data.Subset(dataset, range(n))
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False,
                                          num_workers=num_workers, collate_fn=_eval_collate)
-    param = next(model.parameters(), None)
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     if progress:
         from tqdm import tqdm
         loader = tqdm(loader, desc='eval', unit='batch', dynamic_ncols=True)
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with torch.inference_mode():
             for batch in loader:
-                x = batch['img'].to(device=device, dtype=dtype, non_blocking=True)
-                ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                       else contextlib.nullcontext())
-                with ctx:
-                    _, regression, classification, anchors = model(x)
-                dets = detect(classification.float(), regression.float(), anchors.float(),
-                              image_size=(int(x.shape[-2]), int(x.shape[-1])),
-                              score_threshold=score_threshold, iou_threshold=nms_threshold,
-                              max_det=max_det, nms=nms)
-                counts = torch.tensor([len(d['scores']) for d in dets], dtype=torch.long)
-                index = torch.repeat_interleave(torch.arange(len(dets)), counts)
-                if int(counts.sum()):
-                    boxes = torch.cat([d['boxes'].float().cpu() for d in dets], 0)
-                    scores = torch.cat([d['scores'].float().cpu() for d in dets], 0)
-                    labels = torch.cat([d['labels'].cpu() for d in dets], 0)
-                    boxes = to_original_pixels(boxes, index, batch['scale'], batch['orig_size'])
-                else:
-                    boxes, scores, labels = torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long)
+                x = batch['img']
+                dets = detector.detect_prepared(x, _metas(batch, (int(x.shape[-2]), int(x.shape[-1]))))
+                counts = [len(d) for d in dets]
+                index = np.repeat(np.arange(len(dets)), counts)
+                boxes = _cat([d.boxes for d in dets], (0, 4))
+                scores = _cat([d.scores for d in dets], (0,))
+                labels = _cat([d.class_ids for d in dets], (0,)).astype(np.int64)
                 evaluator.update_flat(batch['image_id'], index, boxes, scores, labels)
     finally:
-        model.train(was_training)
+        if module is not None:
+            module.train(was_training)
     metrics = evaluator.compute()
     return metrics, evaluator.results
+
+
+def evaluation_key(detector: Any, project: Any, dataset: Any, data_path: str, weights: str,
+                   max_images: Optional[int]) -> Dict[str, Any]:
+    """Everything that decides a results file's content, for :func:`reuse_refusal`: the project
+    (name, file digest, classes, anchors, format), the ground truth (digest of what the dataset
+    read) and data path, the weights (digest), the model (variant, compat), the runtime and its
+    precision, the input size and normalisation, the thresholds, NMS and image count."""
+    from . import __version__
+    model = getattr(detector, 'model', None)
+    path = getattr(project, 'path', '')
+    return {
+        'project': project.project_name, 'project_sha256': file_digest(path) if os.path.isfile(path) else None,
+        'dataset_format': getattr(project, 'dataset_format', 'coco'), 'val_set': project.val_set,
+        'data_path': os.path.abspath(data_path), 'annotations': os.path.abspath(str(dataset.ann_file)),
+        'ground_truth_sha256': data_digest(dataset.index.coco_dataset),
+        'obj_list': list(project.obj_list), 'anchors_scales': [float(v) for v in project.anchors_scales],
+        'anchors_ratios': [[float(a) for a in r] for r in project.anchors_ratios],
+        'weights_sha256': file_digest(weights), 'variant': getattr(model, 'compound_coef', None),
+        'compat': getattr(model, 'compat', None), 'runtime': getattr(detector.runner, 'name', 'torch'),
+        'half': bool(detector.half), 'image_size': list(detector.image_size),
+        'mean': [float(v) for v in detector.mean], 'std': [float(v) for v in detector.std],
+        'threshold': detector.threshold, 'iou': detector.iou, 'nms': detector.nms, 'max_det': detector.max_det,
+        'max_images': max_images, 'efficientdet_version': __version__,
+    }
+
+
+def evaluate_project(detector: Any, project: Any, data_path: str = 'datasets/', *, weights: Optional[str] = None,
+                     results_path: Optional[str] = None, reuse: bool = False, batch_size: int = 1,
+                     num_workers: int = 0, max_images: Optional[int] = None, progress: bool = True,
+                     verbose: bool = False, log: Any = print) -> Dict[str, Any]:
+    """COCO mAP of ``detector`` (``efficientdet.detector.Detector``) on ``project``'s validation set
+    under ``data_path``. Detections are written to ``results_path`` (COCO results json) with a
+    ``.meta.json`` beside it holding :func:`evaluation_key`. By default they are recomputed; with
+    ``reuse`` an existing file is scored instead, only when its key equals this run's in every
+    field (and ``weights``, the file the detector was loaded from, is known); either way ``log``
+    says which happened and why. Returns the ``COCOEvaluator.compute`` metrics."""
+    from .data import build_dataset
+    if max_images is not None and max_images <= 0:
+        raise UserError(f'--max_images {max_images}: must be a positive number of images')
+    if batch_size <= 0:
+        raise UserError(f'--batch_size {batch_size}: must be at least 1')
+    dataset = build_dataset(project, project.val_set, detector.image_size, data_path, mean=detector.mean,
+                            std=detector.std)
+    log(dataset.summary())
+    key = evaluation_key(detector, project, dataset, data_path, weights, max_images) if weights else None
+    meta_path = results_path + '.meta.json' if results_path else None
+    if reuse and results_path and os.path.exists(results_path):
+        why = reuse_refusal(meta_path, key) if key is not None else 'the weights file is not known'
+        if why is None:
+            log(f'reusing {results_path}: made with the same key (project, ground truth, weights, runtime, precision, '
+                'size, normalisation, anchors, thresholds)')
+            evaluator = COCOEvaluator(dataset.coco, cat_ids=dataset.cat_ids, class_names=dataset.obj_list,
+                                      verbose=verbose)
+            evaluator.add_results(load_results_file(results_path), source=results_path)
+            return evaluator.compute(image_ids=dataset.image_ids[:max_images])
+        log(f'not reusing {results_path}: {why}; recomputing')
+    metrics, results = run_coco_eval(detector, dataset, batch_size=batch_size, max_images=max_images,
+                                     progress=progress, num_workers=num_workers, verbose=verbose)
+    if results_path:
+        replaced = os.path.exists(results_path)
+        write_results_json(results, results_path)
+        from .ckpt.files import atomic_write
+        atomic_write(meta_path, lambda f: json.dump({'key': key}, f, indent=1), binary=False)
+        log(f'wrote {len(results)} detections to {results_path}' + (' (replacing the earlier file)' if replaced else ''))
+    return metrics
+
+
+def score_results_file(project: Any, results_path: str, data_path: str = 'datasets/',
+                       max_images: Optional[int] = None, verbose: bool = False, log: Any = print) -> Dict[str, Any]:
+    """COCO mAP of an existing COCO results json against ``project``'s validation ground truth (the
+    images need not be present: every listed image counts then)."""
+    from .data import build_dataset
+    dataset = build_dataset(project, project.val_set, 512, data_path, require_images=False)
+    log(dataset.summary())
+    if not dataset.images_found:
+        log(f'note: {dataset.image_dir} not found: scoring against every image listed in {dataset.ann_file}')
+    results = load_results_file(results_path)
+    evaluator = COCOEvaluator(dataset.coco, cat_ids=dataset.cat_ids,
+                              class_names=dataset.obj_list, verbose=verbose)
+    evaluator.add_results(results, source=results_path)
+    if not results:
+        log(f'note: {results_path} holds no detections')
+    return evaluator.compute(image_ids=dataset.image_ids[:max_images])

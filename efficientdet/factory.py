@@ -14,7 +14,7 @@ import torch
 
 from .ckpt.layout import Checkpoint, infer_num_classes, read_checkpoint
 from .ckpt.load import check_variant, class_count_error, load_pretrained, load_weights
-from .cli import parse_device
+from .devices import parse_device
 from .convert.tf import ConversionError, read_tf_input
 from .config import COMPAT_MODES, Variant, as_hw, check_image_size, get_config, parse_variant
 from .errors import UserError

@@ -13,7 +13,6 @@ that stops training altogether (missing folder, bad JSON, obj_list mismatch).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -82,26 +81,20 @@ def anchor_report(index: CocoIndex, project: Project, variant: Any, image_size: 
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from ..cli import image_size_arg, variant_type
-    from ..config import VARIANT_HELP
+    from ..cli import ScriptParser, add_options, add_project_args, image_size_arg, project_name
     from .anchor_fit import format_fit
-    ap = argparse.ArgumentParser(prog='python -m efficientdet.data.check',
-                                 description='Check a project\'s datasets for problems that training would skip, '
-                                             'and how well its anchors fit the boxes.')
-    ap.add_argument('-p', '--project', default='coco', help='project name (projects/NAME.yml) or path to a yml')
-    ap.add_argument('--data_path', default='datasets/', help='folder holding {project_name}/')
-    ap.add_argument('--projects_dir', default='projects')
+    ap = ScriptParser(prog='python -m efficientdet.data.check',
+                      description='Check a project\'s datasets for problems that training would skip, and how well '
+                                  'its anchors fit the boxes (at the variant and input size of -c / --image_size).')
+    add_project_args(ap)
+    add_options(ap, 'data_path', 'compound_coef', 'image_size')
     ap.add_argument('--no_images', action='store_true', help='do not decode every image (faster)')
     ap.add_argument('--examples', type=int, default=3, help='examples listed per problem kind')
-    ap.add_argument('-c', '--compound_coef', type=variant_type, default=0,
-                    help=f'variant whose anchors and input size the anchor fit uses: {VARIANT_HELP}')
-    ap.add_argument('--image_size', type=int, nargs='+', default=None, metavar=('H', 'W'),
-                    help="network input size for the anchor fit (default: the variant's)")
     ap.add_argument('--no_anchors', action='store_true', help='skip the anchor fit')
     ap.add_argument('--json', default=None, metavar='FILE',
                     help='also write the report (problem counts, anchor_coverage, suggested anchors) as JSON')
     args = ap.parse_args(argv)
-    project = load_project(args.project, args.projects_dir)
+    project = load_project(project_name(args), args.projects_dir)
     size = image_size_arg(args.image_size)
     total = 0
     report: Dict[str, Any] = {'project': project.project_name, 'dataset_format': project.dataset_format, 'sets': {}}
@@ -117,7 +110,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                     'skipped': skipped, 'issues': {k: v for k, v in index.issues.counts.items() if v},
                                     'examples': {k: v for k, v in index.issues.examples.items() if v}}
     if not args.no_anchors:
-        fit = anchor_report(indices[project.train_set], project, args.compound_coef, size)
+        fit = anchor_report(indices[project.train_set], project, args.compound_coef or 0, size)
         print(f'{project.train_set}: ' + format_fit(fit))
         report.update(fit.to_json())
     report['result'] = 'skips' if total else 'clean'
