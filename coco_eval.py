@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument('--results', default=None, help='evaluate this COCO results json; no model is run')
     ap.add_argument('--no_progress', action='store_true', help='no tqdm bar')
     ap.add_argument('--verbose', action='store_true', help='show pycocotools\' own output')
+    ap.add_argument('--plots', default=None, metavar='DIR',
+                    help='also write figures to DIR (needs matplotlib): precision-recall curves, AP per class and '
+                         'by object size, confusion matrix at IoU 0.5')
     return ap
 
 
@@ -118,6 +121,9 @@ def _settings_differ(meta_path: str, settings: Dict[str, Any]) -> Optional[str]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.plots:
+        from efficientdet.plots import require_matplotlib
+        require_matplotlib()
     from efficientdet.config import get_config, resolve_normalization, variant_tag
     from efficientdet.data import build_dataset
     from efficientdet.evaluation import (COCOEvaluator, format_summary, format_table, load_results_file,
@@ -196,6 +202,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(format_summary(metrics))
     print()
     print(format_table(metrics))
+    if args.plots:
+        from efficientdet.plots import write_eval_plots
+        write_eval_plots(metrics, args.plots)
     return 0
 
 
