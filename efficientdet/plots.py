@@ -25,7 +25,7 @@ from .errors import UserError
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
-__all__ = ['INSTALL_HINT', 'require_matplotlib', 'figure_rgb', 'save_png', 'pr_figure', 'pr_per_class_figure',
+__all__ = ['INSTALL_HINT', 'require_matplotlib', 'figure_rgb', 'save_png', 'pr_figure', 'pr_rgb', 'pr_per_class_figure',
            'ap_per_class_figure', 'ap_by_size_figure', 'confusion_figure', 'eval_figures', 'write_eval_plots',
            'samples_figure', 'box_shapes_figure', 'class_counts_figure', 'write_figures']
 
@@ -127,8 +127,14 @@ def pr_figure(metrics: Mapping[str, Any], title: str = 'precision-recall, all cl
         ax.plot(rec, avg, gid='pr/0.5:0.95', label=f'IoU 0.5:0.95  (AP {float(metrics["AP"]):.3f})')
         ax.legend(loc='lower left')
         _pr_axes(ax)
-    ax.set_title(f'{title} ({int(valid.sum())} classes, {metrics.get("num_images", "?")} images)')
+    images = f', {metrics["num_images"]} images' if 'num_images' in metrics else ''
+    ax.set_title(f'{title} ({int(valid.sum())} classes{images})')
     return fig
+
+
+def pr_rgb(metrics: Mapping[str, Any]) -> np.ndarray:
+    """:func:`pr_figure` rendered as uint8 RGB [H, W, 3] (TensorBoard at each validation)."""
+    return figure_rgb(pr_figure(metrics))
 
 
 def pr_per_class_figure(metrics: Mapping[str, Any]) -> 'Figure':
