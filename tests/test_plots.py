@@ -61,9 +61,9 @@ def _synthetic(seed=0, images=30, size=200):
                 j = rng.normal(0, 0.08 * side, 4)
                 label = c if rng.random() < 0.9 else (c + 1) % 3
                 dets.append((i, [x + j[0], y + j[1], x + w + j[2], y + h + j[3]], rng.uniform(0.1, 1), label))
-        for _ in range(rng.integers(0, 3)):
+        for _ in range(rng.integers(30, 45)):  # > 10 per class and image: COCOeval's cap of 100 differs from 10
             x, y = rng.uniform(0, size - 30, 2)
-            dets.append((i, [x, y, x + 30, y + 30], rng.uniform(0.05, 0.6), int(rng.integers(0, 3))))
+            dets.append((i, [x, y, x + 30, y + 30], rng.uniform(0.05, 0.4), int(rng.integers(0, 3))))
     return gt, dets
 
 
@@ -287,12 +287,15 @@ def shapes_project(tmp_path_factory):
     from efficientdet.data.shapes import CLASSES, generate_split
     base = tmp_path_factory.mktemp('plots_data')
     root = base / 'toy'
-    generate_split(str(root), 'train', 6, SIZE, 0)
+    generate_split(str(root), 'train', 12, SIZE, 0)
     generate_split(str(root), 'val', 3, SIZE, 0)
     ann = root / 'annotations' / 'instances_train.json'
     data = json.loads(ann.read_text())
     data['annotations'].append({'id': 10 ** 6, 'image_id': data['images'][0]['id'], 'category_id': 1,
                                 'bbox': [2.0, 2.0, 30.0, 30.0], 'area': 900.0, 'iscrowd': 1})
+    for k, (w, h) in enumerate(((20.0, 14.0), (16.0, 16.0))):  # best anchor IoU .486 and .444 at 128 px
+        data['annotations'].append({'id': 10 ** 6 + 1 + k, 'image_id': data['images'][1]['id'], 'category_id': 2,
+                                    'bbox': [40.0, 40.0, w, h], 'area': w * h, 'iscrowd': 0})
     ann.write_text(json.dumps(data))
     (base / 'projects').mkdir()
     (base / 'projects' / 'toy.yml').write_text(
@@ -323,7 +326,7 @@ def test_data_check_figures_carry_the_data_and_the_anchors(shapes_project):
     by_file = {im['file_name']: im['id'] for im in train['images']}
     name_of = {c['id']: c['name'] for c in train['categories']}
     shown = [ax for ax in figs['samples_train.png'].axes if ax.images]
-    assert len(shown) == 6
+    assert len(shown) == 12
     for ax in shown:
         image_id = by_file[ax.get_title().split(' ')[0]]
         anns = [a for a in train['annotations'] if a['image_id'] == image_id]
@@ -352,9 +355,21 @@ def test_data_check_figures_carry_the_data_and_the_anchors(shapes_project):
         edges = [p.get_x() for p in cov] + [cov[-1].get_x() + cov[-1].get_width()]
         counts = np.array([p.get_height() for p in cov]) + np.array([p.get_height() for p in unc])
         np.testing.assert_array_equal(counts, np.histogram(values, edges)[0])
-    fit = anchor_report(indices['train'], project, 0, (INPUT, INPUT))  # the text report's coverage
-    covered = sum(p.get_height() for p in _by_gid(size_ax.patches, 'boxes/covered'))
-    assert covered == round(fit.coverage * len(real)) and 0 < covered < len(real)
+    # green = best IoU over all anchors >= 0.5 (brute force here), as the text report counts it
+    x1 = np.array([a['bbox'][0] for a in real]) * scale
+    y1 = np.array([a['bbox'][1] for a in real]) * scale
+    iw = (np.minimum((x1 + w)[:, None], anchors[None, :, 3]) - np.maximum(x1[:, None], anchors[None, :, 1])).clip(0)
+    ih = (np.minimum((y1 + h)[:, None], anchors[None, :, 2]) - np.maximum(y1[:, None], anchors[None, :, 0])).clip(0)
+    inter = iw * ih
+    best = (inter / ((w * h)[:, None] + (aw * ah)[None] - inter)).max(1)
+    covered = best >= 0.5
+    assert 0 < covered.sum() < len(real) and ((best > 0.48) & ~covered).any() and ((best > 0.44) & ~covered).sum() >= 2
+    for ax, values in ((size_ax, np.sqrt(w * h)), (ratio_ax, w / h)):
+        cov = _by_gid(ax.patches, 'boxes/covered')
+        edges = [p.get_x() for p in cov] + [cov[-1].get_x() + cov[-1].get_width()]
+        np.testing.assert_array_equal([p.get_height() for p in cov], np.histogram(values[covered], edges)[0])
+    fit = anchor_report(indices['train'], project, 0, (INPUT, INPUT))
+    assert fit.coverage == pytest.approx(covered.mean())
 
     # boxes per class, per split, crowd left out
     ax = figs['boxes_per_class.png'].axes[0]
