@@ -3,7 +3,8 @@
 ``COCOEvaluator`` collects per-image detections (boxes **xyxy in original-image pixels**, scores,
 0-based contiguous labels), turns them into COCO results (``bbox`` = x, y, w, h; ``category_id`` in
 the annotation file's id space; ``image_id`` as in the annotations) and computes the 12 pycocotools
-numbers plus a per-class AP table. Only numpy, torch and pycocotools are needed here.
+numbers plus a per-class AP table, COCOeval's precision-recall curves and a class confusion matrix
+(what :mod:`efficientdet.plots` draws). Only numpy, torch and pycocotools are needed here.
 
 Annotation files are read and validated by :mod:`efficientdet.data.annotations` (the one reader,
 validator and category rule, shared with the datasets); this module only scores.

@@ -125,7 +125,7 @@ def pr_figure(metrics: Mapping[str, Any], title: str = 'precision-recall, all cl
         avg = p[:, :, valid].mean(axis=(0, 2))
         ax.plot(rec, at50, gid='pr/0.5', label=f'IoU 0.5  (AP50 {float(metrics["AP50"]):.3f})')
         ax.plot(rec, avg, gid='pr/0.5:0.95', label=f'IoU 0.5:0.95  (AP {float(metrics["AP"]):.3f})')
-        ax.legend(loc='lower left')
+        ax.legend(loc='best')
         _pr_axes(ax)
     images = f', {metrics["num_images"]} images' if 'num_images' in metrics else ''
     ax.set_title(f'{title} ({int(valid.sum())} classes{images})')
