@@ -368,8 +368,12 @@ class COCOEvaluator:
         cls_cats = [c for c in self.cat_ids if c is not None]
         names = [n for n, c in zip(self.class_names, self.cat_ids) if c is not None]
         k = len(cls_cats)
-        index_of = np.full(max(self._gt_cat_ids + cls_cats + [0]) + 1, k, dtype=np.int64)
-        index_of[np.array(cls_cats, dtype=np.int64)] = np.arange(k)
+        cats = np.array(cls_cats, dtype=np.int64)
+        rank = np.argsort(cats)
+
+        def index_of(c: np.ndarray) -> np.ndarray:  # category id -> matrix index (k: not a class)
+            j = np.searchsorted(cats[rank], c).clip(0, max(k - 1, 0))
+            return np.where(cats[rank][j] == c, rank[j], k) if k else np.full(len(c), k)
         matrix = np.zeros((k + 1, k + 1), dtype=np.int64)
         out = {'names': names, 'category_ids': [int(c) for c in cls_cats], 'matrix': matrix,
                'iou_threshold': float(iou_threshold), 'score_threshold': float(score_threshold)}
@@ -390,11 +394,11 @@ class COCOEvaluator:
         weight = iou + 2.0 * (det_cat[det] == gt_cat[gt])  # same class first, then IoU
         det_match, gt_match = _greedy_match(det, gt, weight, len(rows), len(gt_img))
         hit = det_match >= 0
-        np.add.at(matrix, (index_of[gt_cat[det_match[hit]]], index_of[det_cat[hit]]), 1)
+        np.add.at(matrix, (index_of(gt_cat[det_match[hit]]), index_of(det_cat[hit])), 1)
         missed = (gt_match < 0) & ~gt_crowd
-        np.add.at(matrix, (index_of[gt_cat[missed]], k), 1)
+        np.add.at(matrix, (index_of(gt_cat[missed]), k), 1)
         false = ~hit & ~on_crowd
-        np.add.at(matrix, (k, index_of[det_cat[false]]), 1)
+        np.add.at(matrix, (k, index_of(det_cat[false])), 1)
         return out
 
     def format_table(self, metrics: Optional[Mapping[str, Any]] = None) -> str:

@@ -42,12 +42,12 @@ def require_matplotlib(flag: str = '--plots') -> None:
         raise UserError(f'{flag} draws with matplotlib, which is not installed: {INSTALL_HINT}') from None
 
 
-def _figure(width: float, height: float) -> 'Figure':
-    """A new Figure (inches) on an Agg canvas, constrained layout."""
+def _figure(width: float, height: float, layout: Optional[str] = 'constrained') -> 'Figure':
+    """A new Figure (inches) on an Agg canvas, constrained layout unless ``layout`` is None."""
     require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(width, height), dpi=DPI, layout='constrained')
+    fig = Figure(figsize=(width, height), dpi=DPI, layout=layout)
     FigureCanvasAgg(fig)
     return fig
 
@@ -144,10 +144,13 @@ def pr_per_class_figure(metrics: Mapping[str, Any]) -> 'Figure':
     ks = np.flatnonzero(valid)
     cols = max(1, math.ceil(math.sqrt(len(ks))))
     rows = max(1, math.ceil(len(ks) / cols))
-    fig = _figure(max(2.4 * cols, 5.0) + 0.4, 2.2 * rows + 0.8)
+    width, height = max(2.4 * cols, 5.0) + 0.6, 2.3 * rows + 1.2
+    fig = _figure(width, height, layout=None)  # fixed margins: constrained layout is slow for many panels
     if not len(ks):
         _no_data(fig.add_subplot(), 'no class has ground truth in the evaluated images')
         return fig
+    fig.subplots_adjust(left=0.5 / width, right=1 - 0.15 / width, bottom=0.8 / height, top=1 - 1.0 / height,
+                        wspace=0.12, hspace=0.45)
     axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=True)
     for ax in axes.flat[len(ks):]:
         ax.set_visible(False)
@@ -160,8 +163,8 @@ def pr_per_class_figure(metrics: Mapping[str, Any]) -> 'Figure':
         ax.set_title(f'{_label(names[k], k)}\nAP50 {p[0, :, k].mean():.3f}  AP {p[:, :, k].mean():.3f}',
                      fontsize=8, gid=names[k])
         ax.tick_params(labelsize=7)
-    fig.suptitle('precision (y) over recall (x) per class')
-    fig.legend(*axes.flat[0].get_legend_handles_labels(), loc='outside lower center', ncols=2)
+    fig.suptitle('precision (y) over recall (x) per class', y=1 - 0.15 / height, va='top')
+    fig.legend(*axes.flat[0].get_legend_handles_labels(), loc='lower center', ncols=2)
     return fig
 
 
@@ -220,27 +223,27 @@ def ap_by_size_figure(metrics: Mapping[str, Any]) -> 'Figure':
     return fig
 
 
-def confusion_figure(confusion: Mapping[str, Any], max_labels: int = 40) -> 'Figure':
+def confusion_figure(confusion: Mapping[str, Any]) -> 'Figure':
     """Confusion matrix (rows: true class, columns: detected class, last row / column:
-    background). Colour = share of the row (gid ``'confusion'``); the counts are written in the
-    cells when there are at most ``max_labels`` classes."""
+    background). Colour = share of the row (gid ``'confusion'``); each non-zero cell shows its
+    count (gid ``'count'``)."""
     m = np.asarray(confusion['matrix'], dtype=np.int64)
     names = [_label(n, i) for i, n in enumerate(confusion['names'])] + ['background']
     n = len(names)
-    side = min(4 + 0.38 * n, 30)
+    side = min(4 + 0.38 * n, 32)
     fig = _figure(side + 1.5, side)
     ax = fig.add_subplot()
     sums = m.sum(1, keepdims=True)
     share = np.divide(m, sums, out=np.zeros(m.shape), where=sums > 0)
     im = ax.imshow(share, cmap='Blues', vmin=0, vmax=1, gid='confusion')
-    fig.colorbar(im, ax=ax, label='share of the row')
-    if n <= max_labels + 1:
-        ax.set_xticks(range(n), names, rotation=90, fontsize=7)
-        ax.set_yticks(range(n), names, fontsize=7)
-        for (i, j), v in np.ndenumerate(m):
-            if v:
-                ax.text(j, i, str(v), ha='center', va='center', fontsize=7,
-                        color='white' if share[i, j] > 0.5 else 'black', gid='count')
+    fig.colorbar(im, ax=ax, label='share of the row', shrink=0.6)
+    ax.set_xticks(range(n), names, rotation=90, fontsize=7)
+    ax.set_yticks(range(n), names, fontsize=7)
+    size = float(np.clip(0.6 * side * 72 / n / 3, 4, 8))  # about three digits per cell
+    for (i, j), v in np.ndenumerate(m):
+        if v:
+            ax.text(j, i, str(v), ha='center', va='center', fontsize=size,
+                    color='white' if share[i, j] > 0.5 else 'black', gid='count')
     ax.set_xlabel('detected class (background: a box no detection found)')
     ax.set_ylabel('true class (background: a detection matching no box)')
     ax.set_title(f'confusion at IoU >= {confusion["iou_threshold"]:g}, detections scoring >= '

@@ -485,3 +485,22 @@ def test_without_matplotlib_one_line_says_what_to_install(tmp_path):
     assert r.returncode == 0, r.stderr
     line = r.stdout.strip()
     assert line.startswith('USER --plots') and 'pip install matplotlib' in line and '\n' not in line
+
+
+def test_figures_with_nothing_to_show(tmp_path):
+    _mpl()
+    from efficientdet import plots
+    gt = {'images': [{'id': 1, 'file_name': '1.jpg', 'height': 50, 'width': 50}], 'annotations': [],
+          'categories': [{'id': 1, 'name': 'a'}]}
+    ev = COCOEvaluator(pycocotools_coco(gt))
+    ev.update([1], [{'boxes': np.zeros((0, 4)), 'scores': np.zeros(0), 'labels': np.zeros(0, int)}])
+    m = ev.compute()  # no ground truth: every AP -1
+    assert m['AP'] == -1 and (m['curves']['precision'] == -1).all()
+    assert len(plots.write_eval_plots(m, str(tmp_path / 'eval'), log=lambda s: None)) == 5
+    empty = np.zeros(0)
+    figs = {'samples.png': plots.samples_figure([], ['a']),
+            'shapes.png': plots.box_shapes_figure(empty, empty, empty.astype(bool), np.array([32.0]), np.array([1.0]),
+                                                  (64, 64)),
+            'counts.png': plots.class_counts_figure(['a'], {'train': np.zeros(1, int)})}
+    paths = plots.write_figures(figs, str(tmp_path / 'data'), log=lambda s: None)
+    assert all(_is_png(p) for p in paths)
