@@ -123,7 +123,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.plots:
         from efficientdet.plots import require_matplotlib
-        require_matplotlib()
+        require_matplotlib('--plots', args.plots)
     from efficientdet.config import get_config, resolve_normalization, variant_tag
     from efficientdet.data import build_dataset
     from efficientdet.evaluation import (COCOEvaluator, format_summary, format_table, load_results_file,

@@ -34,12 +34,15 @@ DPI = 100
 _AREAS = ('small', 'medium', 'large')
 
 
-def require_matplotlib(flag: str = '--plots') -> None:
-    """Raise UserError (one line: what to pip install) when matplotlib is missing."""
+def require_matplotlib(flag: str = '--plots', out_dir: Optional[str] = None) -> None:
+    """Raise UserError (one line) when matplotlib is missing (saying what to pip install) or when
+    ``out_dir`` is given and exists as something other than a folder: call it before long work."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         raise UserError(f'{flag} draws with matplotlib, which is not installed: {INSTALL_HINT}') from None
+    if out_dir is not None and os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f'{flag} {out_dir}: exists and is not a folder; name a folder for the PNG files')
 
 
 def _figure(width: float, height: float, layout: Optional[str] = 'constrained') -> 'Figure':
@@ -69,6 +72,7 @@ def save_png(fig: 'Figure', path: str) -> str:
 
 def write_figures(figures: Mapping[str, 'Figure'], out_dir: str, log: Callable[[str], None] = print) -> List[str]:
     """Save ``{file name: figure}`` as ``out_dir/NAME`` and say so (naming the files replaced)."""
+    require_matplotlib(out_dir=out_dir)
     os.makedirs(out_dir, exist_ok=True)
     paths, replaced = [], []
     for name, fig in figures.items():
@@ -265,7 +269,7 @@ def write_eval_plots(source: Union[Mapping[str, Any], Any], out_dir: str,
     """Write the evaluation figures of ``source`` (the metrics of ``COCOEvaluator.compute``, or a
     ``COCOEvaluator``, computed first when it has not been) to ``out_dir``: pr_curve.png,
     pr_curves_per_class.png, ap_per_class.png, ap_by_size.png, confusion_matrix.png."""
-    require_matplotlib()
+    require_matplotlib(out_dir=out_dir)
     if isinstance(source, Mapping):
         metrics = source
     else:

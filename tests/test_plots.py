@@ -22,6 +22,8 @@ from efficientdet.errors import UserError
 from efficientdet.evaluation import COCOEvaluator, _greedy_match
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)  # coco_eval.py
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 NAMES = ['cat', 'dog', 'bird']
 
@@ -457,6 +459,24 @@ def test_tensorboard_gets_the_pr_figure_of_the_chosen_weights(tmp_path, evaluate
     assert not np.array_equal(drawn, pr_rgb(raw))
 
 
+def test_tensorboard_without_matplotlib_says_so_once_and_keeps_the_scalars(tmp_path, monkeypatch, evaluated):
+    from efficientdet.training.hooks import TensorBoardHook
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)
+    said = []
+    hook = TensorBoardHook(str(tmp_path), log=said.append)
+    trainer = types.SimpleNamespace(step=3)
+    hook.on_fit_start(trainer)
+    metrics = {'loss': 1.0, 'AP': evaluated[2]['AP'], 'curves': evaluated[2]['curves']}
+    for step in (3, 4):
+        trainer.step = step
+        hook.on_validation(trainer, {'source': 'raw', 'results': {'raw': metrics}, 'value': metrics['AP']})
+    hook.close(trainer)
+    assert len(said) == 1 and said[0].endswith('pip install matplotlib')
+    tags = [(v.tag, e.step) for e in _events(tmp_path) for v in e.summary.value]
+    assert ('AP/val', 3) in tags and ('AP/val', 4) in tags
+    assert not any(t == 'precision_recall/val' for t, _ in tags)
+
+
 def test_validation_metrics_carry_the_curves(monkeypatch):
     import efficientdet.evaluation as evaluation
     from efficientdet.training.validation import evaluate
@@ -476,15 +496,29 @@ def test_without_matplotlib_one_line_says_what_to_install(tmp_path):
         "import efficientdet.data.check\n"
         "from efficientdet.errors import UserError\n"
         "from efficientdet.data.check import main\n"
-        "try:\n"
-        "    main(['-p', 'nope', '--plots', 'x'])\n"
-        "except UserError as e:\n"
-        "    print('USER', e)\n")
+        "import coco_eval\n"
+        "for run in (main, coco_eval.main):\n"
+        "    try:\n"
+        "        run(['-p', 'nope', '--plots', 'x'])\n"
+        "    except UserError as e:\n"
+        "        print('USER', e)\n")
     r = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                        env={**os.environ, 'PYTHONPATH': ROOT})
     assert r.returncode == 0, r.stderr
-    line = r.stdout.strip()
-    assert line.startswith('USER --plots') and 'pip install matplotlib' in line and '\n' not in line
+    lines = r.stdout.strip().split('\n')
+    assert len(lines) == 2  # both scripts stop before any work, with one line each
+    assert all(s.startswith('USER --plots') and s.endswith(': pip install matplotlib') for s in lines)
+
+
+def test_plots_dir_that_is_a_file_is_refused_before_work(tmp_path):
+    _mpl()
+    import coco_eval
+    from efficientdet.data.check import main
+    taken = tmp_path / 'taken.png'
+    taken.write_bytes(b'x')
+    for run in (main, coco_eval.main):
+        with pytest.raises(UserError, match='exists and is not a folder'):
+            run(['-p', 'nope', '--plots', str(taken)])
 
 
 def test_figures_with_nothing_to_show(tmp_path):

@@ -165,7 +165,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = ap.parse_args(argv)
     if args.plots:
         from ..plots import require_matplotlib
-        require_matplotlib()
+        require_matplotlib('--plots', args.plots)
     project = load_project(args.project, args.projects_dir)
     size = image_size_arg(args.image_size)
     total = 0

@@ -11,6 +11,7 @@ ranks (the validation hook broadcasts its result for that).
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import signal
 import sys
@@ -301,17 +302,18 @@ class TensorBoardHook(Hook):
             return
         for name, metrics in (report.get('results') or {}).items():
             for k, v in metrics.items():
-                if not isinstance(v, (int, float)):
+                if not isinstance(v, numbers.Real):
                     continue  # the curves
                 self.writer.add_scalar(f'{k}/val_{name.replace("/", "_")}', v, trainer.step)
                 if name == report['source']:
                     self.writer.add_scalar(f'{k}/val', v, trainer.step)
         chosen = (report.get('results') or {}).get(report['source']) or {}
         if chosen.get('curves') is not None:
+            from ..errors import UserError
             from ..plots import pr_rgb, require_matplotlib
             try:
                 require_matplotlib('the precision-recall figure in TensorBoard')
-            except Exception as e:  # optional: say once, keep training
+            except UserError as e:  # optional: say so once, keep training
                 if not self._said_no_plots:
                     self.log(f'[info] {e}')
                     self._said_no_plots = True
