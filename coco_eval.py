@@ -50,11 +50,17 @@ def build_parser() -> ScriptParser:
     ap.add_argument('--results', default=None, help='score this COCO results json; no model is run')
     ap.add_argument('--no_progress', action='store_true', help='no progress bar')
     ap.add_argument('--verbose', action='store_true', help="show pycocotools' own output")
+    ap.add_argument('--plots', default=None, metavar='DIR',
+                    help='also write figures to DIR (needs matplotlib): precision-recall curves, AP per class and '
+                         'by object size, confusion matrix at IoU 0.5')
     return ap
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.plots:
+        from efficientdet.plots import require_matplotlib
+        require_matplotlib('--plots', args.plots)
     from efficientdet.evaluation import evaluate_project, format_summary, format_table, score_results_file
     from efficientdet.project import load_project
 
@@ -76,6 +82,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(format_summary(metrics))
     print()
     print(format_table(metrics))
+    if args.plots:
+        from efficientdet.plots import write_eval_plots
+        write_eval_plots(metrics, args.plots)
     return 0
 
 

@@ -3,7 +3,8 @@
 ``COCOEvaluator`` collects per-image detections (boxes **xyxy in original-image pixels**, scores,
 0-based contiguous labels), turns them into COCO results (``bbox`` = x, y, w, h; ``category_id`` in
 the annotation file's id space; ``image_id`` as in the annotations) and computes the 12 pycocotools
-numbers plus a per-class AP table. Only numpy, torch and pycocotools are needed here.
+numbers plus a per-class AP table, COCOeval's precision-recall curves and a class confusion matrix
+(what :mod:`efficientdet.plots` draws). Only numpy, torch and pycocotools are needed here.
 
 Annotation files are read and validated by :mod:`efficientdet.data.annotations` (the one reader,
 validator and category rule, shared with the datasets); this module only scores.
@@ -24,14 +25,15 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
+from pycocotools.cocoeval import COCOeval, Params
 
 from .data.annotations import coco_from_dict, load_ground_truth, resolve_categories
 from .errors import UserError
 
-__all__ = ['COCOEvaluator', 'STAT_NAMES', 'load_coco', 'coco_from_dict', 'resolve_category_ids', 'format_summary',
-           'load_results_file', 'write_results_json', 'format_table', 'run_coco_eval', 'file_digest', 'data_digest',
-           'reuse_refusal', 'evaluation_key', 'evaluate_project', 'score_results_file']
+__all__ = ['COCOEvaluator', 'STAT_NAMES', 'AREA_NAMES', 'CONFUSION_SCORE', 'load_coco', 'coco_from_dict',
+           'resolve_category_ids', 'format_summary', 'load_results_file', 'write_results_json', 'format_table',
+           'run_coco_eval', 'file_digest', 'data_digest', 'reuse_refusal', 'evaluation_key', 'evaluate_project',
+           'score_results_file']
 
 #: Names of pycocotools' 12 ``COCOeval.stats`` entries, in order.
 STAT_NAMES: Tuple[str, ...] = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl',
@@ -44,6 +46,11 @@ _STAT_LAYOUT = (('AP', '0.50:0.95', 'all', 100), ('AP', '0.50', 'all', 100), ('A
                 ('AR', '0.50:0.95', 'all', 10), ('AR', '0.50:0.95', 'all', 100),
                 ('AR', '0.50:0.95', 'small', 100), ('AR', '0.50:0.95', 'medium', 100),
                 ('AR', '0.50:0.95', 'large', 100))
+
+#: pycocotools' object-size ranges after 'all' (index 1, 2, 3 of the precision array's area axis).
+AREA_NAMES: Tuple[str, ...] = ('small', 'medium', 'large')
+#: Detections scoring at least this enter the confusion matrix (the AP curves use every detection).
+CONFUSION_SCORE = 0.25
 
 # A result row: image_id, x, y, w, h, score, category_id (float64 holds COCO ids exactly).
 _ROW = 7
@@ -126,6 +133,7 @@ class COCOEvaluator:
         self._ann_img = np.array([a['image_id'] for a in anns], dtype=np.int64)
         self._ann_cat = np.array([a['category_id'] for a in anns], dtype=np.int64)
         self._ann_crowd = np.array([bool(a.get('iscrowd', 0)) for a in anns], dtype=bool)
+        self._ann_xywh = np.array([a['bbox'] for a in anns], dtype=np.float64).reshape(-1, 4)
         self.metrics: Optional[Dict[str, Any]] = None
         self.reset()
 
@@ -240,10 +248,19 @@ class COCOEvaluator:
     # ------------------------------------------------------------------ evaluation
     def compute(self, image_ids: Optional[Sequence[int]] = None) -> Dict[str, Any]:
         """Evaluate. ``image_ids`` defaults to the images that were updated (with or without
-        detections). Returns ``{AP, AP50, …, ARl, stats, per_class, num_images, num_detections}``;
-        ``per_class[i]`` = ``{name, category_id, AP, AP50, num_gt}`` per evaluated class, AP -1 when
-        the images hold no non-crowd box of that class (pycocotools' convention), and overall
-        stats -1 likewise (e.g. APs when no small objects)."""
+        detections). Returns ``{AP, AP50, …, ARl, stats, per_class, num_images, num_detections,
+        curves, confusion}``:
+
+        - ``per_class[i]`` = ``{name, category_id, AP, AP50, APs, APm, APl, num_gt}`` per evaluated
+          class, AP -1 when the images hold no non-crowd box of that class (pycocotools'
+          convention), and overall stats -1 likewise (e.g. APs when no small objects);
+        - ``curves`` (numpy, for plots): ``iou_thresholds`` [T], ``recall_thresholds`` [R],
+          ``precision`` [T, R, K] float64 (COCOeval's interpolated precision at area 'all' and
+          100 detections per image, K = the ``per_class`` classes in that order, -1 for a class
+          without ground truth) and ``names`` [K]; the mean over R of the classes' mean at IoU
+          index 0 is AP50, over all T too it is AP;
+        - ``confusion``: :meth:`confusion_matrix` of the same images at IoU 0.5.
+        """
         if image_ids is None:
             ids = sorted(set(self._image_ids))
         else:
@@ -255,6 +272,7 @@ class COCOEvaluator:
         rows = rows[np.isin(rows[:, 0].astype(np.int64), np.array(ids, dtype=np.int64))]
         stats = np.zeros(len(STAT_NAMES))
         precision = None
+        params = Params(iouType='bbox')
         if ids:
             ev = COCOeval(self.coco, self._results_coco(rows), 'bbox')
             ev.params.imgIds = ids
@@ -265,13 +283,31 @@ class COCOEvaluator:
                 ev.summarize()
             stats = np.asarray(ev.stats, dtype=np.float64)
             precision = ev.eval['precision']
+            params = ev.params
         metrics: Dict[str, Any] = {name: float(v) for name, v in zip(STAT_NAMES, stats)}
         metrics['stats'] = [float(v) for v in stats]
         metrics['per_class'] = self._per_class(precision, ids)
         metrics['num_images'] = len(ids)
         metrics['num_detections'] = int(len(rows))
+        metrics['curves'] = self._curves(precision, params, metrics['per_class'])
+        metrics['confusion'] = self.confusion_matrix(ids)
         self.metrics = metrics
         return metrics
+
+    def _curves(self, precision: Optional[np.ndarray], params: Params,
+                per_class: List[Dict[str, Any]]) -> Dict[str, Any]:
+        """COCOeval's precision [T, R, K] at area 'all' and the largest maxDets for the classes of
+        ``per_class``, in that order (-1 everywhere when nothing was evaluated)."""
+        iou = np.asarray(params.iouThrs, dtype=np.float64)
+        rec = np.asarray(params.recThrs, dtype=np.float64)
+        k_of = {c: k for k, c in enumerate(self._gt_cat_ids)}
+        ks = np.array([k_of[r['category_id']] for r in per_class], dtype=np.int64)
+        if precision is None:
+            p = -np.ones((len(iou), len(rec), len(ks)))
+        else:
+            p = np.asarray(precision[:, :, ks, 0, -1], dtype=np.float64)
+        return {'iou_thresholds': iou, 'recall_thresholds': rec, 'precision': p,
+                'names': [str(r['name']) for r in per_class]}
 
     def _results_coco(self, rows: np.ndarray) -> COCO:
         """A results ``COCO`` built the way ``COCO.loadRes`` builds it (area = w*h, iscrowd 0), but
@@ -289,8 +325,8 @@ class COCOEvaluator:
         return res
 
     def _per_class(self, precision: Optional[np.ndarray], ids: List[int]) -> List[Dict[str, Any]]:
-        """Per-class AP (mean over IoU 0.50:0.95 and recall) and AP50 from COCOeval's precision
-        array [T, R, K, A, M] at area 'all' and the largest maxDets."""
+        """Per-class AP (mean over IoU 0.50:0.95 and recall), AP50 and AP per object size
+        (APs, APm, APl) from COCOeval's precision array [T, R, K, A, M] at the largest maxDets."""
         mask = np.isin(self._ann_img, np.array(ids, dtype=np.int64)) & ~self._ann_crowd
         cats, counts = np.unique(self._ann_cat[mask], return_counts=True)
         num_gt = dict(zip(cats.tolist(), counts.tolist()))
@@ -300,14 +336,72 @@ class COCOEvaluator:
             if cat is None or cat not in k_of:
                 continue
             ap = ap50 = -1.0
+            by_area = [-1.0] * len(AREA_NAMES)
             if precision is not None:
-                p = precision[:, :, k_of[cat], 0, -1]
-                ap = _mean_valid(p)
-                ap50 = _mean_valid(p[0])  # iouThrs[0] == 0.5
+                p = precision[:, :, k_of[cat], :, -1]  # [T, R, A]
+                ap = _mean_valid(p[..., 0])
+                ap50 = _mean_valid(p[0, :, 0])  # iouThrs[0] == 0.5
+                by_area = [_mean_valid(p[..., a]) for a in range(1, 1 + len(AREA_NAMES))]
             elif num_gt.get(cat, 0):
                 ap = ap50 = 0.0
-            out.append({'name': name, 'category_id': int(cat), 'AP': ap, 'AP50': ap50,
-                        'num_gt': int(num_gt.get(cat, 0))})
+            row = {'name': name, 'category_id': int(cat), 'AP': ap, 'AP50': ap50}
+            row.update({f'AP{a[0]}': v for a, v in zip(AREA_NAMES, by_area)})
+            row['num_gt'] = int(num_gt.get(cat, 0))
+            out.append(row)
+        return out
+
+    def confusion_matrix(self, image_ids: Optional[Sequence[int]] = None, iou_threshold: float = 0.5,
+                         score_threshold: float = CONFUSION_SCORE) -> Dict[str, Any]:
+        """Which class the detections scoring >= ``score_threshold`` give each ground-truth box,
+        matching at IoU >= ``iou_threshold`` regardless of class.
+
+        One-to-one greedy matching, same-class pairs first, then by IoU: a pair is taken when no
+        other remaining pair of its detection or of its box has a higher (same class, IoU), then
+        both leave (vectorised over all pairs, one round per chain of conflicts). Crowd boxes
+        are not counted; a detection left unmatched that covers a crowd box (COCO's crowd IoU,
+        intersection / detection area) is ignored, as COCOeval does.
+
+        Returns ``{names, category_ids, matrix, iou_threshold, score_threshold}``: ``matrix``
+        int64 [K + 1, K + 1], rows the true class, columns the detected class, in ``per_class``
+        order; the last column counts missed boxes of each class, the last row detections that
+        match no box (background). ``image_ids`` defaults to the images evaluated.
+        """
+        ids = np.array(sorted(set(self._image_ids)) if image_ids is None else sorted(set(_int_list(image_ids))),
+                       dtype=np.int64)
+        cls_cats = [c for c in self.cat_ids if c is not None]
+        names = [n for n, c in zip(self.class_names, self.cat_ids) if c is not None]
+        k = len(cls_cats)
+        cats = np.array(cls_cats, dtype=np.int64)
+        rank = np.argsort(cats)
+
+        def index_of(c: np.ndarray) -> np.ndarray:  # category id -> matrix index (k: not a class)
+            j = np.searchsorted(cats[rank], c).clip(0, max(k - 1, 0))
+            return np.where(cats[rank][j] == c, rank[j], k) if k else np.full(len(c), k)
+        matrix = np.zeros((k + 1, k + 1), dtype=np.int64)
+        out = {'names': names, 'category_ids': [int(c) for c in cls_cats], 'matrix': matrix,
+               'iou_threshold': float(iou_threshold), 'score_threshold': float(score_threshold)}
+        rows = self._all_rows()
+        rows = rows[np.isin(rows[:, 0].astype(np.int64), ids) & (rows[:, 5] >= score_threshold)
+                    & np.isin(rows[:, 6].astype(np.int64), np.array(cls_cats, dtype=np.int64))]
+        in_set = np.isin(self._ann_img, ids)
+        gt_img, gt_cat = self._ann_img[in_set], self._ann_cat[in_set]
+        gt_xywh, gt_crowd = self._ann_xywh[in_set], self._ann_crowd[in_set]
+        det_img, det_cat = rows[:, 0].astype(np.int64), rows[:, 6].astype(np.int64)
+        det, gt = _pairs_by_image(det_img, gt_img)
+        close = _pair_iou(rows[det, 1:5], gt_xywh[gt], gt_crowd[gt]) >= iou_threshold
+        on_crowd = np.zeros(len(rows), dtype=bool)
+        on_crowd[det[close & gt_crowd[gt]]] = True
+        real = close & ~gt_crowd[gt]
+        det, gt = det[real], gt[real]
+        iou = _pair_iou(rows[det, 1:5], gt_xywh[gt], np.zeros(len(gt), dtype=bool))
+        weight = iou + 2.0 * (det_cat[det] == gt_cat[gt])  # same class first, then IoU
+        det_match, gt_match = _greedy_match(det, gt, weight, len(rows), len(gt_img))
+        hit = det_match >= 0
+        np.add.at(matrix, (index_of(gt_cat[det_match[hit]]), index_of(det_cat[hit])), 1)
+        missed = (gt_match < 0) & ~gt_crowd
+        np.add.at(matrix, (index_of(gt_cat[missed]), k), 1)
+        false = ~hit & ~on_crowd
+        np.add.at(matrix, (k, index_of(det_cat[false])), 1)
         return out
 
     def format_table(self, metrics: Optional[Mapping[str, Any]] = None) -> str:
@@ -484,6 +578,56 @@ def _field(det: Any, *names: str) -> Any:
 
 def _cat(arrays: List[np.ndarray], empty_shape: Tuple[int, ...]) -> np.ndarray:
     return np.concatenate(arrays, 0) if arrays else np.zeros(empty_shape)
+
+
+def _pairs_by_image(det_img: np.ndarray, gt_img: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Every (detection, ground truth) index pair of the same image: two int64 arrays [P],
+    grouped by detection; no Python loop over images or boxes."""
+    order = np.argsort(gt_img, kind='stable')
+    sorted_img = gt_img[order]
+    start = np.searchsorted(sorted_img, det_img, 'left')
+    count = np.searchsorted(sorted_img, det_img, 'right') - start
+    det = np.repeat(np.arange(len(det_img)), count)
+    first = np.repeat(np.cumsum(count) - count, count)
+    gt = order[np.repeat(start, count) + np.arange(len(det)) - first]
+    return det, gt
+
+
+def _pair_iou(det_xywh: np.ndarray, gt_xywh: np.ndarray, crowd: np.ndarray) -> np.ndarray:
+    """IoU of row-aligned boxes [P, 4] (x, y, w, h); where ``crowd``, COCO's crowd IoU
+    (intersection / detection area)."""
+    iw = (np.minimum(det_xywh[:, 0] + det_xywh[:, 2], gt_xywh[:, 0] + gt_xywh[:, 2])
+          - np.maximum(det_xywh[:, 0], gt_xywh[:, 0])).clip(min=0)
+    ih = (np.minimum(det_xywh[:, 1] + det_xywh[:, 3], gt_xywh[:, 1] + gt_xywh[:, 3])
+          - np.maximum(det_xywh[:, 1], gt_xywh[:, 1])).clip(min=0)
+    inter = iw * ih
+    det_area = det_xywh[:, 2] * det_xywh[:, 3]
+    union = np.where(crowd, det_area, det_area + gt_xywh[:, 2] * gt_xywh[:, 3] - inter)
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def _greedy_match(det: np.ndarray, gt: np.ndarray, weight: np.ndarray, num_det: int,
+                  num_gt: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Greedy one-to-one matching of candidate pairs (``det[p]``, ``gt[p]``) by descending
+    ``weight``: each round takes every pair that is the heaviest remaining pair of both its
+    detection and its box (the pairs the sequential greedy takes first), then drops the pairs of
+    the matched ones. Returns (gt index per detection, detection index per gt), -1 unmatched."""
+    det_match = np.full(num_det, -1, dtype=np.int64)
+    gt_match = np.full(num_gt, -1, dtype=np.int64)
+    alive = np.ones(len(det), dtype=bool)
+    while alive.any():
+        det, gt, weight = det[alive], gt[alive], weight[alive]
+        best_det = np.full(num_det, -np.inf)
+        best_gt = np.full(num_gt, -np.inf)
+        np.maximum.at(best_det, det, weight)
+        np.maximum.at(best_gt, gt, weight)
+        take = np.flatnonzero((weight == best_det[det]) & (weight == best_gt[gt]))
+        take = take[np.unique(det[take], return_index=True)[1]]  # ties: one pair per detection
+        take = take[np.unique(gt[take], return_index=True)[1]]   # and per box
+        det_match[det[take]] = gt[take]
+        gt_match[gt[take]] = det[take]
+        alive = (det_match[det] < 0) & (gt_match[gt] < 0)
+    return det_match, gt_match
 
 
 # ----------------------------------------------------------------------------- model evaluation
