@@ -19,11 +19,18 @@ every run; ``--reuse`` scores an existing results file instead, only when everyt
 (project, ground truth, data path, weights, runtime, precision, size, normalisation, anchors,
 thresholds) is the same, and says so. Validation inside ``train.py`` computes mAP through the same
 function (``efficientdet.evaluation.run_coco_eval``).
+
+Under torchrun (``torchrun --nproc_per_node 4 coco_eval.py -p coco -w ...``) every process detects
+its share of the images on its own GPU (or CPU), the detections are gathered and one COCO
+evaluation runs; rank 0 alone prints and writes the results file. The figures equal one process's.
 """
 from __future__ import annotations
 
+import argparse
 import os
 from typing import List, Optional
+
+import torch
 
 from efficientdet.cli import (ScriptParser, add_data_args, add_inference_args, add_model_args, add_project_args,
                               add_runtime_args, add_weights_arg, detector_from_args, project_name, str2bool)
@@ -61,9 +68,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.plots:
         from efficientdet.plots import require_matplotlib
         require_matplotlib('--plots', args.plots)
+    from efficientdet.distributed import init_from_env
+    ctx = init_from_env(args.device)  # torchrun: one process per GPU (or CPU process), gloo / NCCL
+    try:
+        return evaluate(args, ctx.device if ctx.world > 1 else None, ctx.is_main)
+    finally:
+        ctx.close()
+
+
+def evaluate(args: argparse.Namespace, device: Optional[torch.device], is_main: bool) -> int:
+    """The evaluation of ``args``; ``device``: this process's device under torchrun (None: --device)."""
     from efficientdet.evaluation import evaluate_project, format_summary, format_table, score_results_file
     from efficientdet.project import load_project
 
+    if device is not None:
+        args.device = str(device)
+    print_ = print if is_main else (lambda *a, **k: None)
     project = load_project(project_name(args), args.projects_dir)
     if args.results:
         metrics = score_results_file(project, args.results, args.data_path, args.max_images, verbose=args.verbose)
@@ -71,13 +91,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         detector = detector_from_args(args, batch_size=args.batch_size)
         weights = detector.source
         hw = detector.image_size
-        print(f'evaluating {weights} ({args.backend}, {hw[0]}x{hw[1]} HxW, {detector.device}) on project '
-              f'{project.project_name}, set {project.val_set}')
+        print_(f'evaluating {weights} ({args.backend}, {hw[0]}x{hw[1]} HxW, {detector.device}) on project '
+               f'{project.project_name}, set {project.val_set}')
         results_path = os.path.join(args.output_dir, f'{project.project_name}_{project.val_set}_bbox_results.json')
         metrics = evaluate_project(detector, project, args.data_path, weights=weights, results_path=results_path,
                                    reuse=args.reuse and not args.override, batch_size=args.batch_size,
                                    num_workers=args.num_workers, max_images=args.max_images,
                                    progress=not args.no_progress, verbose=args.verbose)
+    if not is_main:
+        return 0
     print(f'\nBBox ({metrics["num_images"]} images, {metrics["num_detections"]} detections)')
     print(format_summary(metrics))
     print()

@@ -106,12 +106,18 @@ class EfficientNet(nn.Module):
 
 class EfficientNetBackbone(nn.Module):
     """Returns the P3, P4, P5 feature maps (strides 8, 16, 32; ``ceil(size / 8)`` … for any
-    input size), NCHW."""
+    input size), NCHW; ``out_channels`` are their channel counts (the default implementation of
+    ``efficientdet.backbones.FeatureBackbone``)."""
 
     def __init__(self, backbone: int | str, act: str = 'swish'):
         super().__init__()
         self.model = EfficientNet(backbone, act)
         self.feature_blocks = [self.model.stage_ends[s] for s in FEATURE_STAGES]
+        self.out_channels = tuple(self.model._blocks[i]._project_conv.conv.out_channels for i in self.feature_blocks)
+
+    def checkpoint_modules(self) -> List[nn.Module]:
+        """The MBConv blocks (what ``--grad_checkpoint`` recomputes)."""
+        return list(self.model._blocks)
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         m = self.model

@@ -32,7 +32,7 @@ from .errors import UserError
 
 __all__ = ['COCOEvaluator', 'STAT_NAMES', 'AREA_NAMES', 'CONFUSION_SCORE', 'load_coco', 'coco_from_dict',
            'resolve_category_ids', 'format_summary', 'load_results_file', 'write_results_json', 'format_table',
-           'run_coco_eval', 'file_digest', 'data_digest', 'reuse_refusal', 'evaluation_key', 'evaluate_project',
+           'run_coco_eval', 'coco_detections', 'file_digest', 'data_digest', 'reuse_refusal', 'evaluation_key', 'evaluate_project',
            'score_results_file']
 
 #: Names of pycocotools' 12 ``COCOeval.stats`` entries, in order.
@@ -663,29 +663,19 @@ def _metas(batch: Mapping[str, Any], input_hw: Tuple[int, int]) -> List[Any]:
     return metas
 
 
-def run_coco_eval(model: Any, dataset: Any, batch_size: int = 1,
-                  device: Union[str, torch.device, None] = 'cpu', score_threshold: float = 0.05,
-                  nms_threshold: float = 0.5, nms: str = 'hard', max_det: int = 100, half: bool = False,
-                  max_images: Optional[int] = None, progress: bool = True, num_workers: int = 0,
-                  verbose: bool = False) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
-    """Run a detector over a validation ``CocoDataset`` (augment off) and evaluate with pycocotools.
-
-    ``model``: an ``efficientdet.detector.Detector`` (its thresholds, NMS, precision and classes
-    are used as they are), or a model it wraps — an ``EfficientDetBackbone`` or an exported
-    runtime — with the dataset's classes, input size and normalisation and ``score_threshold``,
-    ``nms_threshold``, ``nms``, ``max_det``, ``half``, ``device``. Detections therefore come from
-    the same path as ``efficientdet_test.py``'s (``Detector.detect_prepared``: one autocast rule,
-    one mapping back to the original image, one placeholder-class rule). Items of ``dataset`` are
-    dicts with ``img`` [3, H, W] normalised, ``image_id``, ``scale`` (network px per original px)
-    and ``orig_size`` (h, w); the dataset also exposes ``coco``, ``cat_ids`` (category id per
-    label), ``obj_list``, ``image_size``, ``mean``, ``std``. ``max_images`` evaluates the first K
-    images only. A PyTorch model's train/eval state is restored after.
-
-    Returns ``(metrics, results)``: ``COCOEvaluator.compute`` metrics and the COCO results list
-    (bbox x, y, w, h in original-image pixels).
-    """
+def _detector_for(model: Any, dataset: Any, batch_size: int, device: Union[str, torch.device, None],
+                  score_threshold: float, nms_threshold: float, nms: str, max_det: int, half: bool) -> Any:
+    """``model`` itself when it is a ``Detector``, else a ``Detector`` around it with the dataset's
+    classes, input size and normalisation."""
     from .detector import Detector  # local: keeps COCOEvaluator free of the model code
+    if isinstance(model, Detector):
+        return model
+    return Detector(model, list(dataset.obj_list), dataset.image_size, mean=dataset.mean, std=dataset.std,
+                    threshold=score_threshold, iou=nms_threshold, nms=nms, max_det=max_det,
+                    device=device, half=half, batch_size=batch_size)
 
+
+def _evaluator_for(dataset: Any, verbose: bool = False) -> COCOEvaluator:
     coco = getattr(dataset, 'coco', None)
     if coco is None:
         raise TypeError('dataset must expose the ground truth as .coco (a pycocotools COCO)')
@@ -693,21 +683,31 @@ def run_coco_eval(model: Any, dataset: Any, batch_size: int = 1,
     names = getattr(dataset, 'obj_list', None)
     if cat_ids is not None and names is not None and len(names) != len(cat_ids):
         names = None
-    evaluator = COCOEvaluator(coco, cat_ids=cat_ids, class_names=names, verbose=verbose)
-    n = len(dataset) if max_images is None else min(len(dataset), int(max_images))
-    if n <= 0:
-        raise UserError('the validation set has no images to evaluate'
-                        + (f' (max_images={max_images})' if max_images is not None else ''))
+    return COCOEvaluator(coco, cat_ids=cat_ids, class_names=names, verbose=verbose)
+
+
+def coco_detections(model: Any, dataset: Any, indices: Optional[Sequence[int]] = None, batch_size: int = 1,
+                    device: Union[str, torch.device, None] = 'cpu', score_threshold: float = 0.05,
+                    nms_threshold: float = 0.5, nms: str = 'hard', max_det: int = 100, half: bool = False,
+                    progress: bool = True, num_workers: int = 0,
+                    evaluator: Optional[COCOEvaluator] = None) -> Tuple[List[int], List[Dict[str, Any]]]:
+    """The detection loop of :func:`run_coco_eval` on the items ``indices`` of ``dataset`` (default:
+    all): ``(image ids, COCO results)`` — the ids of the images run (with or without detections)
+    and their detections as COCO results (``bbox`` x, y, w, h in original-image pixels,
+    ``category_id`` in the annotation file's ids). Under torch.distributed each rank runs it on its
+    own shard (``distributed.shard_indices``). ``model`` as in :func:`run_coco_eval`; a PyTorch
+    model's train/eval state is restored after."""
     module = model if isinstance(model, torch.nn.Module) else None
     was_training = module.training if module is not None else False
-    if isinstance(model, Detector):
-        detector = model
-    else:
-        detector = Detector(model, list(dataset.obj_list), dataset.image_size, mean=dataset.mean, std=dataset.std,
-                            threshold=score_threshold, iou=nms_threshold, nms=nms, max_det=max_det,
-                            device=device, half=half, batch_size=batch_size)
-    subset = dataset if n == len(dataset) else torch.utils.data.Subset(dataset, range(n))
-    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False,
+    detector = _detector_for(model, dataset, batch_size, device, score_threshold, nms_threshold, nms, max_det, half)
+    evaluator = evaluator if evaluator is not None else _evaluator_for(dataset)
+    evaluator.reset()
+    items = dataset if indices is None else torch.utils.data.Subset(dataset, list(indices))
+    if len(items) == 0:  # a rank with no share of a tiny set
+        if module is not None:
+            module.train(was_training)
+        return [], []
+    loader = torch.utils.data.DataLoader(items, batch_size=batch_size, shuffle=False,
                                          num_workers=num_workers, collate_fn=_eval_collate)
     if progress:
         from tqdm import tqdm
@@ -726,8 +726,65 @@ def run_coco_eval(model: Any, dataset: Any, batch_size: int = 1,
     finally:
         if module is not None:
             module.train(was_training)
-    metrics = evaluator.compute()
-    return metrics, evaluator.results
+    return evaluator.image_ids, evaluator.results
+
+
+def run_coco_eval(model: Any, dataset: Any, batch_size: int = 1,
+                  device: Union[str, torch.device, None] = 'cpu', score_threshold: float = 0.05,
+                  nms_threshold: float = 0.5, nms: str = 'hard', max_det: int = 100, half: bool = False,
+                  max_images: Optional[int] = None, progress: bool = True, num_workers: int = 0,
+                  verbose: bool = False, distributed: Optional[bool] = None
+                  ) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+    """Run a detector over a validation ``CocoDataset`` (augment off) and evaluate with pycocotools.
+
+    ``model``: an ``efficientdet.detector.Detector`` (its thresholds, NMS, precision and classes
+    are used as they are), or a model it wraps — an ``EfficientDetBackbone`` or an exported
+    runtime — with the dataset's classes, input size and normalisation and ``score_threshold``,
+    ``nms_threshold``, ``nms``, ``max_det``, ``half``, ``device``. Detections therefore come from
+    the same path as ``efficientdet_test.py``'s (``Detector.detect_prepared``: one autocast rule,
+    one mapping back to the original image, one placeholder-class rule). Items of ``dataset`` are
+    dicts with ``img`` [3, H, W] normalised, ``image_id``, ``scale`` (network px per original px)
+    and ``orig_size`` (h, w); the dataset also exposes ``coco``, ``cat_ids`` (category id per
+    label), ``obj_list``, ``image_size``, ``mean``, ``std``. ``max_images`` evaluates the first K
+    images only. A PyTorch model's train/eval state is restored after.
+
+    ``distributed`` (default: when a torch.distributed process group of several processes is
+    initialised): every rank runs :func:`coco_detections` on its shard of the images, the results
+    lists are gathered and one COCO evaluation runs on rank 0, whose metrics every rank returns;
+    every rank must call it then (a collective). The figures equal a one-process evaluation of the
+    same model (each image's detections do not depend on the other images). Only rank 0 shows
+    progress.
+
+    Returns ``(metrics, results)``: ``COCOEvaluator.compute`` metrics and the COCO results list
+    (bbox x, y, w, h in original-image pixels) of all the images.
+    """
+    from .distributed import broadcast_object, dist_info, gather_objects, shard_indices
+    evaluator = _evaluator_for(dataset, verbose)
+    n = len(dataset) if max_images is None else min(len(dataset), int(max_images))
+    if n <= 0:
+        raise UserError('the validation set has no images to evaluate'
+                        + (f' (max_images={max_images})' if max_images is not None else ''))
+    rank, world = dist_info()
+    if distributed is None:
+        distributed = world > 1
+    mine = shard_indices(n) if distributed else range(n)
+    ids, results = coco_detections(model, dataset, mine, batch_size=batch_size, device=device,
+                                   score_threshold=score_threshold, nms_threshold=nms_threshold, nms=nms,
+                                   max_det=max_det, half=half, progress=progress and rank == 0,
+                                   num_workers=num_workers, evaluator=evaluator)
+    if not distributed:
+        evaluator.reset()
+        evaluator.add_results(results, source='detections')
+        return evaluator.compute(image_ids=ids), results
+    parts = gather_objects((ids, results))
+    all_ids = [i for part_ids, _ in parts for i in part_ids]
+    all_results = [r for _, part in parts for r in part]
+    metrics = None
+    if rank == 0:
+        evaluator.reset()
+        evaluator.add_results(all_results, source='detections')
+        metrics = evaluator.compute(image_ids=all_ids)
+    return broadcast_object(metrics), all_results
 
 
 def evaluation_key(detector: Any, project: Any, dataset: Any, data_path: str, weights: str,
@@ -764,36 +821,55 @@ def evaluate_project(detector: Any, project: Any, data_path: str = 'datasets/', 
     ``.meta.json`` beside it holding :func:`evaluation_key`. By default they are recomputed; with
     ``reuse`` an existing file is scored instead, only when its key equals this run's in every
     field (and ``weights``, the file the detector was loaded from, is known); either way ``log``
-    says which happened and why. Returns the ``COCOEvaluator.compute`` metrics."""
+    says which happened and why. Returns the ``COCOEvaluator.compute`` metrics.
+
+    Under torch.distributed (e.g. ``coco_eval.py`` under torchrun) every rank must call it: each
+    detects its shard of the images (:func:`run_coco_eval`), rank 0 evaluates, decides about
+    reuse, logs and writes the files; every rank returns the metrics."""
     from .data import build_dataset
+    from .distributed import broadcast_object, dist_info
     if max_images is not None and max_images <= 0:
         raise UserError(f'--max_images {max_images}: must be a positive number of images')
     if batch_size <= 0:
         raise UserError(f'--batch_size {batch_size}: must be at least 1')
+    main = dist_info()[0] == 0
+    if not main:
+        log = _silent
     dataset = build_dataset(project, project.val_set, detector.image_size, data_path, mean=detector.mean,
                             std=detector.std)
     log(dataset.summary())
-    key = evaluation_key(detector, project, dataset, data_path, weights, max_images) if weights else None
+    key = evaluation_key(detector, project, dataset, data_path, weights, max_images) if weights and main else None
     meta_path = results_path + '.meta.json' if results_path else None
-    if reuse and results_path and os.path.exists(results_path):
-        why = reuse_refusal(meta_path, key) if key is not None else 'the weights file is not known'
-        if why is None:
-            log(f'reusing {results_path}: made with the same key (project, ground truth, weights, runtime, precision, '
-                'size, normalisation, anchors, thresholds)')
-            evaluator = COCOEvaluator(dataset.coco, cat_ids=dataset.cat_ids, class_names=dataset.obj_list,
-                                      verbose=verbose)
-            evaluator.add_results(load_results_file(results_path), source=results_path)
-            return evaluator.compute(image_ids=dataset.image_ids[:max_images])
-        log(f'not reusing {results_path}: {why}; recomputing')
+    if reuse and results_path:
+        why: Optional[str] = 'there is no such file'
+        metrics: Optional[Dict[str, Any]] = None
+        if main and os.path.exists(results_path):
+            why = reuse_refusal(meta_path, key) if key is not None else 'the weights file is not known'
+            if why is None:
+                log(f'reusing {results_path}: made with the same key (project, ground truth, weights, runtime, '
+                    'precision, size, normalisation, anchors, thresholds)')
+                evaluator = COCOEvaluator(dataset.coco, cat_ids=dataset.cat_ids, class_names=dataset.obj_list,
+                                          verbose=verbose)
+                evaluator.add_results(load_results_file(results_path), source=results_path)
+                metrics = evaluator.compute(image_ids=dataset.image_ids[:max_images])
+            else:
+                log(f'not reusing {results_path}: {why}; recomputing')
+        metrics = broadcast_object(metrics)
+        if metrics is not None:
+            return metrics
     metrics, results = run_coco_eval(detector, dataset, batch_size=batch_size, max_images=max_images,
                                      progress=progress, num_workers=num_workers, verbose=verbose)
-    if results_path:
+    if results_path and main:
         replaced = os.path.exists(results_path)
         write_results_json(results, results_path)
         from .ckpt.files import atomic_write
         atomic_write(meta_path, lambda f: json.dump({'key': key}, f, indent=1), binary=False)
         log(f'wrote {len(results)} detections to {results_path}' + (' (replacing the earlier file)' if replaced else ''))
     return metrics
+
+
+def _silent(*args: Any, **kwargs: Any) -> None:
+    """The log of the ranks other than 0."""
 
 
 def score_results_file(project: Any, results_path: str, data_path: str = 'datasets/',

@@ -76,10 +76,24 @@ def read_weights(weights) -> Checkpoint:
     return read_checkpoint(weights)
 
 
+def _backbone_of(asked: Optional[str], ck: Optional[Checkpoint], finetune: bool) -> Optional[str]:
+    """The backbone spec to build: ``asked`` (``parse_backbone``), else the one ``ck`` records."""
+    from .backbones import parse_backbone, spec_of_state_dict
+    recorded = spec_of_state_dict(ck.state_dict) if ck is not None else None
+    if asked is None:
+        return recorded
+    spec = parse_backbone(asked)
+    if ck is not None and not finetune and spec != recorded:
+        raise UserError(f'{ck.name}: its backbone is {recorded or "efficientnet"}, not {spec or "efficientnet"}; '
+                        'leave --backbone out to use the one the weights record')
+    return spec
+
+
 def build_model(variant: Union[Variant, str] = 0, *, num_classes: Optional[int] = None,
                 project: Union[Project, str, None] = None, weights=None, image_size: ImageSize = None,
                 compat: str = 'official', finetune: bool = False,
-                device: Union[str, torch.device, None] = None, verbose: bool = True) -> EfficientDetBackbone:
+                device: Union[str, torch.device, None] = None, verbose: bool = True,
+                backbone: Optional[str] = None) -> EfficientDetBackbone:
     """Build an ``EfficientDetBackbone`` and optionally load weights.
 
     variant: 0-8 (D0-D7x), 'd0', 'lite0' … (``config.parse_variant``).
@@ -123,7 +137,9 @@ def build_model(variant: Union[Variant, str] = 0, *, num_classes: Optional[int] 
     if n <= 0:
         raise UserError(f'num_classes={n}: must be at least 1')
 
-    model = EfficientDetBackbone(num_classes=n, compound_coef=key, ratios=ratios, scales=scales, compat=compat)
+    spec = _backbone_of(backbone, ck, finetune)
+    model = EfficientDetBackbone(num_classes=n, compound_coef=key, ratios=ratios, scales=scales, compat=compat,
+                                 backbone=spec)
     model.image_size = size
     if ck is not None:
         if finetune:

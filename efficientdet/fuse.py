@@ -247,6 +247,8 @@ class _Tracer(fx.Tracer):
         super().__init__(autowrap_functions=_shape_helpers())
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if getattr(m, 'fuse_opaque', False):  # e.g. a timm backbone (efficientdet.backbones): called as it is
+            return True
         if isinstance(m, (Conv2dStaticSamePadding, MaxPool2dStaticSamePadding, Anchors, nn.Conv2d, nn.BatchNorm2d)):
             return True
         if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):

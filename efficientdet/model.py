@@ -1,4 +1,5 @@
-"""EfficientDetBackbone: EfficientNet → BiFPN → box/class heads → anchors.
+"""EfficientDetBackbone: EfficientNet (or another backbone, ``efficientdet.backbones``) → BiFPN →
+box/class heads → anchors.
 
 ``forward(x)`` takes a normalised NCHW batch of any H and W the official model accepts
 (``config.check_image_size``; the defaults are multiples of 128) and returns
@@ -10,7 +11,7 @@
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -36,11 +37,16 @@ class EfficientDetBackbone(nn.Module):
     ``compat='official'`` (default) computes what the official TF model computes;
     ``compat='zylo117'`` reproduces Yet-Another-EfficientDet-Pytorch (zero-padded max-pools,
     anchor ratios 1.4/0.7). State-dict keys are Yet-Another's in both modes.
+
+    ``backbone``: the feature extractor (``backbone_net``): None for the variant's EfficientNet
+    (the official network), a spec string (``'timm:resnet18'``, see ``efficientdet.backbones``) or
+    any module following ``backbones.FeatureBackbone`` (P3-P5 maps with known ``out_channels``);
+    the BiFPN, heads and anchors are the variant's either way.
     """
 
     def __init__(self, num_classes: int = 80, compound_coef: Variant = 0, load_weights: bool = False,
                  ratios: Sequence[Tuple[float, float]] | None = None, scales: Sequence[float] | None = None,
-                 compat: str = 'official', **kwargs):
+                 compat: str = 'official', backbone: Union[str, nn.Module, None] = None, **kwargs):
         super().__init__()
         if compat not in COMPAT_MODES:
             raise ValueError(f'compat must be one of {COMPAT_MODES}, got {compat!r}')
@@ -58,9 +64,17 @@ class EfficientDetBackbone(nn.Module):
         num_anchors = len(self.aspect_ratios) * len(self.scales)
         pool_pad = 0.0 if compat == 'zylo117' else float('-inf')
 
-        self.backbone_net = EfficientNetBackbone(cfg.backbone, cfg.act)
+        if backbone is None:
+            self.backbone_net = EfficientNetBackbone(cfg.backbone, cfg.act)
+        elif isinstance(backbone, nn.Module):
+            self.backbone_net = backbone
+        else:
+            from .backbones import build_backbone
+            self.backbone_net = build_backbone(backbone, cfg)
+        from .backbones import check_feature_channels
+        channels = list(check_feature_channels(getattr(self.backbone_net, 'out_channels', ())))
         self.bifpn = nn.Sequential(*[
-            BiFPN(cfg.fpn_num_filters, cfg.backbone_channels, first_time=(i == 0), levels=cfg.levels,
+            BiFPN(cfg.fpn_num_filters, channels, first_time=(i == 0), levels=cfg.levels,
                   fusion=cfg.fusion, pool_pad_value=pool_pad, act=cfg.act)
             for i in range(cfg.fpn_cell_repeats)])
         n_levels = len(cfg.levels)
@@ -72,8 +86,9 @@ class EfficientDetBackbone(nn.Module):
 
     # ------------------------------------------------------------------ init
     def reset_parameters(self, prior: float = 0.01) -> None:
-        """Official-style initialisation (used when training from scratch)."""
-        for m in self.backbone_net.modules():
+        """Official-style initialisation (used when training from scratch); another backbone than
+        the EfficientNet keeps its own initialisation."""
+        for m in (self.backbone_net.modules() if isinstance(self.backbone_net, EfficientNetBackbone) else ()):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode='fan_out')  # official conv_kernel_initializer
                 if m.bias is not None:

@@ -652,16 +652,21 @@ def test_scale_range_from_the_project_or_the_command_line(tiny_data, tmp_path):
     ``--scale_range MIN MAX``; validation data is never jittered; a bad range is a UserError."""
     import train
     from efficientdet.project import load_project
+    from efficientdet.training.config import config_from_args, resolve_recipe
+    from efficientdet.training.run import build_data
     project = load_project('tiny', str(tiny_data / 'projects'))
     base = ['-p', 'tiny', '--projects_dir', str(tiny_data / 'projects'), '--data_path', str(tiny_data / 'data'),
-            '-n', '0']
+            '-n', '0', '-c', '0']
+
+    def data(extra):
+        recipe, cfg = resolve_recipe(config_from_args(train.get_args(base + extra)))
+        return build_data(cfg, recipe, project, (128, 128), 0, 1, 2)
     for extra, expect in (([], (0.1, 2.0)), (['--scale_range', '1', '1'], (1.0, 1.0)),
                           (['--scale_range', '0.5', '1.5'], (0.5, 1.5))):
-        args = train.get_args(base + extra)
-        train_ds, val_ds, *_ = train.build_data(args, project, (128, 128), 0, 1, 2)
-        assert train_ds.transform.scale_range == expect and not val_ds.transform.augment
+        d = data(extra)
+        assert d.train_ds.transform.scale_range == expect and not d.val_ds.transform.augment
     with pytest.raises(UserError, match=r'--scale_range must be two numbers \[min, max\] with 0 < min <= max'):
-        train.build_data(train.get_args(base + ['--scale_range', '2', '1']), project, (128, 128), 0, 1, 2)
+        data(['--scale_range', '2', '1'])
 
 
 def test_drop_connect_rate_schedule_and_bad_value(tiny_data, tmp_path):

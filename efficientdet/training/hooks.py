@@ -62,7 +62,25 @@ Log = Callable[..., None]
 
 
 class Hook:
-    """Base class: every event does nothing; no state."""
+    """Base class: every event does nothing; no state.
+
+    The lifecycle a hook can rely on (:meth:`Trainer.fit <efficientdet.training.Trainer.fit>`):
+
+    - ``on_fit_start`` once, before the first step (after any resume); then per epoch
+      ``on_epoch_start``, per step ``on_update`` (only when the weights changed) and
+      ``on_step_end``, ``on_validation`` when a validation ran, and ``on_epoch_end``;
+    - ``on_fit_end`` only when the run ends normally or by a requested stop (the epochs are done,
+      ``max_steps``, early stopping, a signal, ``trainer.request_stop``); never after an exception,
+      so nothing is saved from a failed run: the last good checkpoint stays;
+    - ``close`` always, last, on every exit path (normal end, requested stop, exception, a second
+      Ctrl+C), on every hook, even when another hook's ``close`` raised: release resources there
+      (files, writers, signal handlers);
+    - a stop asked for while a step runs takes effect at that step: no step starts after it.
+
+    Under torch.distributed every process runs every event; an exception on one process ends it,
+    and the others stop at their next collective (gloo notices the closed connection, torchrun
+    stops the remaining processes), so a failing rank never leaves the others waiting.
+    """
 
     name = 'hook'
 
@@ -158,8 +176,11 @@ class LRScheduleHook(Hook):
 
 # ----------------------------------------------------------------------------- run control
 class SignalHook(Hook):
-    """SIGINT/SIGTERM: finish the step, let the checkpoint hook write last.ckpt, stop (the script
-    then exits with 128 + the signal number). A second Ctrl+C aborts at once."""
+    """SIGINT/SIGTERM: stop at the step under way (a step whose last backward has not started yet
+    is abandoned, one further along completes; none starts after), let the checkpoint hook write
+    last.ckpt, stop (the script then exits with 128 + the signal number). A second Ctrl+C aborts
+    at once without saving. The handlers are installed in ``on_fit_start`` and the previous ones
+    restored in ``close``."""
 
     name = 'signal'
 
@@ -184,8 +205,8 @@ class SignalHook(Hook):
         if self.requested is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = signum
-        print(f'\n[{signal.Signals(signum).name}] stopping after this step and saving last.ckpt (Ctrl+C again '
-              'aborts without saving)', file=sys.stderr, flush=True)
+        print(f'\n[{signal.Signals(signum).name}] stopping at the step under way and saving last.ckpt (Ctrl+C '
+              'again aborts without saving)', file=sys.stderr, flush=True)
 
     def wants_stop(self, trainer):
         return self.requested is not None
@@ -328,12 +349,15 @@ class TensorBoardHook(Hook):
 
 # ----------------------------------------------------------------------------- validation
 class ValidationHook(Hook):
-    """Validates after every ``interval``-th finished epoch (and the last one) on rank 0, the other
-    processes wait; RNG-neutral, so validation never changes the training trajectory.
+    """Validates after every ``interval``-th finished epoch (and the last one); RNG-neutral, so
+    validation never changes the training trajectory.
 
     ``evaluate_candidates()`` returns ``{name: {'metrics': {...}, 'state_dict': ...}}`` for the
-    raw weights and the EMA (see :func:`~.validation.evaluate_candidates`); the better one by
-    ``metric`` ('map': higher ``AP``, 'loss': lower ``loss``) among ``('raw', 'ema')`` is chosen.
+    raw weights and/or the EMA (see :func:`~.validation.evaluate_candidates`); the better one by
+    ``metric`` ('map': higher ``AP``, 'loss': lower ``loss``) among ``('raw', 'ema')`` is chosen
+    (on a tie the first; the log marks ``<- better`` only a strictly better one). With
+    ``every_rank`` (default) every process calls it (a distributed evaluation: each process
+    evaluates its shard); otherwise rank 0 alone does and the others wait.
     Sends ``on_validation(report)`` to every hook with ``report`` = ``{'epoch', 'step', 'metric',
     'value' (float or None), 'source' ('raw' | 'ema'), 'results' ({name: metrics}, rank 0),
     'state_dict' (the chosen weights as evaluated, rank 0)}``; value and source are broadcast.
@@ -342,9 +366,11 @@ class ValidationHook(Hook):
     name = 'validation'
 
     def __init__(self, evaluate_candidates: Callable[[], Dict[str, Dict[str, Any]]], metric: str = 'map',
-                 interval: int = 1, num_epochs: Optional[int] = None, is_main: bool = True, log: Log = print):
+                 interval: int = 1, num_epochs: Optional[int] = None, is_main: bool = True, log: Log = print,
+                 every_rank: bool = True):
         self.evaluate_candidates, self.metric = evaluate_candidates, metric
         self.interval, self.num_epochs, self.is_main, self.log = max(int(interval), 1), num_epochs, is_main, log
+        self.every_rank = every_rank
 
     def _value(self, metrics: Dict[str, float]) -> Optional[float]:
         v = metrics.get('AP' if self.metric == 'map' else 'loss')
@@ -360,7 +386,7 @@ class ValidationHook(Hook):
                                   'source': 'raw', 'results': None, 'state_dict': None}
         order = ('raw', 'ema')
         flags = torch.tensor([math.nan, 0.0], dtype=torch.float64)
-        if self.is_main:
+        if self.is_main or self.every_rank:
             saved = rng_state()
             t0 = time.time()
             try:
@@ -370,16 +396,19 @@ class ValidationHook(Hook):
             values = {k: self._value(res[k]['metrics']) for k in order if k in res}
             sign = 1.0 if self.metric == 'map' else -1.0
             pick = max(values, key=lambda k: -math.inf if values[k] is None else sign * values[k])
-            for name, r in res.items():
-                mt = r['metrics']
-                msg = (f'val epoch {epoch} {name}: loss {mt["loss"]:.5f} (cls {mt["cls_loss"]:.5f}, '
-                       f'box {mt["box_loss"]:.6f})')
-                if 'AP' in mt:
-                    msg += f', mAP {mt["AP"]:.4f}, AP50 {mt.get("AP50", float("nan")):.4f}'
-                self.log(msg + (' <- better' if name == pick and len(values) > 1 else ''))
-            self.log(f'[info] validation at step {trainer.step} took {time.time() - t0:.0f}s')
-            report.update(value=values[pick], source=pick, results={k: r['metrics'] for k, r in res.items()},
-                          state_dict=res[pick]['state_dict'])
+            strictly = values[pick] is not None and all(
+                v is None or sign * values[pick] > sign * v for k, v in values.items() if k != pick)
+            if self.is_main:
+                for name, r in res.items():
+                    mt = r['metrics']
+                    msg = (f'val epoch {epoch} {name}: loss {mt["loss"]:.5f} (cls {mt["cls_loss"]:.5f}, '
+                           f'box {mt["box_loss"]:.6f})')
+                    if 'AP' in mt:
+                        msg += f', mAP {mt["AP"]:.4f}, AP50 {mt.get("AP50", float("nan")):.4f}'
+                    self.log(msg + (' <- better' if name == pick and len(values) > 1 and strictly else ''))
+                self.log(f'[info] validation at step {trainer.step} took {time.time() - t0:.0f}s')
+                report.update(results={k: r['metrics'] for k, r in res.items()}, state_dict=res[pick]['state_dict'])
+            report.update(value=values[pick], source=pick)
             flags = torch.tensor([math.nan if values[pick] is None else values[pick], float(order.index(pick))],
                                  dtype=torch.float64)
         _, world = dist_info()

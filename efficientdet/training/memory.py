@@ -1,4 +1,4 @@
-"""``--grad_checkpoint``: activation checkpointing of the backbone's MBConv blocks and the BiFPN cells.
+"""``--grad_checkpoint``: activation checkpointing of the backbone's blocks and the BiFPN cells.
 
 During training the activations inside each checkpointed module are not kept for the backward
 pass; they are recomputed from the module's input when the gradient reaches it (one extra forward
@@ -69,15 +69,18 @@ def _checkpointed(cls: Type[nn.Module]) -> type:
 
 
 def checkpointed_modules(model: nn.Module) -> List[nn.Module]:
-    """The modules ``--grad_checkpoint`` covers: every backbone block and every BiFPN cell."""
+    """The modules ``--grad_checkpoint`` covers: the backbone's own (its ``checkpoint_modules()``:
+    the MBConv blocks of EfficientNet, the stages of a timm model) and every BiFPN cell."""
     m = unwrap_model(model)
-    try:
-        blocks = list(m.backbone_net.model._blocks)
-        cells = list(m.bifpn)
-    except AttributeError:
-        raise UserError(f'--grad_checkpoint needs an EfficientDet model (backbone_net.model._blocks and bifpn); '
-                        f'{type(m).__name__} has neither') from None
-    return blocks + cells
+    backbone, cells = getattr(m, 'backbone_net', None), getattr(m, 'bifpn', None)
+    if backbone is None or cells is None:
+        raise UserError(f'--grad_checkpoint needs an EfficientDet model (backbone_net and bifpn); '
+                        f'{type(m).__name__} has neither')
+    own = getattr(backbone, 'checkpoint_modules', None)
+    if own is None:
+        raise UserError(f'--grad_checkpoint: the backbone {type(backbone).__name__} does not say which of its '
+                        'modules to recompute (a checkpoint_modules() method); train without --grad_checkpoint')
+    return list(own()) + list(cells)
 
 
 def enable_grad_checkpoint(model: nn.Module) -> int:

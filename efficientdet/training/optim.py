@@ -10,7 +10,7 @@ cosine starts at the end of the warm-up and reaches 0 exactly at ``total_steps``
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -18,7 +18,8 @@ from torch import nn
 from ..errors import UserError
 from .util import unwrap_model
 
-__all__ = ['param_groups', 'build_optimizer', 'WarmupCosine', 'build_scheduler']
+__all__ = ['param_groups', 'build_optimizer', 'WarmupCosine', 'build_scheduler', 'load_scheduler_position',
+           'schedule_change']
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
@@ -92,3 +93,34 @@ def load_scheduler_position(scheduler: torch.optim.lr_scheduler.LRScheduler, sta
         for group, lr in zip(scheduler.optimizer.param_groups, lrs):
             group['lr'] = lr
         scheduler._last_lr = lrs
+
+
+def schedule_change(state: Dict[str, Any], scheduler: torch.optim.lr_scheduler.LRScheduler) -> Optional[str]:
+    """What differs between a saved ``LambdaLR`` state (``state``) and ``scheduler`` (this run's):
+    a one-line description of the change of total steps, warm-up steps, warm-up start or peak LR,
+    with the LR the resumed step gets under each, or None when the schedule is the same (or not a
+    :class:`WarmupCosine`)."""
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR) or not scheduler.lr_lambdas:
+        return None
+    now = scheduler.lr_lambdas[0]
+    saved = (state.get('lr_lambdas') or [None])[0]
+    if not isinstance(now, WarmupCosine) or not isinstance(saved, dict):
+        return None
+    before = WarmupCosine(1, 0)
+    before.__dict__.update(saved)
+    base_then = [float(b) for b in state.get('base_lrs', scheduler.base_lrs)]
+    parts = []
+    for name, a, b in (('total steps', before.total_steps, now.total_steps),
+                       ('warm-up steps', before.warmup_steps, now.warmup_steps),
+                       ('warm-up start', before.warmup_init, now.warmup_init),
+                       ('peak LR', base_then[0] if base_then else None, scheduler.base_lrs[0])):
+        if a is not None and a != b:
+            parts.append(f'{name} {a:g} -> {b:g}')
+    if not parts:
+        return None
+    step = int(state.get('last_epoch', 0))
+    lr_then = base_then[0] * before(step) if base_then else float('nan')
+    lr_now = scheduler.base_lrs[0] * now(step)
+    return (f'the LR schedule changed on resume ({", ".join(parts)}): the LR at step {step} is {lr_now:.4g} '
+            f'(the saved run would use {lr_then:.4g}); resume with the same --num_epochs, --batch_size, --lr and '
+            '--warmup_epochs to continue the saved schedule')

@@ -9,10 +9,12 @@ The loop (:meth:`Trainer.fit`)::
         for each group of `accumulate` micro-batches:
             train_step_batches  ->  on_update (only when the weights changed)  ->  on_step_end
         on_epoch_end(epoch, finished)      # counters already at the next epoch when finished
-    on_fit_end
+    on_fit_end                             # only when the loop ended normally or by a requested stop
+    close                                  # always, last, also after an exception
 
 Hooks run in the order they were given. A hook asks the loop to stop with
 :meth:`Trainer.request_stop`; its ``state_dict`` travels in ``last.ckpt`` under its ``name``.
+The lifecycle a hook can rely on is written down in :class:`~.hooks.Hook`.
 
 Everything :meth:`Trainer.state_dict` returns is tensors and plain Python containers, so a saved
 training state reads back with ``torch.load(weights_only=True)`` (``checkpoint.safe_load``).
@@ -36,7 +38,7 @@ from .util import dist_info, unwrap_model
 __all__ = ['Trainer', 'STATE_FORMAT', 'STATE_VERSION', 'gather_rng_states']
 
 STATE_FORMAT = 'efficientdet-training-state'
-STATE_VERSION = 2
+STATE_VERSION = 2   # 1: EMA, schedule and best metric at the top level (still read)
 Batch = Tuple[torch.Tensor, torch.Tensor]
 
 
@@ -71,6 +73,19 @@ class Trainer:
 
     ``scheduler`` and ``ema`` are shorthands for :class:`~.hooks.LRScheduleHook` and
     :class:`~.hooks.EMAHook` (run first, in that order: EMA then schedule).
+
+    Clipping (``clip_grad_norm``): by default the global norm of all gradients. ``clip_per_tensor``
+    (the official trainer): each gradient tensor is first clipped to that norm, then the global
+    norm, both as TF's ``clip_by_norm`` / ``clip_by_global_norm`` (``t * c / max(norm, c)``).
+    ``decay_in_grad``: the SGD weight decay of each parameter group is taken out of the optimizer
+    and added to the gradient before clipping (the official L2 term inside the clipped gradient);
+    the step result then also holds ``reg_l2_loss`` = sum of ``wd / 2 * ||w||^2`` (the official
+    ``reg_l2_loss``, before the update).
+
+    A stop asked for while a step runs (a hook's ``wants_stop``: Ctrl+C, SIGTERM) is agreed
+    between the processes just before that step's last backward: when agreed there, the step is
+    abandoned (no update, counters unchanged, ``result['aborted']``), so no step starts after the
+    request is seen.
     """
 
     def __init__(self, model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
@@ -78,7 +93,7 @@ class Trainer:
                  device: Optional[torch.device] = None, amp: bool = False, clip_grad_norm: Optional[float] = 10.0,
                  max_nonfinite: int = 10, ddp_model: Optional[nn.Module] = None, head_only: bool = False,
                  channels_last: bool = False, hooks: Sequence[Hook] = (), accumulate: int = 1,
-                 freeze_bn: bool = False):
+                 freeze_bn: bool = False, clip_per_tensor: bool = False, decay_in_grad: bool = False):
         self.model = unwrap_model(model)
         self.net = ddp_model if ddp_model is not None else model
         self.criterion = criterion
@@ -95,6 +110,18 @@ class Trainer:
             raise UserError(f'--accumulate must be at least 1, got {accumulate}')
         self.accumulate = int(accumulate)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.clip_per_tensor = bool(clip_per_tensor)
+        # (parameters, weight decay) whose L2 term goes into the gradient (decay_in_grad)
+        self.l2_groups: List[Tuple[List[torch.Tensor], float]] = []
+        if decay_in_grad:
+            if not isinstance(optimizer, torch.optim.SGD):
+                raise ValueError('decay_in_grad needs SGD (coupled L2 weight decay); AdamW decays apart from '
+                                 'the gradient')
+            for group in optimizer.param_groups:
+                wd = float(group.get('weight_decay', 0.0))
+                if wd:
+                    self.l2_groups.append((list(group['params']), wd))
+                    group['weight_decay'] = 0.0
         own: List[Hook] = []
         if ema is not None:
             own.append(EMAHook(ema))
@@ -161,8 +188,13 @@ class Trainer:
         """One optimizer step on one batch (see the class docstring)."""
         return self.train_step_batches([(images, annotations)], stop_requested)
 
+    def _wants_stop(self) -> bool:
+        return any(h.wants_stop(self) for h in self.hooks)
+
     def train_step_batches(self, batches: Sequence[Batch], stop_requested: bool = False) -> Dict[str, Any]:
-        """One optimizer step over the micro-batches ``batches`` (gradients accumulated)."""
+        """One optimizer step over the micro-batches ``batches`` (gradients accumulated).
+        ``stop_requested`` (or a hook's ``wants_stop``) seen before the last backward abandons
+        the step (see the class docstring)."""
         if not batches:
             raise ValueError('train_step_batches needs at least one micro-batch')
         _, world = dist_info()
@@ -203,24 +235,28 @@ class Trainer:
                     del reg, cls, out, loss
                     continue
             # last micro-batch: agree on the logged values, skip and stop before its backward
-            agg = self._sync(torch.cat([sums, torch.tensor([float(local_nonfinite), float(stop_requested)],
+            local_stop = stop_requested or self._wants_stop()
+            agg = self._sync(torch.cat([sums, torch.tensor([float(local_nonfinite), float(local_stop)],
                                                            dtype=torch.float64)]))
+            if bool(agg[4] > 0):  # a stop was asked for: this step is not taken
+                self.optimizer.zero_grad(set_to_none=True)
+                return {'loss': float(agg[0]) / world, 'cls_loss': float(agg[1]) / world,
+                        'box_loss': float(agg[2]) / world, 'num_pos': total_pos,
+                        'lr': self.optimizer.param_groups[0]['lr'], 'grad_norm': float('nan'), 'skipped': True,
+                        'stop': True, 'aborted': True}
             if not bool(agg[3] > 0):
                 self.scaler.scale(loss).backward()
                 backward_done = True
         result: Dict[str, Any] = {
             'loss': float(agg[0]) / world, 'cls_loss': float(agg[1]) / world, 'box_loss': float(agg[2]) / world,
             'num_pos': total_pos, 'lr': self.optimizer.param_groups[0]['lr'], 'grad_norm': float('nan'),
-            'skipped': False, 'stop': bool(agg[4] > 0)}
+            'skipped': False, 'stop': False, 'aborted': False}
+        if self.l2_groups:
+            result['reg_l2_loss'] = self.reg_l2_loss()
         updated = False
         if backward_done:
             self.scaler.unscale_(self.optimizer)
-            if self.clip_grad_norm:
-                norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad_norm)
-            else:
-                grads = [p.grad.detach().norm() for p in self.params if p.grad is not None]
-                norm = torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.zeros(())
-            result['grad_norm'] = float(norm)
+            result['grad_norm'] = float(self._clip())
             finite = math.isfinite(result['grad_norm'])
             if self.amp:
                 # the scaler skips the step itself on inf/NaN gradients and lowers its scale
@@ -249,6 +285,41 @@ class Trainer:
         self.call('on_step_end', result)
         return result
 
+    def reg_l2_loss(self) -> float:
+        """The official ``reg_l2_loss`` of the parameters whose decay is in the gradient: sum over
+        them of ``wd / 2 * ||w||^2``."""
+        total = 0.0
+        for params, wd in self.l2_groups:
+            if params:
+                norms = torch._foreach_norm([p.detach() for p in params])
+                total += 0.5 * wd * float(torch.stack([n.double() ** 2 for n in norms]).sum())
+        return total
+
+    @torch.no_grad()
+    def _clip(self) -> torch.Tensor:
+        """Add the L2 term (``decay_in_grad``), clip (see the class docstring); returns the global
+        norm the final clipping saw (NaN/inf when a gradient is not finite)."""
+        for params, wd in self.l2_groups:
+            grads = [p.grad for p in params if p.grad is not None]
+            if grads:
+                torch._foreach_add_(grads, [p for p in params if p.grad is not None], alpha=wd)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return torch.zeros(())
+        c = self.clip_grad_norm
+        if c and self.clip_per_tensor:
+            norms = torch._foreach_norm(grads)
+            # tf.clip_by_norm: t * c / max(||t||, c)
+            torch._foreach_mul_(grads, [c / torch.clamp(n, min=c) for n in norms])
+        norms = torch._foreach_norm(grads)
+        total = torch.linalg.vector_norm(torch.stack([n.to(torch.float32) for n in norms]))
+        if c:
+            if self.clip_per_tensor:  # tf.clip_by_global_norm: c / max(global, c)
+                torch._foreach_mul_(grads, c / torch.clamp(total, min=c))
+            else:  # torch's clip_grad_norm_ rule (c / (total + 1e-6), at most 1)
+                torch._foreach_mul_(grads, torch.clamp(c / (total + 1e-6), max=1.0))
+        return total
+
     def _no_sync(self):
         no_sync = getattr(self.net, 'no_sync', None)
         return no_sync() if no_sync is not None else contextlib.nullcontext()
@@ -268,33 +339,65 @@ class Trainer:
                 group = []
 
     def fit(self, loader: Iterable[Dict[str, Any]], num_epochs: int, steps_per_epoch: int,
-            max_steps: Optional[int] = None) -> Optional[str]:
+            max_steps: Optional[int] = None, data_name: str = 'the training data') -> Optional[str]:
         """Train until ``num_epochs`` epochs of ``steps_per_epoch`` optimizer steps are done, or a
-        hook (or ``max_steps``) stops the run. ``loader`` yields dicts with ``img`` / ``annot``
-        micro-batches (``accumulate`` per step). Returns the stop reason (None: ran to the end)."""
+        hook (or ``max_steps`` optimizer steps in total) stops the run. ``loader`` yields dicts with
+        ``img`` / ``annot`` micro-batches (``accumulate`` per step). Returns the stop reason (None:
+        ran to the end; 'max_steps', 'signal', 'early_stop' or a hook's own reason).
+
+        Lifecycle (see :class:`~.hooks.Hook`): ``on_fit_end`` runs only when the loop ends normally
+        or by a requested stop, never after an exception; ``close`` runs on every hook, last, on
+        every exit path. A loader that runs out before an epoch's ``steps_per_epoch`` steps is a
+        :class:`UserError` naming ``data_name``."""
         self.stop_reason = None
-        self.call('on_fit_start')
         try:
+            self.call('on_fit_start')
             while self.epoch < num_epochs and self.stop_reason is None:
+                if max_steps is not None and self.step >= max_steps:
+                    self.request_stop('max_steps')
+                    break
                 self.call('on_epoch_start')
                 if self.epoch_step < steps_per_epoch:
                     for group in self._groups(self._guarded(loader)):
-                        votes = any(h.wants_stop(self) for h in self.hooks)
-                        r = self.train_step_batches(group, stop_requested=votes)
+                        r = self.train_step_batches(group)
                         if r['stop']:
                             self.request_stop('signal')
+                        elif dist_info()[1] == 1 and self._wants_stop():
+                            self.request_stop('signal')  # one process: no agreement needed, stop now
                         if max_steps is not None and self.step >= max_steps:
                             self.request_stop('max_steps')
                         if self.stop_reason is not None or self.epoch_step >= steps_per_epoch:
                             break
                 finished = self.epoch_step >= steps_per_epoch
+                if not finished and self.stop_reason is None:
+                    if self._wants_stop():  # the loader ended because a data worker died of the signal
+                        self.request_stop('signal')
+                    else:
+                        raise UserError(f'{data_name} ran out after {self.epoch_step} of the {steps_per_epoch} '
+                                        f'steps of epoch {self.epoch} (the loader yields fewer batches than an '
+                                        'epoch needs); check that the data loader yields every image of the set')
                 epoch = self.epoch
                 if finished:
                     self.end_epoch()
                 self.call('on_epoch_end', epoch, finished)
-        finally:
             self.call('on_fit_end')
+        except BaseException:
+            self.close(raise_errors=False)  # the run's own exception is the one that matters
+            raise
+        self.close()
         return self.stop_reason
+
+    def close(self, raise_errors: bool = True) -> None:
+        """``close`` on every hook, in order; every hook is closed even when one raises (then the
+        first error is raised after them, when ``raise_errors``)."""
+        first: Optional[Exception] = None
+        for h in self.hooks:
+            try:
+                h.close(self)
+            except Exception as e:  # noqa: BLE001 -- close the others first
+                first = first or e
+        if first is not None and raise_errors:
+            raise first
 
     def _guarded(self, loader: Iterable[Dict[str, Any]]) -> Iterator[Dict[str, Any]]:
         it = iter(loader)
@@ -337,6 +440,11 @@ class Trainer:
         if not isinstance(state, dict) or state.get('format') != STATE_FORMAT:
             raise UserError(f'{path} is not a training state written by train.py (no {STATE_FORMAT!r} marker); '
                             'to start from plain weights pass -w FILE.pth instead of resuming')
+        version = state.get('version', 1)
+        if not isinstance(version, int) or version > STATE_VERSION:
+            raise UserError(f'{path}: training state version {version} is newer than this version of the package '
+                            f'reads ({STATE_VERSION}); resume with the version that wrote it, or fine-tune from its '
+                            'weights with -w FILE.pth')
         try:
             self.model.load_state_dict(state['model'])
         except RuntimeError as e:
