@@ -44,14 +44,19 @@ from .sampler import EpochSampler, SeededItems
 from .trainer import Trainer
 from .validation import BNCalibrator, evaluate, evaluate_candidates
 
-__all__ = ['TrainResult', 'Run', 'build_run', 'default_hooks', 'run_training', 'build_data', 'seed_everything',
-           'subset_indices']
+__all__ = ['TrainResult', 'Run', 'build_run', 'default_hooks', 'run_training', 'make_trainer', 'build_data',
+           'seed_everything', 'subset_indices']
 
 Log = Callable[..., None]
 
 
 def _quiet(*args: Any, **kwargs: Any) -> None:
     """The log of the processes other than rank 0."""
+
+
+def say(message: str) -> None:
+    """The default log: a line on stdout, flushed (a job log or a pipe sees it at once)."""
+    print(message, flush=True)
 
 
 @dataclass
@@ -223,7 +228,7 @@ def _weights_source(cfg: TrainConfig, save_dir: str) -> Tuple[Optional[str], Opt
 
 
 def build_run(cfg: TrainConfig, hooks: Sequence[Hook] = (), ctx: Optional[DistContext] = None,
-              log: Log = print) -> Run:
+              log: Log = say) -> Run:
     """Everything of a run from ``cfg``: data, model (``factory.build_model``), EMA, frozen parts,
     optimizer and schedule, BN re-estimation, the hooks (:func:`default_hooks` with ``hooks``
     added before the signal and checkpoint hooks) and, with ``-w last`` / a ``.ckpt``, the resumed
@@ -300,12 +305,6 @@ def build_run(cfg: TrainConfig, hooks: Sequence[Hook] = (), ctx: Optional[DistCo
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         log(f'[info] SyncBatchNorm over {world} GPUs ({local_bs} images each)')
 
-    lr = cfg.lr if cfg.lr is not None else (0.08 * cfg.batch_size / 64 if cfg.optim == 'sgd' else 1e-3)
-    wd = cfg.weight_decay if cfg.weight_decay is not None else (4e-5 if cfg.optim == 'sgd' else 1e-2)
-    optimizer = build_optimizer(model, cfg.optim, lr, cfg.momentum, wd)
-    scheduler = build_scheduler(optimizer, cfg.num_epochs * steps_per_epoch,
-                                int(round(cfg.warmup_epochs * steps_per_epoch)))
-    criterion = DetectionLoss(label_smoothing=cfg.label_smoothing, distributed=world > 1)
     ddp = None
     if world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(
@@ -317,20 +316,42 @@ def build_run(cfg: TrainConfig, hooks: Sequence[Hook] = (), ctx: Optional[DistCo
               es_metric=es_metric, model=model, ema=ema, channels_last=channels_last, trainer=None, hooks=[])
     run.calibrator = _calibrator(run, scratch, bn_names)
     run.val_criterion = DetectionLoss(label_smoothing=cfg.label_smoothing)
-    run.trainer = Trainer(model, criterion, optimizer, scheduler, ema, device=device, amp=cfg.amp,
-                          clip_grad_norm=cfg.clip_grad or None, ddp_model=ddp, head_only=cfg.head_only,
-                          channels_last=channels_last, hooks=default_hooks(run, hooks), accumulate=cfg.accumulate,
-                          freeze_bn=cfg.freeze_bn, clip_per_tensor=recipe.clip_per_tensor,
-                          decay_in_grad=recipe.decay_in_grad and cfg.optim == 'sgd')
+    run.trainer = make_trainer(cfg, model, steps_per_epoch, device=device, ema=ema, ddp=ddp,
+                               hooks=default_hooks(run, hooks), channels_last=channels_last)
     run.hooks = run.trainer.hooks
     if state is not None:
         _resume(run, state)
     b = cfg.batch_size
     log(f'[info] {tag.upper()} {image_size[0]}x{image_size[1]}px, {len(project.obj_list)} classes, batch {b} '
-        f'({world} x {cfg.accumulate} x {local_bs}), {steps_per_epoch} steps/epoch, {cfg.optim} lr {lr:g}, recipe '
+        f'({world} x {cfg.accumulate} x {local_bs}), {steps_per_epoch} steps/epoch, {cfg.optim} lr '
+        f'{run.trainer.scheduler.base_lrs[0]:g}, recipe '
         f'{recipe.name}, device {device}{", EMA" if ema else ""}{", AMP" if run.trainer.amp else ""}; checkpoints in '
-        f'{save_dir}', flush=True)
+        f'{save_dir}')
     return run
+
+
+def make_trainer(cfg: TrainConfig, model: torch.nn.Module, steps_per_epoch: int, *,
+                 device: Optional[torch.device] = None, ema: Optional[ModelEMA] = None,
+                 ddp: Optional[torch.nn.Module] = None, hooks: Sequence[Hook] = (),
+                 channels_last: bool = False) -> Trainer:
+    """The :class:`Trainer` of ``cfg`` for ``model``: optimizer (``--optim``, ``--lr`` default 0.08 x
+    batch / 64 for SGD, ``--weight_decay``), warm-up + cosine schedule over ``--num_epochs`` epochs
+    of ``steps_per_epoch`` steps, the detection loss, clipping and weight decay as the recipe says
+    (``--recipe official``: per-tensor then global clipping with the decay inside the gradient).
+    What :func:`build_run` uses; a test takes the official recipe's step from here."""
+    from ..loss import DetectionLoss
+    recipe, cfg = resolve_recipe(cfg)
+    world = 1 if ddp is None else torch.distributed.get_world_size()
+    lr = cfg.lr if cfg.lr is not None else (0.08 * cfg.batch_size / 64 if cfg.optim == 'sgd' else 1e-3)
+    wd = cfg.weight_decay if cfg.weight_decay is not None else (4e-5 if cfg.optim == 'sgd' else 1e-2)
+    optimizer = build_optimizer(model, cfg.optim, lr, cfg.momentum, wd)
+    scheduler = build_scheduler(optimizer, cfg.num_epochs * steps_per_epoch,
+                                int(round(cfg.warmup_epochs * steps_per_epoch)))
+    criterion = DetectionLoss(label_smoothing=cfg.label_smoothing, distributed=world > 1)
+    return Trainer(model, criterion, optimizer, scheduler, ema, device=device, amp=cfg.amp,
+                   clip_grad_norm=cfg.clip_grad or None, ddp_model=ddp, head_only=cfg.head_only,
+                   channels_last=channels_last, hooks=hooks, accumulate=cfg.accumulate, freeze_bn=cfg.freeze_bn,
+                   clip_per_tensor=recipe.clip_per_tensor, decay_in_grad=recipe.decay_in_grad and cfg.optim == 'sgd')
 
 
 def _initial_backbone(model: torch.nn.Module, cfg: TrainConfig, log: Log) -> None:
@@ -449,7 +470,7 @@ def _resume(run: Run, state: Dict[str, Any]) -> None:
             log(f'[info] {change}')
 
 
-def run_training(cfg: TrainConfig, hooks: Optional[Sequence[Hook]] = None, log: Log = print) -> TrainResult:
+def run_training(cfg: TrainConfig, hooks: Optional[Sequence[Hook]] = None, log: Log = say) -> TrainResult:
     """Build the run of ``cfg`` (:func:`build_run`, with ``hooks`` added to the defaults) and train.
     Under torchrun the process group is started from the environment (and ended after a normal
     end); every process calls this. Returns a :class:`TrainResult`; a user mistake raises
