@@ -44,7 +44,7 @@ from .sampler import EpochSampler, SeededItems
 from .trainer import Trainer
 from .validation import BNCalibrator, evaluate, evaluate_candidates
 
-__all__ = ['TrainResult', 'Run', 'build_run', 'default_hooks', 'run_training', 'make_trainer', 'build_data',
+__all__ = ['TrainResult', 'Run', 'build_run', 'default_hooks', 'run_training', 'make_trainer', 'use_sync_bn', 'build_data',
            'seed_everything', 'subset_indices']
 
 Log = Callable[..., None]
@@ -298,10 +298,9 @@ def build_run(cfg: TrainConfig, hooks: Sequence[Hook] = (), ctx: Optional[DistCo
     if cfg.grad_checkpoint:
         from .memory import enable_grad_checkpoint
         log(f'[info] --grad_checkpoint: {enable_grad_checkpoint(model)} modules recompute their activations')
-    sync_asked = cfg.sync_bn or recipe.sync_bn_always or local_bs <= 4
     if cfg.sync_bn and device.type != 'cuda':
         log('[note] --sync_bn needs CUDA (SyncBatchNorm has no CPU kernel); plain BatchNorm used')
-    if world > 1 and device.type == 'cuda' and sync_asked:
+    if use_sync_bn(cfg.sync_bn, recipe, world, device.type, local_bs):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         log(f'[info] SyncBatchNorm over {world} GPUs ({local_bs} images each)')
 
@@ -328,6 +327,13 @@ def build_run(cfg: TrainConfig, hooks: Sequence[Hook] = (), ctx: Optional[DistCo
         f'{recipe.name}, device {device}{", EMA" if ema else ""}{", AMP" if run.trainer.amp else ""}; checkpoints in '
         f'{save_dir}')
     return run
+
+
+def use_sync_bn(asked: bool, recipe: Recipe, world: int, device_type: str, local_bs: int) -> bool:
+    """Whether BatchNorm is synchronised across the GPUs: on several CUDA processes, when
+    ``--sync_bn`` asks, when the recipe syncs every multi-GPU run (official), or when each GPU holds
+    4 images or fewer."""
+    return world > 1 and device_type == 'cuda' and (asked or recipe.sync_bn_always or local_bs <= 4)
 
 
 def make_trainer(cfg: TrainConfig, model: torch.nn.Module, steps_per_epoch: int, *,
