@@ -144,3 +144,205 @@ def test_torchrun_resume_is_exact(tmp_path):
         assert torch.equal(v, resumed['model'][k]), k
     for k, v in straight['ema']['model'].items():
         assert torch.equal(v, resumed['ema']['model'][k]), k
+
+
+# ----------------------------------------------------------------------------- distributed validation
+def _coco_tiny_project(folder):
+    """A project for ../shared/data/coco_tiny: the official 90-slot COCO label map."""
+    import yaml
+    from conftest import need_shared
+    need_shared('data', 'coco_tiny')
+    with open(os.path.join(ROOT, 'projects', 'coco.yml')) as f:
+        y = yaml.safe_load(f)
+    y.update(project_name='coco_tiny', train_set='train2017', val_set='val2017')
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, 'coco_tiny.yml'), 'w') as f:
+        yaml.safe_dump(y, f)
+
+
+class _Stamped(torch.utils.data.Dataset):
+    """A validation dataset whose image tensors carry their index in pixel (0, 0, 0), so that the
+    oracle below knows which image it sees whatever process and batch it lands in."""
+
+    def __init__(self, ds):
+        self.ds = ds
+        for k in ('coco', 'cat_ids', 'obj_list', 'image_size', 'mean', 'std'):
+            setattr(self, k, getattr(ds, k))
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        item = dict(self.ds[i])
+        item['img'] = item['img'].clone()
+        item['img'][0, 0, 0] = float(i)
+        return item
+
+
+class _Oracle(torch.nn.Module):
+    """A detector of the model contract whose output depends only on the image: its ground-truth boxes
+    jittered by a few pixels, with scores and false positives drawn from a generator seeded by the
+    image index (a mAP well between 0 and 1, sensitive to any image lost or counted twice)."""
+
+    def __init__(self, ds, n, num_classes):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        boxes, owner, labels, scores = [], [], [], []
+        for i in range(n):
+            g = torch.Generator().manual_seed(i)
+            s = float(ds[i]['scale'])
+            b, lab = ds.ds.annotations(i)
+            b = torch.as_tensor(b, dtype=torch.float32) * s
+            keep = torch.as_tensor(lab) >= 0
+            b, lab = b[keep], torch.as_tensor(lab)[keep].long()
+            b = b + torch.randn(b.shape, generator=g) * 1.0
+            fp = torch.rand(3, 4, generator=g) * 100
+            fp = torch.cat([fp[:, :2], fp[:, :2] + 5 + fp[:, 2:] * 0.3], 1)
+            b = torch.cat([b, fp])
+            lab = torch.cat([lab, torch.randint(0, num_classes, (3,), generator=g)])
+            sc = torch.cat([0.3 + 0.6 * torch.rand(len(b) - 3, generator=g), 0.05 + 0.45 * torch.rand(3, generator=g)])
+            boxes.append(b[:, [1, 0, 3, 2]])  # yxyx
+            owner += [i] * len(b)
+            labels.append(lab)
+            scores.append(sc)
+        anchors = torch.cat(boxes)
+        cls = torch.zeros(n, len(anchors), num_classes)
+        cls[torch.tensor(owner), torch.arange(len(anchors)), torch.cat(labels)] = torch.cat(scores)
+        self.register_buffer('anchors', anchors[None])
+        self.register_buffer('cls', cls)
+        self.num_classes = num_classes
+
+    def forward(self, x):
+        idx = x[:, 0, 0, 0].round().long()
+        return None, torch.zeros(x.shape[0], self.anchors.shape[1], 4), self.cls[idx], self.anchors
+
+
+def _oracle_eval(projects, n):
+    from efficientdet.data import build_dataset
+    from efficientdet.evaluation import run_coco_eval
+    from efficientdet.project import load_project
+    project = load_project('coco_tiny', projects)
+    ds = _Stamped(build_dataset(project, project.val_set, 128, os.path.join(ROOT, '..', 'shared', 'data')))
+    oracle = _Oracle(ds, n, len(ds.obj_list))
+    return run_coco_eval(oracle, ds, batch_size=3, max_images=n, progress=False, nms_threshold=0.5)
+
+
+def _eval_worker(rank, world, init_file, out_dir, projects, n):
+    sys.path.insert(0, ROOT)
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
+    try:
+        metrics, results = _oracle_eval(projects, n)
+        torch.save({'stats': metrics['stats'], 'per_class': metrics['per_class'], 'n': metrics['num_images'],
+                    'dets': metrics['num_detections'], 'results': results}, os.path.join(out_dir, f'rank{rank}.pt'))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_coco_eval_equals_one_process(tmp_path):
+    """2 gloo processes, each detecting its shard of 12 coco_tiny images through the one Detector path,
+    the results lists gathered, one COCO evaluation: every figure equals one process's."""
+    projects = str(tmp_path / 'projects')
+    _coco_tiny_project(projects)
+    n = 12
+    mp.spawn(_eval_worker, args=(2, str(tmp_path / 'init'), str(tmp_path), projects, n), nprocs=2, join=True)
+    one, results = _oracle_eval(projects, n)
+    assert 0.2 < one['AP'] < 0.95 and one['num_images'] == n  # a real comparison, not 0 == 0
+    key = lambda r: (r['image_id'], r['category_id'], r['score'], tuple(r['bbox']))  # noqa: E731
+    for rank in (0, 1):
+        got = torch.load(str(tmp_path / f'rank{rank}.pt'), weights_only=False)
+        assert got['stats'] == one['stats'] and got['per_class'] == one['per_class'], rank
+        assert (got['n'], got['dets']) == (n, one['num_detections'])
+        assert sorted(got['results'], key=key) == sorted(results, key=key)
+
+
+@pytest.mark.slow
+def test_a_failing_rank_ends_every_rank_within_seconds(tmp_path):
+    """2 gloo processes under torchrun, rank 1 raises at step 2: both end (non-zero) soon after, and
+    last.ckpt is the step-1 one (--save_interval 1); nothing was written after the failure."""
+    import subprocess
+    import time
+    from efficientdet.data import shapes
+    shapes.generate_split(str(tmp_path / 'data' / 'tiny'), 'train', 8, 128, seed=0)
+    shapes.generate_split(str(tmp_path / 'data' / 'tiny'), 'val', 2, 128, seed=0)
+    (tmp_path / 'projects').mkdir()
+    (tmp_path / 'projects' / 'tiny.yml').write_text(
+        "project_name: tiny\ntrain_set: train\nval_set: val\nobj_list: ['rectangle', 'circle', 'triangle']\n")
+    driver = tmp_path / 'driver.py'
+    driver.write_text(f'''
+import sys, time
+sys.path.insert(0, {ROOT!r})
+import torch.distributed as dist
+from efficientdet.training import Hook, TrainConfig, run_training
+
+class FailOnRank1(Hook):
+    name = 'fail'
+    def on_step_end(self, trainer, result):
+        if trainer.step == 2 and dist.get_rank() == 1:
+            open({str(tmp_path / 'failed_at')!r}, 'w').write(str(time.time()))
+            raise RuntimeError('rank 1 fails at step 2')
+
+run_training(TrainConfig(project='tiny', projects_dir={str(tmp_path / 'projects')!r},
+                         data_path={str(tmp_path / 'data')!r}, compound_coef=0, image_size=128, batch_size=4,
+                         num_workers=0, num_epochs=2, saved_path={str(tmp_path / 'out')!r},
+                         log_path={str(tmp_path / 'logs')!r}, save_interval=1, no_map=True, bn_images=2),
+             hooks=[FailOnRank1()])
+''')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', str(driver)]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1')
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    ended = time.time()
+    assert proc.returncode != 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert 'rank 1 fails at step 2' in proc.stderr
+    failed = float((tmp_path / 'failed_at').read_text())
+    assert ended - failed < 60, ended - failed
+    print(f"every rank ended {ended - failed:.1f} s after the failure")
+    state = torch.load(str(tmp_path / 'out' / 'tiny' / 'last.ckpt'), weights_only=True)
+    assert state['step'] == 1
+
+
+def _shapes_for_the_shipped_model(tmp_path):
+    from efficientdet.data.shapes import generate_split
+    generate_split(str(tmp_path / 'data' / 'shape'), 'train', 4, 256, seed=11)
+    generate_split(str(tmp_path / 'data' / 'shape'), 'val', 6, 256, seed=11)
+
+
+@pytest.mark.slow
+def test_torchrun_validation_and_coco_eval_equal_one_process(tmp_path):
+    """The shipped shapes model fine-tuned one step (lr 1e-6) by train.py under torchrun (2 CPU
+    processes): the mAP its distributed validation logs equals coco_eval.py on best.pth, and
+    coco_eval.py under torchrun prints the same figures and writes the same results as one process."""
+    import json
+    import re
+    import subprocess
+    weights = os.path.join(ROOT, 'weights', 'efficientdet-d0-shape.pth')
+    if not os.path.isfile(weights):
+        pytest.skip('the shipped shapes model is absent')
+    _shapes_for_the_shipped_model(tmp_path)
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1')
+    run = lambda args, **kw: subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True,  # noqa: E731
+                                            timeout=600, **kw)
+    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2']
+    out = tmp_path / 'out'
+    train = run(torchrun + ['train.py', '-p', 'shape', '-c', '0', '--image_size', '256', '--batch_size', '4', '-n', '0',
+                            '--num_epochs', '1', '--max_steps', '1', '--lr', '1e-6', '--data_path', str(tmp_path / 'data'),
+                            '-w', weights, '--saved_path', str(out), '--log_path', str(out / 'logs')])
+    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+    found = re.findall(r'val epoch 0 (raw|ema): .*mAP (\d\.\d+)', train.stdout)
+    assert len(found) == 2, train.stdout[-3000:]  # logged once (rank 0), for both candidates
+    maps = {k: float(v) for k, v in found}
+    common = ['coco_eval.py', '-p', 'shape', '-c', '0', '-w', str(out / 'shape' / 'best.pth'), '--data_path',
+              str(tmp_path / 'data'), '--image_size', '256', '--no_progress', '--device', 'cpu']
+    one = run([sys.executable] + common + ['--output_dir', str(tmp_path / 'one')])
+    assert one.returncode == 0, one.stderr[-2000:]
+    ap = float(re.search(r'IoU=0\.50:0\.95 \| area=   all \| maxDets=100 \] = (\d\.\d+)', one.stdout).group(1))
+    assert ap > 0.3 and min(abs(ap - v) for v in maps.values()) <= 6e-4, (ap, maps)  # printed to 3 / 4 decimals
+    two = run(torchrun + common + ['--output_dir', str(tmp_path / 'two')])
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
+    summary = lambda text: [ln for ln in text.splitlines() if 'Average' in ln or ln.startswith(('BBox', '|'))]  # noqa
+    assert summary(two.stdout) == summary(one.stdout) and summary(one.stdout)
+    assert two.stdout.count('Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all') == 1  # rank 0 alone prints
+    key = lambda r: (r['image_id'], r['category_id'], r['score'], tuple(r['bbox']))  # noqa: E731
+    res = [sorted(json.loads((tmp_path / d / 'shape_val_bbox_results.json').read_text()), key=key)
+           for d in ('one', 'two')]
+    assert res[0] == res[1] and res[0]
