@@ -169,7 +169,7 @@ def build_data(args, project, image_size: Tuple[int, int], rank: int, world: int
     """Train/val datasets and loaders; ``local_bs`` images per loader batch (one micro-batch)."""
     from efficientdet.data import build_dataset
     from efficientdet.data.dataset import seed_worker
-    mean, std = resolve_normalization(args.compound_coef, project.mean, project.std)
+    mean, std = resolve_normalization(variant_of(args), project.mean, project.std)
     scale_range = (check_scale_range(args.scale_range, '--scale_range') if args.scale_range is not None
                    else project.scale_range)
     train_ds = build_dataset(project, project.train_set, image_size, args.data_path, augment=True, mean=mean, std=std,
