@@ -198,13 +198,11 @@ def build_runner(args: argparse.Namespace, dev: torch.device, workdir: str
     (obj_list, image_size, mean, std) and notes for the report. ``-w`` may be an exported file of
     the backend (run as it is) or a checkpoint / random weights (built, and for an exported
     backend exported to ``workdir`` first)."""
-    from efficientdet.runtimes import get_target, load_runtime
+    from efficientdet.runtimes import check_backend_options, load_runtime
     notes: Dict[str, Any] = {}
-    if args.backend != 'torch' and (args.compile or args.cuda_graphs):
-        raise UserError('--compile and --cuda_graphs apply to --backend torch only')
-    if args.providers and args.backend != 'onnxruntime':
-        raise UserError('--providers is for --backend onnxruntime')
-    target = get_target(args.backend)
+    target = check_backend_options(args.backend, args.providers, args.half, args.compile)
+    if args.backend != 'torch' and args.cuda_graphs:
+        raise UserError('--cuda_graphs applies to --backend torch only')
     weights, notes['weights'] = benchmark_weights(args)
     exported = weights is not None and args.backend != 'torch' and target.is_exported_file(weights)
     if not exported:

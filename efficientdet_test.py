@@ -22,7 +22,9 @@ from efficientdet.cli import (ScriptParser, add_inference_args, add_model_args, 
                               add_runtime_args, add_weights_arg, detector_from_args)
 from efficientdet.errors import UserError, run_cli
 
-DEFAULT_IMAGE = os.path.join('assets', 'demo_shapes.jpg')
+DEFAULT_IMAGE = os.path.join('assets', 'demo_shapes.jpg')  # of the working folder, else beside this script
+if not os.path.exists(DEFAULT_IMAGE):
+    DEFAULT_IMAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), DEFAULT_IMAGE)
 _WRITABLE = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 _READABLE = _WRITABLE
 

@@ -286,9 +286,12 @@ def variant_of(args: argparse.Namespace):
 
 def default_weights(project: str, variant) -> str:
     """``weights/efficientdet-{variant}-{project}.pth``: where a project's trained weights are looked
-    for when ``-w`` is not given (the shipped D0 shapes model is ``weights/efficientdet-d0-shape.pth``)."""
+    for when ``-w`` is not given (the shipped D0 shapes model is ``weights/efficientdet-d0-shape.pth``);
+    ``weights/`` of the working folder, else the one beside the package (the shipped weights)."""
     stem = os.path.splitext(os.path.basename(project))[0]
-    return os.path.join('weights', f'efficientdet-{variant_tag(variant)}-{stem}.pth')
+    path = os.path.join('weights', f'efficientdet-{variant_tag(variant)}-{stem}.pth')
+    beside = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
+    return path if os.path.exists(path) or not os.path.exists(beside) else beside
 
 
 def _is_checkpoint_path(path: str) -> bool:
@@ -367,17 +370,15 @@ def detector_from_args(args: argparse.Namespace, batch_size: int = 1, model=None
     torch: the checkpoint of ``-w`` (or ``model`` when given); another backend: the exported file
     of ``-w`` — with the options' classes, input size, thresholds, NMS, device and precision."""
     from .detector import Detector
-    from .runtimes import get_target
+    from .runtimes import check_backend_options
     check_size(args)
     common = dict(image_size=image_size_arg(args.image_size), device=args.device,
                   threshold=args.threshold, iou=args.iou, nms=args.nms, max_det=args.max_det, batch_size=batch_size,
                   half=bool(args.half), compile=getattr(args, 'compile', False))
     project = None if getattr(args, 'project', None) is None and getattr(args, 'num_classes', None) is not None \
         else project_name(args)
+    target = check_backend_options(args.backend, args.providers, bool(args.half), common['compile'])
     if args.backend != 'torch':
-        target = get_target(args.backend)
-        if common['compile']:
-            raise UserError(f'--compile applies to the torch backend (a PyTorch model), not to {args.backend}')
         if not args.weights:
             raise UserError(f'--backend {args.backend} runs an exported file: pass it with -w (export one with '
                             f'python -m efficientdet.export {target.export_format} ...)')
@@ -390,7 +391,5 @@ def detector_from_args(args: argparse.Namespace, batch_size: int = 1, model=None
                                       providers=args.providers, **common)
     if model is not None:
         return Detector.from_model(model, project=project, projects_dir=args.projects_dir, **common)
-    if args.providers:
-        raise UserError('--providers is for --backend onnxruntime')
     return Detector.from_checkpoint(resolve_weights(args), compound_coef=variant_of(args), project=project,
                                     projects_dir=args.projects_dir, compat=args.compat, **common)

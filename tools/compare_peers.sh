@@ -54,20 +54,20 @@ configs_for() {  # $1: folder of this variant's exports, $2: 1 for the first var
                    "fused_cl_fast:--no-tune_malloc"
                    "default:"
                    "default_compile:--compile"
-                   "onnxruntime:--backend onnxruntime --model $m/model.onnx"
-                   "openvino:--backend openvino --model $m/model.xml") ;;
+                   "onnxruntime:--backend onnxruntime -w $m/model.onnx"
+                   "openvino:--backend openvino -w $m/model.xml") ;;
     targets) CONFIGS=("default:"
-                      "onnxruntime:--backend onnxruntime --model $m/model.onnx"
-                      "openvino:--backend openvino --model $m/model.xml"
+                      "onnxruntime:--backend onnxruntime -w $m/model.onnx"
+                      "openvino:--backend openvino -w $m/model.xml"
                       "default_half:--half"
-                      "openvino_half:--backend openvino --model $m/model.xml --half")
+                      "openvino_half:--backend openvino -w $m/model.xml --half")
              if [[ $first == 1 ]]; then  # throughput rows for the first variant only (time)
                CONFIGS+=("default_b${BATCH}:--batch_size $BATCH"
-                         "openvino_b${BATCH}:--backend openvino --model $m/model.xml --batch_size $BATCH")
+                         "openvino_b${BATCH}:--backend openvino -w $m/model.xml --batch_size $BATCH")
              fi ;;
     *) CONFIGS=("default:"
-                "onnxruntime:--backend onnxruntime --model $m/model.onnx"
-                "openvino:--backend openvino --model $m/model.xml") ;;
+                "onnxruntime:--backend onnxruntime -w $m/model.onnx"
+                "openvino:--backend openvino -w $m/model.xml") ;;
   esac
 }
 
@@ -88,10 +88,10 @@ for COEF in "${COEF_LIST[@]}"; do
   mkdir -p "$M"
   echo "$SIZE" > "$M/size"
   echo "exporting $COEF at $SIZE to ONNX and OpenVINO once (not timed)" >&2
-  (cd "$HERE" && $PY -m efficientdet.export onnx -c "$COEF" --num_classes 90 --image_size "$SIZE" \
-     -o "$M/model.onnx" --no-verify > /dev/null)
-  (cd "$HERE" && $PY -m efficientdet.export openvino -c "$COEF" --num_classes 90 --image_size "$SIZE" \
-     -o "$M/model.xml" --no-verify > /dev/null) || echo "openvino export failed (pip install openvino)" >&2
+  (cd "$HERE" && $PY -m efficientdet.export onnx -c "$COEF" --num_classes 90 -w random --image_size "$SIZE" \
+     -o "$M/model.onnx" --no_verify > /dev/null)
+  (cd "$HERE" && $PY -m efficientdet.export openvino -c "$COEF" --num_classes 90 -w random --image_size "$SIZE" \
+     -o "$M/model.xml" --no_verify > /dev/null) || echo "openvino export failed (pip install openvino)" >&2
   # effdet's own ONNX export, run by the same onnxruntime settings as ours (forward only): the
   # reference for what onnxruntime makes of this network on this CPU. Needs onnx in the peer venv.
   if [[ $have_peers == 1 ]]; then
@@ -139,8 +139,8 @@ PY
       flags=${cfg#*:}
       for mode in forward end2end; do
         # shellcheck disable=SC2086
-        (cd "$HERE" && $PY benchmark.py -c "$COEF" --image_size "$SIZE" --threads "$THREADS" --iters "$ITERS" \
-           --warmup 3 --mode $mode $flags --json "$M/ours_${name}_${mode}_$r.json" > /dev/null) \
+        (cd "$HERE" && $PY benchmark.py -c "$COEF" --num_classes 90 -w random --image_size "$SIZE" --threads "$THREADS" \
+           --iters "$ITERS" --warmup 3 --mode $mode $flags --json "$M/ours_${name}_${mode}_$r.json" > /dev/null) \
            || echo "$COEF $name $mode failed in round $r" >&2
       done
     done

@@ -25,7 +25,7 @@ from ..errors import UserError
 from .base import _TARGETS, Runtime, Target, register_target
 
 __all__ = ['register_target', 'backend_names', 'export_formats', 'get_target', 'target_for_format', 'load_runtime',
-           'Runtime', 'Target']
+           'check_backend_options', 'Runtime', 'Target']
 
 def backend_names() -> Tuple[str, ...]:
     """The ``--backend`` values, in registration order."""
@@ -52,6 +52,22 @@ def target_for_format(fmt: str) -> Target:
     raise UserError(f'export format {fmt!r}: choose one of {", ".join(export_formats())}')
 
 
+def check_backend_options(backend: str, providers: Optional[Sequence[str]] = None, half: bool = False,
+                          compile: bool = False) -> Target:
+    """The one check of the options that only some backends take (``--providers``: onnxruntime;
+    ``--half``: the targets that support it; ``--compile``: torch); returns the target."""
+    target = get_target(backend)
+    if providers and backend != 'onnxruntime':
+        raise UserError('--providers is for --backend onnxruntime')
+    if compile and backend != 'torch':
+        raise UserError(f'--compile applies to the torch backend (a PyTorch model), not to {backend}')
+    if half and backend != 'torch' and not target.supports_half:
+        half_ok = ', '.join(n for n, t in _TARGETS.items() if n == 'torch' or t.supports_half)
+        raise UserError(f'--half: --backend {backend} runs the exported file in the precision it was exported with; '
+                        f'--half applies to {half_ok}')
+    return target
+
+
 def load_runtime(backend: str, path: str, threads: Optional[int] = None, device: str = 'cpu',
                  providers: Optional[Sequence[str]] = None, half: bool = False) -> Runtime:
     """Run an exported file with ``backend``; ``half``: reduced-precision compute where the backend
@@ -59,13 +75,7 @@ def load_runtime(backend: str, path: str, threads: Optional[int] = None, device:
     if backend == 'torch':
         raise UserError('--backend torch runs the .pth checkpoint directly (-w); the other backends run an '
                         'exported file')
-    if providers and backend != 'onnxruntime':
-        raise UserError('--providers is for --backend onnxruntime')
-    target = get_target(backend)
-    if half and not target.supports_half:
-        half_ok = ', '.join(n for n, t in _TARGETS.items() if n == 'torch' or t.supports_half)
-        raise UserError(f'--half: --backend {backend} runs the exported file in the precision it was exported with; '
-                        f'--half applies to {half_ok}')
+    target = check_backend_options(backend, providers, half)
     return target.load(path, threads=threads, device=device, providers=providers, half=half)
 
 

@@ -118,9 +118,10 @@ def build_data(cfg: TrainConfig, recipe: Recipe, project: Any, image_size: Tuple
                world: int, local_bs: int) -> Data:
     """Train/val datasets and loaders of ``cfg``; ``local_bs`` images per loader batch (one
     micro-batch of one process)."""
+    from ..cli import variant_of
     from ..data import build_dataset
     from ..project import check_scale_range
-    mean, std = resolve_normalization(cfg.compound_coef, project.mean, project.std)
+    mean, std = resolve_normalization(variant_of(cfg), project.mean, project.std)
     scale_range = (check_scale_range(cfg.scale_range, '--scale_range') if cfg.scale_range is not None
                    else project.scale_range)
     train_ds = build_dataset(project, project.train_set, image_size, cfg.data_path, augment=True, mean=mean, std=std,
