@@ -25,8 +25,11 @@ from torch import nn
 
 from ..config import BACKBONES, VARIANTS, backbone_stages, get_config, stem_channels, variant_tag
 from ..errors import UserError
-from .effdet import _map_backbone as _effdet_backbone_names
-from .tf import _Mapper, _map_backbone as _tf_map_backbone, read_tf_input, ConversionError
+from ..ckpt.layouts import ConversionError
+from ..ckpt.layouts.effdet import map_backbone_keys as _effdet_backbone_names
+from ..ckpt.layouts.tf import Mapper as _Mapper
+from ..ckpt.layouts.tf import map_backbone as _tf_map_backbone
+from ..ckpt.layouts.tf import read_tf_input
 
 __all__ = ['load_backbone_weights', 'read_backbone_file', 'backbone_signature', 'identify_backbone']
 
