@@ -126,9 +126,9 @@ class Detector:
         self.obj_list = list(obj_list)
         # '' slots of obj_list (e.g. COCO's ten unused ids): their detections are never output
         self._placeholder = np.array([name == '' for name in self.obj_list] + [False], dtype=bool)
-        variant = getattr(model, 'compound_coef', None)
-        if variant is not None:  # the variant's own normalisation unless given (Lite: (x - 127) / 128)
-            mean, std = resolve_normalization(variant, mean, std)
+        if getattr(model, 'compound_coef', None) is not None:
+            # the weights' own normalisation unless given (Lite: (x - 127) / 128; AdvProp: 0.5 / 0.5)
+            mean, std = resolve_normalization(model, mean, std)
         self.mean = tuple(mean if mean is not None else IMAGENET_MEAN)
         self.std = tuple(std if std is not None else IMAGENET_STD)
         self.threshold, self.iou, self.nms, self.max_det = float(threshold), float(iou), nms, int(max_det)
@@ -136,21 +136,25 @@ class Detector:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_checkpoint(cls, path: str, compound_coef: int = 0, obj_list: Optional[Sequence[str]] = None,
+    def from_checkpoint(cls, path: str, compound_coef: Optional[Union[int, str]] = None,
+                        obj_list: Optional[Sequence[str]] = None,
                         project: Optional[str] = None, projects_dir: str = 'projects',
                         image_size: Optional[Union[int, Sequence[int]]] = None, device: str = 'cpu',
                         half: bool = False, threshold: float = 0.2, iou: float = 0.2, nms: str = 'hard',
                         max_det: int = 100, mean: Optional[Sequence[float]] = None,
                         std: Optional[Sequence[float]] = None, ratios: Optional[Sequence[Tuple[float, float]]] = None,
-                        scales: Optional[Sequence[float]] = None, compat: str = 'official',
+                        scales: Optional[Sequence[float]] = None, compat: Optional[str] = None,
                         batch_size: int = 8, compile: bool = False) -> 'Detector':
         """Build an ``EfficientDetBackbone`` and load ``path`` exactly (strict).
 
-        Classes / mean / std / anchors come from ``project`` (a name under ``projects_dir`` or a
-        yml path) unless given explicitly; with neither ``obj_list`` nor ``project`` the class count
-        is read from the file and classes are named by index. ``image_size`` defaults to the
-        variant's input size. Files of another variant or class count raise UserError saying what
-        the file holds.
+        ``path``: a checkpoint file or a released weights name (``'coco'`` with ``compound_coef``,
+        ``'tf_efficientdet_d2'``, …; ``factory.build_model``); ``compound_coef`` None: the variant a
+        released name implies, else 0. Classes / mean / std / anchors come from ``project`` (a name
+        under ``projects_dir`` or a yml path) unless given explicitly; with neither ``obj_list`` nor
+        ``project`` the class names are those of the released weights' label map (COCO), else the
+        class count is read from the file and classes are named by index. ``image_size``, ``compat``
+        and the normalisation default to what the released weights say, else the variant's.
+        Files of another variant or class count raise UserError saying what the file holds.
         """
         from dataclasses import replace
         from .factory import build_model
@@ -165,7 +169,8 @@ class Detector:
                 if obj_list is None:
                     raise UserError('ratios/scales given without classes: pass project or obj_list too')
                 proj = Project('<arguments>', '', '', 1, list(IMAGENET_MEAN), list(IMAGENET_STD),
-                               list(DEFAULT_SCALES), list(ratios_for(compat, None)), list(obj_list), '<arguments>')
+                               list(DEFAULT_SCALES), list(ratios_for(compat or 'official', None)), list(obj_list),
+                               '<arguments>')
             proj = replace(proj, anchors_ratios=list(ratios if ratios is not None else proj.anchors_ratios),
                            anchors_scales=list(scales if scales is not None else proj.anchors_scales))
         if proj is not None and obj_list is not None:
@@ -173,10 +178,14 @@ class Detector:
         num_classes = len(obj_list) if proj is None and obj_list is not None else None
         model = build_model(compound_coef, num_classes=num_classes, project=proj, weights=path,
                             image_size=image_size, compat=compat, verbose=False)
+        entry = getattr(model, 'weights_entry', None)
+        if obj_list is None and proj is None and entry is not None and entry.project is not None:
+            names = load_project(entry.project, projects_dir).obj_list  # the label map of the released weights
+            obj_list = list(names) if len(names) == model.num_classes else None
         if obj_list is None:
             obj_list = [str(i) for i in range(model.num_classes)]
         size = model.image_size
-        mean, std = resolve_normalization(compound_coef, mean, std)
+        mean, std = resolve_normalization(model, mean, std)
         return cls(model, obj_list, size, mean=mean, std=std, threshold=threshold, iou=iou, nms=nms,
                    max_det=max_det, device=device, half=half, batch_size=batch_size, compile=compile)
 
