@@ -67,7 +67,7 @@ def _as_project(project: Union[Project, str, 'os.PathLike[str]', None]) -> Optio
     return load_project(os.fspath(project))
 
 
-WeightsSpec = Union[str, 'os.PathLike[str]', Mapping[str, Any], Checkpoint, None]
+WeightsSpec = Union[str, 'os.PathLike[str]', 'zoo.ResolvedWeights', Mapping[str, Any], Checkpoint, None]
 
 
 def open_weights(weights: WeightsSpec, variant: Union[Variant, str, None] = None
@@ -76,10 +76,11 @@ def open_weights(weights: WeightsSpec, variant: Union[Variant, str, None] = None
     otherwise). ``weights``: a path (``.pth``/``.ckpt``/``.npz``/``.safetensors``, or an official TF
     checkpoint folder or prefix, read with TensorFlow when it is installed), a released name
     (``coco`` with ``variant``, ``tf_efficientdet_d2``, ``efficientdet-d2.pth`` …: fetched and
-    verified by :mod:`efficientdet.zoo`), an in-memory state_dict, or a Checkpoint."""
+    verified by :mod:`efficientdet.zoo`), what :func:`efficientdet.zoo.resolve` made of one, an
+    in-memory state_dict, or a Checkpoint."""
     if isinstance(weights, Checkpoint):
         return weights, None
-    if isinstance(weights, (str, os.PathLike)):
+    if isinstance(weights, (str, os.PathLike, zoo.ResolvedWeights)):
         ck, got = zoo.open_weights(weights, variant)
         return ck, got.entry
     return read_checkpoint(weights), None
@@ -92,6 +93,8 @@ def read_weights(weights: WeightsSpec, variant: Union[Variant, str, None] = None
 
 def weights_variant(weights: WeightsSpec) -> Optional[Variant]:
     """The variant a released name implies (``tf_efficientdet_d2`` → 2); None for anything else."""
+    if isinstance(weights, zoo.ResolvedWeights):
+        return weights.variant
     return zoo.variant_of(weights) if isinstance(weights, (str, os.PathLike)) else None
 
 

@@ -177,6 +177,8 @@ def test_yet_another_by_name_loads_in_its_own_compat_mode(env, released):
     assert _same_weights(model, released['ours'])
     explicit = build_model(weights='efficientdet-d0', compat='official', verbose=False)  # an explicit choice wins
     assert explicit.compat == 'official'
+    resolved = zoo.resolve('efficientdet-d0')  # what a script's weights check hands on keeps the facts
+    assert resolved.variant == 0 and build_model(weights=resolved, verbose=False).compat == 'zylo117'
     assert env['server'].requests == ['efficientdet-d0.pth']
 
 
@@ -312,7 +314,8 @@ def test_names_variants_and_paths(env, tmp_path, monkeypatch):
         build_model(2, weights='efficientdet-d0')
     with pytest.raises(UserError, match='no released COCO weights are listed for efficientdet-d3'):
         zoo.lookup('coco', 3)
-    with pytest.raises(UserError, match=r'no such file or folder, and no released weights have that name; did you '
+    with pytest.raises(UserError, match=r'^tf_efficientdet_d00: no such checkpoint file or folder, and no released '
+                                        r'weights have that name; did you '
                                         r'mean tf_efficientdet_d0\?'):
         zoo.resolve('tf_efficientdet_d00')
     # a path that exists always wins over a name, and is never fetched
@@ -340,7 +343,8 @@ def test_zoo_command_list_get_verify(env, released, tmp_path, capsys):
     shutil.copy(released['lite0'], os.path.join(folder, 'efficientdet-d0.pth'))  # wrong variant under a name
     assert zoo_main(['verify', '--dir', folder]) == 1
     out = capsys.readouterr().out
-    assert 'tf_efficientdet_d0: ok' in out and 'efficientdet-d0: BAD, removed' in out and '2 cached files checked' in out
+    assert 'tf_efficientdet_d0: ok' in out and 'efficientdet-d0: BAD, removed' in out
+    assert '2 cached files checked' in out
     assert _cache_files(folder) == [env['effdet']]
 
 
@@ -370,6 +374,18 @@ def test_real_table_facts():
         assert coco is not None and coco.source == 'effdet' and coco.mean is None, v
     assert {e.variant for e in table.entries if e.source == 'yet_another'} == set(range(9))
     assert set(table.backbones) == {get_config(v).backbone for v in VARIANTS}
+
+
+def test_docs_table_is_the_real_table():
+    with open(os.path.join(ROOT, 'docs', 'weights.md'), encoding='utf-8') as f:
+        text = f.read()
+    rows = {ln.split('|')[1].strip(' `'): ln for ln in text.splitlines() if ln.startswith('| `')}
+    for e in REAL_TABLE.entries:
+        cells = [c.strip() for c in rows[e.name].split('|')]
+        assert cells[2].endswith(f'(`-c {e.variant}`)') and cells[3] == e.source, e.name
+        assert (int(cells[4]), float(cells[5]), float(cells[6])) == (e.input_size, e.ap_published, e.ap_official)
+    for b in REAL_TABLE.backbones.values():
+        assert f'| {b.name} | `{b.repo}` (`{b.file}`, `{b.revision}`) |' in text
 
 
 # ------------------------------------------------------------------ ImageNet backbones (Hugging Face Hub)

@@ -47,6 +47,11 @@ class ResolvedWeights:
         """What messages call it: the released name, else the path."""
         return self.entry.name if self.entry is not None else self.path
 
+    @property
+    def variant(self) -> Optional[Variant]:
+        """The variant of a released name (None for a path: its tensors tell, once read)."""
+        return self.entry.variant if self.entry is not None else None
+
 
 def _exists(spec: str) -> bool:
     """A file, a folder, or an official TF checkpoint prefix (``model.ckpt`` with ``model.ckpt.index``)."""
@@ -104,7 +109,7 @@ def lookup(spec: Spec, variant: Union[Variant, str, None] = None) -> Optional[En
         names = [e.name for e in table.entries] + [COCO]
         close = difflib.get_close_matches(os.path.basename(spec), names, n=1)
         hint = f'did you mean {close[0]}? ' if close else ''
-        raise UserError(f'-w {spec}: no such file or folder, and no released weights have that name; {hint}'
+        raise UserError(f'{spec}: no such checkpoint file or folder, and no released weights have that name; {hint}'
                         'python -m efficientdet.zoo list shows the names')
     if key is not None and key != entry.variant:
         raise UserError(f'-w {spec}: these are {entry.variant_name} weights but -c {key} ({get_config(key).name}) '
@@ -122,12 +127,13 @@ def resolve(spec: Spec, variant: Union[Variant, str, None] = None, progress: boo
     return ResolvedWeights(fetch(entry, progress=progress), entry)
 
 
-def open_weights(spec: Spec, variant: Union[Variant, str, None] = None,
+def open_weights(spec: Union[Spec, ResolvedWeights], variant: Union[Variant, str, None] = None,
                  progress: bool = True) -> Tuple[Checkpoint, ResolvedWeights]:
-    """:func:`resolve`, then read the file (:func:`efficientdet.ckpt.layout.read_checkpoint`: safe
-    loading, layout detection). A cached released file that does not read, or whose tensors are
-    not its entry's variant, is removed from the cache (UserError saying so)."""
-    got = resolve(spec, variant, progress=progress)
+    """:func:`resolve` (unless ``spec`` already is a :class:`ResolvedWeights`), then read the file
+    (:func:`efficientdet.ckpt.layout.read_checkpoint`: safe loading, layout detection). A cached
+    released file that does not read, or whose tensors are not its entry's variant, is removed from
+    the cache (UserError saying so)."""
+    got = spec if isinstance(spec, ResolvedWeights) else resolve(spec, variant, progress=progress)
     if got.entry is None:
         return read_checkpoint(got.path), got
     try:

@@ -149,13 +149,17 @@ def fetch(entry: Entry, folder: Optional[str] = None, progress: bool = True,
         raise UserError(f'{entry.name}: not in the cache ({dest}) and the network is off ({OFFLINE_ENV} / '
                         f'HF_HUB_OFFLINE); {_by_hand(entry, dest)}, or fetch it ahead of time with '
                         f'python -m efficientdet.zoo get {entry.name}')
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
     lock = _lock(dest)
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        log(f'waiting for another process downloading {entry.file_name} to {os.path.dirname(dest)}')
-        lock.acquire()
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log(f'waiting for another process downloading {entry.file_name} to {os.path.dirname(dest)}')
+            lock.acquire()
+    except OSError as e:
+        raise UserError(f'{entry.name}: cannot write to {os.path.dirname(dest)} ({e.strerror or e}); set TORCH_HOME '
+                        f'to a writable folder, or {_by_hand(entry, dest)}') from None
     try:
         if not os.path.isfile(dest):  # another process may have fetched it meanwhile
             _download(entry, dest, progress)
