@@ -33,11 +33,11 @@ def _ap(v: Optional[float]) -> str:
 def _cmd_list(args: argparse.Namespace) -> int:
     table = load_table()
     folder = args.dir or cache_dir()
-    rows = [('name', 'variant', 'source', 'AP', 'AP official', 'size', 'cached')]
+    rows = [('name', 'variant', '-c', 'source', 'AP', 'AP official', 'size', 'cached')]
     for e in table.entries:
         path = cache_path(e, folder)
-        rows.append((e.name + (' (coco)' if e.coco else ''), e.variant_name, e.source, _ap(e.ap_published),
-                     _ap(e.ap_official), _size(e, path), 'yes' if os.path.isfile(path) else 'no'))
+        rows.append((e.name + (' (coco)' if e.coco else ''), e.variant_name, str(e.variant), e.source,
+                     _ap(e.ap_published), _ap(e.ap_official), _size(e, path), 'yes' if os.path.isfile(path) else 'no'))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print('  '.join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
