@@ -21,9 +21,9 @@ import torch
 from . import zoo
 from .ckpt.layout import Checkpoint, infer_num_classes, read_checkpoint
 from .ckpt.load import check_variant, class_count_error, load_pretrained, load_weights
-from .cli import parse_device
 from .config import (COMPAT_MODES, OFFICIAL_RATIOS, Variant, as_hw, check_image_size, get_config, parse_variant,
                      resolve_normalization)
+from .devices import parse_device
 from .errors import UserError
 from .model import EfficientDetBackbone
 from .project import Project, load_project

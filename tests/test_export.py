@@ -474,7 +474,7 @@ def test_cli_export_onnx_with_weights(d0, tmp_path, capsys):
     w = str(tmp_path / 'w.pth')
     torch.save(d0.state_dict(), w)
     out = str(tmp_path / 'cli.onnx')
-    assert main(['onnx', '-c', '0', '-w', w, '--image_size', '128', '-o', out]) == 0
+    assert main(['onnx', '-c', '0', '-w', w, '--num_classes', '20', '--image_size', '128', '-o', out]) == 0
     assert 'verified' in capsys.readouterr().out
     import onnx
     meta = {p.key: p.value for p in onnx.load(out).metadata_props}

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import UserError
 from . import onnx_graph
-from .base import Runtime, SizeLike, Target, parse_meta
+from .base import Runtime, SizeLike, Target, parse_meta, register_target
 
 __all__ = ['OpenVINOModel', 'TARGET', 'require_openvino', 'reduced_precision']
 
@@ -154,6 +154,7 @@ class _OpenVINOTarget(Target):
     name = 'openvino'
     export_format = 'openvino'
     suffix = '.xml'
+    also_reads = ('.onnx',)
     supports_half = True
     requires = ('onnx', 'openvino')
 
@@ -198,4 +199,4 @@ class _OpenVINOTarget(Target):
         return OpenVINOModel(path, threads, precision=reduced_precision() if half else 'f32')
 
 
-TARGET = _OpenVINOTarget()
+TARGET = register_target(_OpenVINOTarget())
