@@ -430,3 +430,52 @@ def test_backbone_weights_imagenet_from_the_hub_cache(tmp_path, monkeypatch):
     assert all(torch.equal(own[k], ref[k]) for k in own if k.startswith('backbone_net.'))
     assert not torch.equal(own['classifier.header.pointwise_conv.conv.weight'],
                            ref['classifier.header.pointwise_conv.conv.weight'])  # heads keep their init
+
+
+# ------------------------------------------------------------------ every script takes a name
+def test_every_script_takes_a_released_name(env, tmp_path):
+    """efficientdet_test.py, the video script, coco_eval.py, benchmark.py, export and train.py take
+    `-w NAME` where they take a file (the name also gives the variant, `-c` left out); the file is
+    downloaded once and every later use reads the cache."""
+    import contextlib
+    import io
+
+    import cv2
+    from conftest import ROOT, need_shared
+    from efficientdet.data.shapes import generate_split
+    sys.path.insert(0, ROOT)
+    import benchmark
+    import coco_eval
+    import efficientdet_test
+    import efficientdet_test_videos
+    import train
+    from efficientdet.export import main as export_main
+
+    data = tmp_path / 'data'
+    generate_split(str(data / 'shape'), 'val', 2, 128, seed=0)
+    generate_split(str(data / 'shape'), 'train', 2, 128, seed=1)
+    coco90 = tmp_path / 'coco90.yml'  # the COCO label map over coco_tiny
+    coco90.write_text(open(os.path.join(ROOT, 'projects', 'coco.yml')).read().replace('project_name: coco',
+                                                                                     'project_name: coco_tiny'))
+    shared_data = os.path.dirname(need_shared('data', 'coco_tiny'))
+    video = str(tmp_path / 'clip.mp4')
+    writer = cv2.VideoWriter(video, cv2.VideoWriter_fourcc(*'mp4v'), 5.0, (128, 96))
+    for i in range(3):
+        writer.write(np.full((96, 128, 3), 60 * i, np.uint8))
+    writer.release()
+    name = ['-w', 'tf_efficientdet_d0', '--image_size', '128']
+    image = str(data / 'shape' / 'val' / sorted(os.listdir(data / 'shape' / 'val'))[0])
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert efficientdet_test.main([image, '-p', 'coco', *name, '-o', str(tmp_path / 'out')]) == 0
+        assert efficientdet_test_videos.main([video, '-p', 'coco', *name, '-o', str(tmp_path / 'v.mp4'),
+                                              '--no_progress']) == 0
+        assert coco_eval.main(['-p', str(coco90), *name, '--data_path', shared_data, '--max_images', '2',
+                               '--output_dir', str(tmp_path / 'res'), '--no_progress']) == 0
+        assert benchmark.main(['-p', 'coco', *name, '--iters', '1', '--warmup', '0', '--no-tune_malloc']) == 0
+        assert export_main(['torchscript', '-p', 'coco', *name, '-o', str(tmp_path / 'm.pt')]) == 0
+        assert train.main(['-p', 'shape', '-w', 'tf_efficientdet_d0', '--image_size', '128', '--data_path',
+                           str(data), '--saved_path', str(tmp_path / 'ck'), '--log_path', str(tmp_path / 'logs'),
+                           '--batch_size', '2', '-n', '0', '--num_epochs', '1', '--max_steps', '1', '--no_map',
+                           '--save_interval', '0', '--bn_images', '0']) == 0
+    assert env['server'].requests == [env['effdet']]  # one download for all six scripts
+    assert os.path.isfile(tmp_path / 'm.pt') and os.listdir(tmp_path / 'ck')
