@@ -178,17 +178,17 @@ class _CudaGraphRunner:
         return self.static_out
 
 
-def benchmark_weights(args: argparse.Namespace) -> Tuple[Optional[str], str]:
-    """(local weights path or None for random weights, what the report says): ``-w`` through the one
-    weights check (``cli.resolve_weights``; ``-w random`` allowed); without ``-w`` the project's
-    default weights when that file exists, else random weights (the speed does not depend on them)."""
+def benchmark_weights(args: argparse.Namespace) -> Tuple[Any, str]:
+    """(the weights, ``zoo.ResolvedWeights``, or None for random weights; what the report says):
+    ``-w`` through the one weights check (``cli.resolve_weights``; ``-w random`` allowed); without
+    ``-w`` the project's default weights when that file exists, else random weights (the speed does
+    not depend on them)."""
     if args.weights is None:
         path = default_weights(project_name(args), variant_of(args))
         if not os.path.exists(path):
             return None, f'random (official init; {path} not found)'
-        return path, path
-    path = resolve_weights(args, allow_random=True)
-    return path, path if path is not None else 'random (official init)'
+    got = resolve_weights(args, allow_random=True)
+    return got, got.label if got is not None else 'random (official init)'
 
 
 def build_runner(args: argparse.Namespace, dev: torch.device, workdir: str
@@ -204,17 +204,16 @@ def build_runner(args: argparse.Namespace, dev: torch.device, workdir: str
     if args.backend != 'torch' and args.cuda_graphs:
         raise UserError('--cuda_graphs applies to --backend torch only')
     weights, notes['weights'] = benchmark_weights(args)
-    exported = weights is not None and args.backend != 'torch' and target.is_exported_file(weights)
+    exported = weights is not None and args.backend != 'torch' and target.is_exported_file(weights.path)
     if not exported:
-        args.weights = weights if weights is not None else 'random'
-        model = model_from_args(args, allow_random=True)
+        model = model_from_args(args, weights=weights)
         detector = Detector.from_model(model, project=None if args.num_classes is not None else project_name(args),
                                        projects_dir=args.projects_dir)
         spec = {'obj_list': detector.obj_list, 'image_size': detector.image_size, 'mean': detector.mean,
                 'std': detector.std, 'variant': model.compound_coef}
         notes['num_classes'] = model.num_classes
     if args.backend != 'torch':
-        path = weights
+        path = weights.path if exported else None
         if not exported:
             path = os.path.join(workdir, 'model' + target.suffix)
             t = time.perf_counter()

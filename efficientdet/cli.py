@@ -22,17 +22,20 @@ import argparse
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from .config import COMPAT_MODES, VARIANT_HELP, parse_variant, variant_tag
 from .devices import parse_device
 from .errors import UserError
 
+if TYPE_CHECKING:
+    from .zoo import ResolvedWeights
+
 __all__ = ['ScriptParser', 'OPTIONS', 'Option', 'add_options', 'add_project_args', 'add_model_args',
            'add_weights_arg', 'add_inference_args', 'add_runtime_args', 'add_data_args', 'str2bool',
            'parse_device', 'variant_type', 'image_size_type', 'image_size_arg', 'providers_arg',
            'DEFAULT_PROJECT', 'project_name', 'variant_of', 'default_weights', 'resolve_weights',
-           'detector_from_args', 'model_from_args', 'RANDOM_WEIGHTS']
+           'detector_from_args', 'model_from_args', 'check_size', 'RANDOM_WEIGHTS']
 
 DEFAULT_PROJECT = 'shape'   # the shipped project: its D0 weights are in weights/
 RANDOM_WEIGHTS = 'random'   # -w random: the official initialisation, no checkpoint (export, benchmark)
@@ -135,8 +138,9 @@ OPTIONS: Dict[str, Option] = {
                             {'type': variant_type, 'default': None, 'metavar': 'C'}),
     'image_size': Option(('--image_size',), "network input size: 512, 384x640 (H x W) or two numbers 384 640 "
                          "(default: the variant's)", {'type': image_size_type, 'default': None, 'metavar': 'H[xW]'}),
-    'compat': Option(('--compat',), "zylo117: Yet-Another-EfficientDet-Pytorch's max-pool padding and anchor ratios "
-                     '(for its published weights)', {'choices': COMPAT_MODES, 'default': 'official'}),
+    'compat': Option(('--compat',), "official, or zylo117: Yet-Another-EfficientDet-Pytorch's max-pool padding and "
+                     'anchor ratios, for its weights (default: what the weights say: zylo117 for its released '
+                     'files, else official)', {'choices': COMPAT_MODES, 'default': None}),
     'weights': Option(('-w', '--weights', '--load_weights'),
                       'weights: a checkpoint (.pth of this project, Yet-Another or effdet; official TF .npz or '
                       'checkpoint folder), a released name (python -m efficientdet.zoo list), an exported file for '
@@ -278,8 +282,9 @@ def variant_of(args: argparse.Namespace):
     """The variant: ``-c``, else the one a released weights name carries (``-w tf_efficientdet_d2``),
     else D0. Stored back into ``args.compound_coef``."""
     if getattr(args, 'compound_coef', None) is None:
+        from . import zoo
         spec = getattr(args, 'weights', None)
-        found = _released_variant(spec) if spec and not _is_checkpoint_path(spec) else None
+        found = zoo.variant_of(spec) if spec else None
         args.compound_coef = found if found is not None else 0
     return args.compound_coef
 
@@ -299,17 +304,20 @@ def _is_checkpoint_path(path: str) -> bool:
     return os.path.exists(path) or os.path.isfile(path + '.index')
 
 
-def resolve_weights(args: argparse.Namespace, allow_random: bool = False) -> Optional[str]:
-    """The one weights check: ``-w`` (a path that exists, or a released name) or the project's default
-    weights → a local path; None for ``-w random`` (only where ``allow_random``). Missing files are a
-    UserError that says how to get them."""
+def resolve_weights(args: argparse.Namespace, allow_random: bool = False) -> Optional[ResolvedWeights]:
+    """The one weights check: ``-w`` (a path that exists, which always wins, or a released name,
+    fetched and verified by ``efficientdet.zoo``) or the project's default weights → a
+    ``zoo.ResolvedWeights`` (the local ``.path`` and, for a released name, its table ``.entry``,
+    which ``build_model`` / ``Detector.from_checkpoint`` take as they are); None for ``-w random``
+    (only where ``allow_random``). Missing files are a UserError that says how to get them."""
+    from .zoo import ResolvedWeights, resolve
     spec = getattr(args, 'weights', None)
     variant = variant_of(args)
     project = project_name(args)
     if spec is None:
         path = default_weights(project, variant)
         if _is_checkpoint_path(path):
-            return path
+            return ResolvedWeights(path)
         raise UserError(f'{path}: no such weights file (the default for -p {project} -c {variant}); train them with '
                         f'`python train.py -p {project} -c {variant}`, or pass -w PATH, -w NAME of released weights '
                         '(python -m efficientdet.zoo list)' + (', or -w random' if allow_random else ''))
@@ -317,23 +325,7 @@ def resolve_weights(args: argparse.Namespace, allow_random: bool = False) -> Opt
         if not allow_random:
             raise UserError('-w random (no trained weights) is for export and benchmark; pass a weights file')
         return None
-    if _is_checkpoint_path(spec):
-        return spec
-    path = _released_file(spec, variant)
-    if path is not None:
-        return path
-    raise UserError(f'{spec}: no such weights file, and not a released weights name (python -m efficientdet.zoo '
-                    'list); check the path given with -w')
-
-
-def _released_variant(spec: str):
-    """The variant of a released weights name (``efficientdet.zoo``), or None."""
-    return None
-
-
-def _released_file(spec: str, variant) -> Optional[str]:
-    """The local file of a released weights name (``efficientdet.zoo``), or None when not a name."""
-    return None
+    return resolve(spec, variant)  # a path as it is; a name fetched; anything else: UserError naming it
 
 
 def _project_or_none(args: argparse.Namespace):
@@ -353,12 +345,18 @@ def check_size(args: argparse.Namespace) -> None:
     resolve_image_size(variant_of(args), image_size_arg(getattr(args, 'image_size', None)))
 
 
-def model_from_args(args: argparse.Namespace, allow_random: bool = False, verbose: bool = False):
+_RESOLVE = object()
+
+
+def model_from_args(args: argparse.Namespace, allow_random: bool = False, verbose: bool = False,
+                    weights: Any = _RESOLVE):
     """The PyTorch model of the options (``factory.build_model``): variant, project (or
-    ``--num_classes``), weights (:func:`resolve_weights`), input size, compat; eval mode."""
+    ``--num_classes``), weights (:func:`resolve_weights`, unless already resolved and given as
+    ``weights``; None: random), input size, compat; eval mode."""
     from .factory import build_model
     check_size(args)
-    weights = resolve_weights(args, allow_random=allow_random)
+    if weights is _RESOLVE:
+        weights = resolve_weights(args, allow_random=allow_random)
     project = _project_or_none(args)
     return build_model(variant_of(args), num_classes=getattr(args, 'num_classes', None), project=project,
                        weights=weights, image_size=image_size_arg(args.image_size), compat=args.compat,
@@ -382,7 +380,7 @@ def detector_from_args(args: argparse.Namespace, batch_size: int = 1, model=None
         if not args.weights:
             raise UserError(f'--backend {args.backend} runs an exported file: pass it with -w (export one with '
                             f'python -m efficientdet.export {target.export_format} ...)')
-        path = resolve_weights(args)
+        path = resolve_weights(args).path
         if not target.is_exported_file(path):
             raise UserError(f'{path}: --backend {args.backend} runs a {target.suffix} file exported with python -m '
                             f'efficientdet.export {target.export_format}; export the checkpoint first')

@@ -131,9 +131,9 @@ class Detector:
             self.runner = model  # an exported runtime: its precision was chosen when it was loaded
             _check_excluded(model, self.allowed)
         self.model = model
-        variant = getattr(model, 'compound_coef', None)
-        if variant is not None:  # the variant's own normalisation unless given (Lite: (x - 127) / 128)
-            mean, std = resolve_normalization(variant, mean, std)
+        if getattr(model, 'compound_coef', None) is not None:
+            # the weights' own normalisation unless given (Lite: (x - 127) / 128; AdvProp: 0.5 / 0.5)
+            mean, std = resolve_normalization(model, mean, std)
         self.mean = tuple(mean if mean is not None else IMAGENET_MEAN)
         self.std = tuple(std if std is not None else IMAGENET_STD)
         self.threshold, self.iou, self.nms, self.max_det = float(threshold), float(iou), nms, int(max_det)
@@ -147,37 +147,48 @@ class Detector:
                    mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
                    **options: Any) -> 'Detector':
         """Detector on a built ``EfficientDetBackbone``: classes and mean/std from ``obj_list`` /
-        ``project`` (else classes named by index), input size from ``image_size`` or the model's
-        (``model.image_size``, else the variant's). ``options``: the constructor's."""
+        ``project`` (else the label map of released weights, ``model.weights_entry``, e.g. COCO's;
+        else classes named by index), input size from ``image_size`` or the model's
+        (``model.image_size``, else the variant's), normalisation the weights' own unless given
+        (``model.input_mean`` / ``input_std``). ``options``: the constructor's."""
         proj = _load(project, projects_dir)
         if proj is not None:
             obj_list = list(proj.obj_list) if obj_list is None else obj_list
             mean = proj.mean if mean is None else mean
             std = proj.std if std is None else std
+        entry = getattr(model, 'weights_entry', None)
+        if obj_list is None and entry is not None and entry.project is not None:
+            names = _load(entry.project, projects_dir).obj_list  # the label map the released weights use
+            obj_list = list(names) if len(names) == model.num_classes else None
         if obj_list is None:
             obj_list = [str(i) for i in range(model.num_classes)]
         size = image_size if image_size is not None else (
             getattr(model, 'image_size', None) or model.config.input_size)
-        mean, std = resolve_normalization(model.compound_coef, mean, std)
+        mean, std = resolve_normalization(model, mean, std)
         return cls(model, obj_list, size, mean=mean, std=std, **options)
 
     @classmethod
-    def from_checkpoint(cls, path: str, compound_coef: int = 0, obj_list: Optional[Sequence[str]] = None,
+    def from_checkpoint(cls, path: str, compound_coef: Optional[Union[int, str]] = None,
+                        obj_list: Optional[Sequence[str]] = None,
                         project: Optional[str] = None, projects_dir: str = 'projects',
                         image_size: Optional[Union[int, Sequence[int]]] = None,
                         mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
                         ratios: Optional[Sequence[Tuple[float, float]]] = None,
-                        scales: Optional[Sequence[float]] = None, compat: str = 'official',
+                        scales: Optional[Sequence[float]] = None, compat: Optional[str] = None,
                         **options: Any) -> 'Detector':
         """Build an ``EfficientDetBackbone`` and load ``path`` exactly (strict), then
         :meth:`from_model`.
 
-        Classes / mean / std / anchors come from ``project`` (a name under ``projects_dir`` or a
-        yml path) unless given explicitly; with neither ``obj_list`` nor ``project`` the class count
-        is read from the file and classes are named by index. ``image_size`` defaults to the
-        variant's input size. Files of another variant or class count raise UserError saying what
-        the file holds. ``options``: the constructor's (threshold, iou, nms, max_det, device, half,
-        batch_size, fuse, compile).
+        ``path``: a checkpoint file or a released weights name (``'coco'`` with ``compound_coef``,
+        ``'tf_efficientdet_d2'``, …, or what ``efficientdet.zoo.resolve`` made of one;
+        ``factory.build_model``); ``compound_coef`` None: the variant a released name implies,
+        else 0. Classes / mean / std / anchors come from ``project`` (a name under ``projects_dir``
+        or a yml path) unless given explicitly; with neither ``obj_list`` nor ``project`` the class
+        names are those of the released weights' label map (COCO), else the class count is read from
+        the file and classes are named by index. ``image_size``, ``compat`` and the normalisation
+        default to what released weights say, else the variant's. Files of another variant or class
+        count raise UserError saying what the file holds. ``options``: the constructor's (threshold,
+        iou, nms, max_det, device, half, batch_size, fuse, compile).
         """
         from dataclasses import replace
         from .factory import build_model
@@ -192,7 +203,8 @@ class Detector:
                 if obj_list is None:
                     raise UserError('ratios/scales given without classes: pass project or obj_list too')
                 proj = Project('<arguments>', '', '', 1, list(IMAGENET_MEAN), list(IMAGENET_STD),
-                               list(DEFAULT_SCALES), list(ratios_for(compat, None)), list(obj_list), '<arguments>')
+                               list(DEFAULT_SCALES), list(ratios_for(compat or 'official', None)), list(obj_list),
+                               '<arguments>')
             proj = replace(proj, anchors_ratios=list(ratios if ratios is not None else proj.anchors_ratios),
                            anchors_scales=list(scales if scales is not None else proj.anchors_scales))
         if proj is not None and obj_list is not None:
@@ -201,7 +213,8 @@ class Detector:
         model = build_model(compound_coef, num_classes=num_classes, project=proj, weights=path,
                             image_size=image_size, compat=compat, verbose=False)
         detector = cls.from_model(model, obj_list=obj_list, mean=mean, std=std, **options)
-        detector.source = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
+        local = getattr(path, 'path', path)  # a zoo.ResolvedWeights: its file
+        detector.source = os.fspath(local) if isinstance(local, (str, os.PathLike)) else None
         return detector
 
     @classmethod

@@ -83,13 +83,13 @@ def build_parser() -> ScriptParser:
     return parser
 
 
-def project_metadata(project, variant) -> Dict[str, Optional[Sequence]]:
-    """obj_list / mean / std an export records, from a project (None: the variant's defaults)."""
-    if project is None:
-        return {'obj_list': None, 'mean': None, 'std': None}
+def project_metadata(project, model) -> Dict[str, Optional[Sequence]]:
+    """obj_list / mean / std an export records: the project's classes (None without a project) and
+    the normalisation the model's weights expect with the project's values
+    (``config.resolve_normalization``; e.g. 0.5 / 0.5 for AdvProp weights, with or without a project)."""
     from .config import resolve_normalization
-    mean, std = resolve_normalization(variant, project.mean, project.std)
-    return {'obj_list': list(project.obj_list), 'mean': list(mean), 'std': list(std)}
+    mean, std = resolve_normalization(model, project.mean if project else None, project.std if project else None)
+    return {'obj_list': list(project.obj_list) if project else None, 'mean': list(mean), 'std': list(std)}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -108,7 +108,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .project import load_project
         project = load_project(project_name(args), args.projects_dir)
     options = dict(target.export_options(args), fuse=args.fuse, verify=args.verify, atol=args.atol,
-                   **project_metadata(project, model.compound_coef))
+                   **project_metadata(project, model))
     diffs = target.export(model, args.output, model.image_size, **options)
     hw = model.image_size
     print(f'wrote {args.output}: {model.config.name}, {model.num_classes} classes, input {hw[0]}x{hw[1]}, '

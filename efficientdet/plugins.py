@@ -1,7 +1,8 @@
 """Extensions from outside the package: dataset formats, runtimes, hooks.
 
 A plugin is a Python module that registers what it adds when imported
-(``efficientdet.data.formats.register_format``, ``efficientdet.runtimes.register_target``). The
+(``efficientdet.data.formats.register_format``, ``efficientdet.runtimes.register_target``,
+``efficientdet.ckpt.layouts.register_layout``). The
 scripts import plugins before they build their options, so a registered format is a valid
 ``dataset_format`` and a registered runtime a ``--backend`` choice everywhere. Plugins are named by
 
