@@ -277,11 +277,14 @@ def _doc_block(marker):
 
 
 def test_docs_csv_hook_example_runs(tiny, tmp_path, monkeypatch):
-    """The CSV-logging hook of docs/training.md, as written there, added from Python."""
-    namespace = {}
-    exec(compile(_doc_block('class CsvLog'), 'docs/training.md', 'exec'), namespace)
+    """The CSV-logging hook of docs/training.md, as written there (imported as a module), added from Python."""
+    import importlib.util
+    (tmp_path / 'csv_log_example.py').write_text(_doc_block('class CsvLog'))
+    spec = importlib.util.spec_from_file_location('csv_log_example', str(tmp_path / 'csv_log_example.py'))
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
     monkeypatch.chdir(tmp_path)
-    hook = namespace['CsvLog']('metrics.csv')
+    hook = example.CsvLog('metrics.csv')
     r = run_training(_cfg(tiny, tmp_path / 'out', num_epochs=2), hooks=[hook], log=lambda *a, **k: None)
     assert r.stop_reason == 'finished' and r.best_path and os.path.isfile(r.best_path)
     rows = list(csv.DictReader(open(tmp_path / 'metrics.csv')))

@@ -31,12 +31,14 @@ def default_num_workers() -> int:
     return min(12, os.cpu_count() or 1)
 
 
-def _shared(default: Any = None, factory: Any = None) -> Any:
-    """A field that is one of :data:`efficientdet.cli.OPTIONS` (its flags and help live there)."""
+def _shared(name: str, factory: Any = None, default: Any = None) -> Any:
+    """A field that is the option ``name`` of :data:`efficientdet.cli.OPTIONS` (its flags, help and,
+    unless ``train.py`` sets its own, its default live there)."""
     meta = {'shared': True}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
+    opt_default = OPTIONS[name].kwargs.get('default', default)
+    return field(default=opt_default, metadata=meta)
 
 
 def _opt(default: Any, help: str, **argparse_kw: Any) -> Any:
@@ -54,15 +56,15 @@ class TrainConfig:
     the value its help names (often the recipe's, see :data:`RECIPES`)."""
 
     # -- shared with the other scripts (efficientdet.cli)
-    project: Optional[str] = _shared(None)
-    projects_dir: str = _shared('projects')
-    compound_coef: Union[int, str, None] = _shared(None)
-    image_size: Union[int, Tuple[int, int], None] = _shared(None)
-    compat: str = _shared('official')
-    weights: Optional[str] = _shared(None)
-    data_path: str = _shared('datasets/')
-    num_workers: int = _shared(factory=default_num_workers)
-    batch_size: Optional[int] = _shared(None)
+    project: Optional[str] = _shared('project')
+    projects_dir: str = _shared('projects_dir')
+    compound_coef: Union[int, str, None] = _shared('compound_coef')
+    image_size: Union[int, Tuple[int, int], None] = _shared('image_size')
+    compat: Optional[str] = _shared('compat')
+    weights: Optional[str] = _shared('weights')
+    data_path: str = _shared('data_path')
+    num_workers: int = _shared('num_workers', factory=default_num_workers)
+    batch_size: Optional[int] = _shared('batch_size', default=None)  # None: the recipe's
 
     # -- the recipe and the network
     recipe: str = _opt('default', 'training recipe: default (batch 12, 500 epochs of the training set, global '
