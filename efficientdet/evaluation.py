@@ -772,9 +772,7 @@ def run_coco_eval(model: Any, dataset: Any, batch_size: int = 1,
                                    score_threshold=score_threshold, nms_threshold=nms_threshold, nms=nms,
                                    max_det=max_det, half=half, progress=progress and rank == 0,
                                    num_workers=num_workers, evaluator=evaluator)
-    if not distributed:
-        evaluator.reset()
-        evaluator.add_results(results, source='detections')
+    if not distributed:  # the evaluator holds the rows already (the same rows the results list says)
         return evaluator.compute(image_ids=ids), results
     parts = gather_objects((ids, results))
     all_ids = [i for part_ids, _ in parts for i in part_ids]

@@ -145,20 +145,20 @@ class LateClose(Hook):
 def test_lifecycle_on_normal_end_requested_stop_and_exception(tiny, tmp_path):
     handler = signal.getsignal(signal.SIGINT)
     rec, late = Recorder(), LateClose()
-    r = run_training(_cfg(tiny, tmp_path / 'a', max_steps=4), hooks=[rec, late], log=lambda *a, **k: None)
-    assert (r.steps, r.stop_reason, r.exit_code) == (4, 'max_steps', 0)
+    r = run_training(_cfg(tiny, tmp_path / 'a', max_steps=2), hooks=[rec, late], log=lambda *a, **k: None)
+    assert (r.steps, r.stop_reason, r.exit_code) == (2, 'max_steps', 0)
     assert rec.events[-2:] == ['fit_end', 'close'] and late.closed
     assert rec.handler_during_fit is not handler and signal.getsignal(signal.SIGINT) is handler  # restored
     assert r.last_path == str(tmp_path / 'a' / 'tiny' / 'last.ckpt')
-    assert torch.load(r.last_path, weights_only=True)['step'] == 4
+    assert torch.load(r.last_path, weights_only=True)['step'] == 2
 
     # a requested stop (what a notebook does): on_fit_end, last.ckpt, then the run continues with -w last
     rec = Recorder(stop_at=2)
-    r = run_training(_cfg(tiny, tmp_path / 'b'), hooks=[rec], log=lambda *a, **k: None)
+    r = run_training(_cfg(tiny, tmp_path / 'b', num_epochs=1), hooks=[rec], log=lambda *a, **k: None)
     assert (r.steps, r.stop_reason) == (2, 'paused') and rec.events[-2:] == ['fit_end', 'close']
     assert torch.load(r.last_path, weights_only=True)['step'] == 2
-    r = run_training(_cfg(tiny, tmp_path / 'b', weights='last'), log=lambda *a, **k: None)
-    assert (r.steps, r.stop_reason, r.epoch) == (6, 'finished', 2)
+    r = run_training(_cfg(tiny, tmp_path / 'b', num_epochs=1, weights='last'), log=lambda *a, **k: None)
+    assert (r.steps, r.stop_reason, r.epoch) == (3, 'finished', 1)
 
     # an exception: no on_fit_end, no new checkpoint (the step-2 one of --save_interval stays), close on
     # every hook although one close raises, and the exception is the run's own
