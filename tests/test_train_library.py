@@ -231,8 +231,11 @@ def test_max_steps_zero_second_run_and_schedule_change(tiny, tmp_path):
     # a second run into the same folder never replaces the first run's last.ckpt
     with pytest.raises(UserError, match=r'last\.ckpt holds the training state of an earlier run.*-w last'):
         run_training(_cfg(tiny, tmp_path, max_steps=2), log=lambda *a, **k: None)
-    with pytest.raises(UserError, match='earlier run'):
+    torch.save(torch.load(str(last), weights_only=True), str(tmp_path / 'other.ckpt'))
+    with pytest.raises(UserError, match='earlier run'):  # resuming another state would replace it as well
         run_training(_cfg(tiny, tmp_path, max_steps=2, weights=str(tmp_path / 'other.ckpt')), log=print)
+    with pytest.raises(UserError, match='no such training state'):
+        run_training(_cfg(tiny, tmp_path / 'x', weights=str(tmp_path / 'missing.ckpt')), log=print)
     assert last.stat().st_mtime_ns == stamp
     # resuming with another --num_epochs says that the schedule changed, and how
     lines = []

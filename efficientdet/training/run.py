@@ -24,7 +24,7 @@ import math
 import os
 import random
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -219,6 +219,8 @@ def _weights_source(cfg: TrainConfig, save_dir: str) -> Tuple[Optional[str], Opt
                             'or check --saved_path and -p')
     elif cfg.weights and cfg.weights.endswith('.ckpt'):
         resume = cfg.weights
+        if not os.path.isfile(resume):
+            raise UserError(f'-w {resume}: no such training state (a .ckpt written by train.py); check the path')
     elif cfg.weights:
         finetune = resolve_weights(cfg)  # same attribute names as the options
     if os.path.exists(last) and (resume is None or os.path.abspath(resume) != os.path.abspath(last)):
@@ -382,23 +384,23 @@ def _initial_backbone(model: torch.nn.Module, cfg: TrainConfig, log: Log) -> Non
             raise UserError(f'--drop_connect: {e} (the official 1 - survival_prob)') from None
 
 
-def _calibrator(run: Run, scratch: torch.nn.Module, bn_names) -> BNCalibrator:
+def _calibrator(run: Run, scratch: torch.nn.Module, bn_names: Set[str]) -> BNCalibrator:
     """BN re-estimation over a fixed, seeded set of ``--bn_images`` training images (rank 0 computes,
     the others receive the result)."""
     cfg, local_bs = run.cfg, run.local_bs
-    batches = None
-    if cfg.bn_images > 0 and run.ctx.is_main:
-        items = run.data.train_items
-        order = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg.seed))
-        count = min(len(order), max(local_bs, math.ceil(cfg.bn_images / local_bs) * local_bs))
-        loader = DataLoader(Subset(items, order[:count].tolist()), batch_size=local_bs, num_workers=cfg.num_workers,
-                            collate_fn=_collate, drop_last=False)
+    if cfg.bn_images <= 0 or not run.ctx.is_main:
+        return BNCalibrator(scratch, None, bn_names, recomputes=cfg.bn_images > 0)
+    items = run.data.train_items
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg.seed))
+    count = min(len(order), max(local_bs, math.ceil(cfg.bn_images / local_bs) * local_bs))
+    loader = DataLoader(Subset(items, order[:count].tolist()), batch_size=local_bs, num_workers=cfg.num_workers,
+                        collate_fn=_collate, drop_last=False)
 
-        def batches():
-            for b in loader:
-                x = b['img'].to(run.device)
-                yield x.contiguous(memory_format=torch.channels_last) if run.channels_last else x
-    return BNCalibrator(scratch, batches, bn_names, recomputes=cfg.bn_images > 0)
+    def batches() -> Iterator[torch.Tensor]:
+        for b in loader:
+            x = b['img'].to(run.device)
+            yield x.contiguous(memory_format=torch.channels_last) if run.channels_last else x
+    return BNCalibrator(scratch, batches, bn_names, recomputes=True)
 
 
 def default_hooks(run: Run, extra: Sequence[Hook] = ()) -> List[Hook]:
