@@ -48,12 +48,12 @@ class TinyBackbone(nn.Module):
         return list(self.stages)
 
 
-def _batch():
+def _batch(size=128):
     g = torch.Generator().manual_seed(3)
-    imgs = torch.randn(2, 3, 128, 128, generator=g)
+    imgs = torch.randn(2, 3, size, size, generator=g)
     ann = torch.full((2, 2, 5), -1.0)
-    ann[0, 0] = torch.tensor([10., 20., 60., 90., 1.])
-    ann[1, :2] = torch.tensor([[30., 30., 100., 110., 0.], [5., 5., 40., 40., 2.]])
+    ann[0, 0] = torch.tensor([10., 20., 60., 90., 1.]) * torch.tensor([size / 128] * 4 + [1.])
+    ann[1, :2] = torch.tensor([[30., 30., 100., 110., 0.], [5., 5., 40., 40., 2.]]) * torch.tensor([size / 128] * 4 + [1.])
     return imgs, ann
 
 
@@ -64,7 +64,7 @@ def test_any_module_with_p3_to_p5_is_a_backbone():
     torch.manual_seed(0)
     model = EfficientDetBackbone(num_classes=3, compound_coef=0, backbone=TinyBackbone())
     plain = EfficientDetBackbone(num_classes=3, compound_coef=0)
-    x, ann = _batch()
+    x, ann = _batch(64)
     feats, reg, cls, anchors = model.eval()(x)
     _, reg0, cls0, anchors0 = plain.eval()(x)
     assert len(feats) == 5 and reg.shape == reg0.shape and cls.shape == cls0.shape and torch.equal(anchors, anchors0)

@@ -142,6 +142,7 @@ class LateClose(Hook):
         self.closed = True
 
 
+@pytest.mark.slow
 def test_lifecycle_on_normal_end_requested_stop_and_exception(tiny, tmp_path):
     handler = signal.getsignal(signal.SIGINT)
     rec, late = Recorder(), LateClose()
@@ -219,6 +220,7 @@ def test_a_loader_shorter_than_an_epoch_is_an_error_naming_the_data():
     assert rec.events == ['fit_start', 'close']
 
 
+@pytest.mark.slow
 def test_max_steps_zero_second_run_and_schedule_change(tiny, tmp_path):
     import train
     with pytest.raises(UserError, match='--max_steps 0 would train no step'):
@@ -296,11 +298,12 @@ def test_docs_csv_hook_example_runs(tiny, tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- exact resume with workers
+@pytest.mark.slow
 def test_resume_with_workers_and_a_save_interval_save_is_exact(tiny, tmp_path):
     """-n 2: 6 straight steps == a run that crashed at step 5 (its last.ckpt: the --save_interval save at
     step 4, mid-epoch) resumed with -w last. The augmentation of every image is seeded by its place in
     the data order, not by the worker that loads it."""
-    kw = dict(num_workers=2, num_epochs=2, scale_range=(0.5, 1.5))
+    kw = dict(num_workers=2, num_epochs=2, scale_range=(0.5, 1.5), bn_images=0)
     straight = run_training(_cfg(tiny, tmp_path / 'a', **kw), log=lambda *a, **k: None)
     with pytest.raises(RuntimeError, match='boom'):
         run_training(_cfg(tiny, tmp_path / 'b', save_interval=2, **kw), hooks=[Recorder(raise_at=5)],
@@ -328,6 +331,7 @@ def _cli(argv, capsys):
     return e.value.code, [ln for ln in err if ln.startswith('error:')], err
 
 
+@pytest.mark.slow
 def test_every_resume_error_exits_2_with_one_line(tiny, tmp_path, capsys):
     run_training(_cfg(tiny, tmp_path / 'src', max_steps=1), log=lambda *a, **k: None)
     good = torch.load(str(tmp_path / 'src' / 'tiny' / 'last.ckpt'), weights_only=True)
