@@ -454,8 +454,8 @@ def test_openvino_missing_says_how_to_install(d0, tmp_path, monkeypatch):
 def test_targets_registry():
     """One module per target behind one interface; unknown names fail in one line."""
     from efficientdet.runtimes import BACKENDS, EXPORT_FORMATS, get_target, load_runtime, target_for_format
-    assert set(BACKENDS) == {'torch', 'onnxruntime', 'openvino', 'torchscript'}
-    assert set(EXPORT_FORMATS) == {'onnx', 'openvino', 'torchscript'}
+    assert set(BACKENDS) == {'torch', 'onnxruntime', 'openvino', 'torchscript', 'litert'}
+    assert set(EXPORT_FORMATS) == {'onnx', 'openvino', 'torchscript', 'tflite'}
     for fmt in EXPORT_FORMATS:
         t = target_for_format(fmt)
         assert t.export_format == fmt and t.name in BACKENDS and t.suffix.startswith('.')

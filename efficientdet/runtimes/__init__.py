@@ -10,6 +10,7 @@
 | torchscript | ``torchscript`` | ``.pt`` | ``torchscript`` |
 | onnxruntime | ``onnxruntime_backend`` (graph: ``onnx_graph``) | ``.onnx`` | ``onnx`` |
 | openvino | ``openvino_backend`` | ``.xml`` + ``.bin`` (or ``.onnx``) | ``openvino`` |
+| litert | ``litert_backend`` | ``.tflite`` (LiteRT / TFLite) | ``tflite`` |
 
 A new target (TensorRT, TFLite ...) is one new module defining ``TARGET`` and one line in
 ``_MODULES``: ``python -m efficientdet.export``, ``--backend`` in the scripts, ``benchmark.py`` and
@@ -31,8 +32,10 @@ _MODULES: Dict[str, str] = {
     'onnxruntime': 'onnxruntime_backend',
     'openvino': 'openvino_backend',
     'torchscript': 'torchscript',
+    'litert': 'litert_backend',
 }
-_FORMATS: Dict[str, str] = {'onnx': 'onnxruntime', 'torchscript': 'torchscript', 'openvino': 'openvino'}
+_FORMATS: Dict[str, str] = {'onnx': 'onnxruntime', 'torchscript': 'torchscript', 'openvino': 'openvino',
+                            'tflite': 'litert'}
 BACKENDS: Tuple[str, ...] = tuple(_MODULES)
 EXPORT_FORMATS: Tuple[str, ...] = tuple(_FORMATS)
 
