@@ -42,6 +42,18 @@ def _within(got, ref, tol=1e-4):
     return float(d.max())
 
 
+def _op_counts(path):
+    """{LiteRT builtin op name: count} of a .tflite file."""
+    from collections import Counter
+    from ai_edge_litert import schema_py_generated as fb
+    names = {v: k for k, v in vars(fb.BuiltinOperator).items() if not k.startswith('_')}
+    with open(path, 'rb') as f:
+        model = fb.Model.GetRootAs(f.read(), 0)
+    graph = model.Subgraphs(0)
+    codes = [model.OperatorCodes(graph.Operators(i).OpcodeIndex()) for i in range(graph.OperatorsLength())]
+    return Counter(names[max(c.BuiltinCode(), c.DeprecatedBuiltinCode())] for c in codes)
+
+
 # ----------------------------------------------------------------------------- official Lite0, float
 @pytest.fixture(scope='module')
 def lite0_tflite(tmp_path_factory):
@@ -86,6 +98,15 @@ def test_official_lite0_fixture_through_the_tflite(lite0_tflite):
     decoded = decode_boxes(out['regression'], out['anchors']).numpy()
     dref = ref['decoded_boxes_yxyx']
     assert (np.abs(decoded - dref) <= 1e-3 + 1e-4 * np.abs(dref)).all()
+
+
+def test_graph_has_the_exact_forms(lite0_tflite):
+    """The 3x3 -> 5x5 up-sampling of each BiFPN cell is a gather (2 per cell, 3 cells), the x2 ones
+    stay resizes; the 5x5 -> 3x3 max-pool is a SAME pool, no pad with an -inf constant (int8 cannot
+    quantize it)."""
+    ops = _op_counts(lite0_tflite['path'])
+    assert ops['GATHER_ND'] + ops['GATHER'] == 6 and ops['RESIZE_NEAREST_NEIGHBOR'] == 9
+    assert ops['PADV2'] == 0 and ops['MAX_POOL_2D'] > 0
 
 
 def test_export_is_verified_and_the_file_describes_itself(lite0_tflite, tmp_path):
@@ -139,6 +160,8 @@ def test_export_options_are_checked(lite0_tflite, tmp_path):
         _export(['tflite', '-c', 'lite0', '-w', pth, '-o', str(tmp_path / 'x.onnx')])
     with pytest.raises(UserError, match='--batch_size'):
         _export(['tflite', '-c', 'lite0', '-w', pth, '--batch_size', '0', '-o', out])
+    with pytest.raises(UserError, match='--full_integer goes with --int8'):
+        _export(['tflite', '-c', 'lite0', '-w', pth, '--full_integer', '-o', out])
     assert not os.listdir(tmp_path)
 
 
@@ -300,6 +323,31 @@ def test_lite2_at_its_own_448_converts_exactly(tmp_path):
     model = randomize_(EfficientDetBackbone(num_classes=7, compound_coef='lite2'))
     diffs = export_model('tflite', model, str(tmp_path / 'lite2.tflite'), 448, head='full')
     assert set(diffs) == {'regression', 'classification', 'anchors'} and max(diffs.values()) <= 1e-4
+
+
+@pytest.mark.slow
+def test_int16x8_file_runs_with_its_16_bit_scales(shapes_data, tmp_path):
+    """``--int16x8`` (int8 weights, 16-bit activations, heads float32): an int16 input quantized
+    by the runtime, float outputs, and detections of the float model on fresh validation images."""
+    pytest.importorskip('litert_torch')
+    pytest.importorskip('ai_edge_quantizer')
+    if not os.path.isfile(SHAPES_WEIGHTS):
+        pytest.skip(f'{SHAPES_WEIGHTS} (shipped weights) is absent')
+    from efficientdet.detector import Detector
+    from efficientdet.runtimes import load_runtime
+    path = str(tmp_path / 'q16.tflite')
+    _export(['tflite', '-c', '0', '-p', 'shape', '--projects_dir', PROJECTS, '-w', SHAPES_WEIGHTS, '--image_size',
+             '256', '--int16x8', '--data_path', shapes_data, '-o', path])
+    rt = load_runtime('litert', path, threads=2)
+    assert rt.quantization == 'int16x8' and np.dtype(rt._input['dtype']) == np.int16
+    val = os.path.join(shapes_data, 'shape', 'val')
+    images = sorted(os.path.join(val, f) for f in os.listdir(val))
+    det = Detector.from_exported(path, backend='litert', threshold=0.3)
+    ref = Detector.from_checkpoint(SHAPES_WEIGHTS, compound_coef=0, project='shape', projects_dir=PROJECTS,
+                                   image_size=256, threshold=0.3)
+    oks = np.concatenate([_match(got, want, 0.8)[0][want.scores > 0.5]
+                          for got, want in zip(det(images), ref(images))])
+    assert len(oks) >= 10 and oks.mean() >= 0.9, oks
 
 
 @pytest.mark.slow

@@ -402,7 +402,39 @@ def quantize(data: bytes, quantization: str, calibration: Iterable[np.ndarray], 
                 break
         if result is None:
             raise UserError(f'--{quantization}: no calibration images')
-        return bytes(q.quantize(result, enable_progress_report=False).quantized_model)
+        quantized = bytes(q.quantize(_widen_constant_ranges(result), enable_progress_report=False).quantized_model)
+    _check_scales(quantized)
+    return quantized
+
+
+def _widen_constant_ranges(qsvs: Dict[str, Dict[str, Any]], eps: float = 1e-3) -> Dict[str, Dict[str, Any]]:
+    """Calibration ranges (``{tensor: {'min': array, 'max': array}}``) with every range made to
+    contain 0 and to be at least ``eps`` wide: a tensor that was constant on every calibration
+    image (e.g. a ReLU6 output that never fires) would otherwise get a zero scale, which the
+    interpreter cannot run."""
+    out = {}
+    for name, qsv in qsvs.items():
+        if not (isinstance(qsv, dict) and 'min' in qsv and 'max' in qsv):
+            out[name] = qsv
+            continue
+        lo = np.minimum(np.asarray(qsv['min'], dtype=np.float32), 0)
+        hi = np.maximum(np.asarray(qsv['max'], dtype=np.float32), 0)
+        hi = np.where(hi - lo < eps, lo + eps, hi)
+        out[name] = {**qsv, 'min': lo, 'max': hi}
+    return out
+
+
+def _check_scales(data: bytes) -> None:
+    """UserError if a quantized tensor of ``data`` has a scale that is not finite and positive."""
+    fb = _schema()
+    graph = fb.Model.GetRootAs(data, 0).Subgraphs(0)
+    for i in range(graph.TensorsLength()):
+        q = graph.Tensors(i).Quantization()
+        if q is not None and q.ScaleLength():
+            scale = q.ScaleAsNumpy()
+            if not (np.isfinite(scale).all() and (scale > 0).all()):
+                raise UserError(f'quantizing gave tensor {graph.Tensors(i).Name().decode()} an invalid scale; '
+                                'calibrate on more or other images (--calib_images, --data_path)')
 
 
 class _LiteRTTarget(Target):
