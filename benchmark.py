@@ -39,7 +39,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from efficientdet.cli import add_backend_args, add_model_args, image_size_arg, parse_device
+from efficientdet.cli import (ScriptParser, add_inference_args, add_model_args, add_options, add_project_args,
+                              add_runtime_args, add_weights_arg, default_weights, model_from_args, parse_device,
+                              project_name, resolve_weights, variant_of)
 from efficientdet.detector import Detector
 from efficientdet.errors import UserError, run_cli
 
@@ -176,59 +178,68 @@ class _CudaGraphRunner:
         return self.static_out
 
 
-def build_runner(args: argparse.Namespace, dev: torch.device, size: Tuple[int, int], workdir: str
+def benchmark_weights(args: argparse.Namespace) -> Tuple[Any, str]:
+    """(the weights, ``zoo.ResolvedWeights``, or None for random weights; what the report says):
+    ``-w`` through the one weights check (``cli.resolve_weights``; ``-w random`` allowed); without
+    ``-w`` the project's default weights when that file exists, else random weights (the speed does
+    not depend on them)."""
+    if args.weights is None:
+        path = default_weights(project_name(args), variant_of(args))
+        if not os.path.exists(path):
+            return None, f'random (official init; {path} not found)'
+    got = resolve_weights(args, allow_random=True)
+    return got, got.label if got is not None else 'random (official init)'
+
+
+def build_runner(args: argparse.Namespace, dev: torch.device, workdir: str
                  ) -> Tuple[Callable[[torch.Tensor], Any], Dict[str, Any], Dict[str, Any]]:
     """The forward callable ``f(batch [B, 3, H, W]) -> (features|None, regression, scores,
-    anchors)`` of ``--backend`` (``efficientdet.runtimes``), the normalisation and class count
-    (mean, std, num_classes) and notes for the report. Without ``--model`` the model is built
-    (``factory.build_model``) and, for an exported backend, exported to ``workdir`` first."""
-    from efficientdet.config import resolve_normalization
-    from efficientdet.runtimes import get_target, load_runtime
+    anchors)`` of ``--backend`` (``efficientdet.runtimes``), what the Detector needs of the model
+    (obj_list, image_size, mean, std) and notes for the report. ``-w`` may be an exported file of
+    the backend (run as it is) or a checkpoint / random weights (built, and for an exported
+    backend exported to ``workdir`` first)."""
+    from efficientdet.runtimes import check_backend_options, load_runtime
     notes: Dict[str, Any] = {}
-    proj: Dict[str, Any] = {}
-    if args.backend != 'torch' and (args.compile or args.cuda_graphs):
-        raise UserError('--compile and --cuda_graphs apply to --backend torch only')
-    if args.providers and args.backend != 'onnxruntime':
-        raise UserError('--providers is for --backend onnxruntime')
-    if args.model is not None and args.backend == 'torch':
-        raise UserError('--model is for the exported backends (onnxruntime, openvino, torchscript); the torch '
-                        'backend takes -w weights')
-    target = get_target(args.backend)
-    if args.model is None:
-        from efficientdet.factory import build_model
-        project = None
-        if args.project is not None:
-            from efficientdet.project import load_project
-            project = load_project(args.project, args.projects_dir)
-        model = build_model(args.compound_coef, num_classes=args.num_classes, project=project, weights=args.weights,
-                            image_size=size, compat=args.compat, verbose=False).eval()
-        mean, std = resolve_normalization(args.compound_coef, project.mean if project else None,
-                                          project.std if project else None)
-        proj = {'mean': mean, 'std': std, 'num_classes': model.num_classes}
-        notes['weights'] = args.weights or 'random (official init)'
+    target = check_backend_options(args.backend, args.providers, args.half, args.compile)
+    if args.backend != 'torch' and args.cuda_graphs:
+        raise UserError('--cuda_graphs applies to --backend torch only')
+    weights, notes['weights'] = benchmark_weights(args)
+    exported = weights is not None and args.backend != 'torch' and target.is_exported_file(weights.path)
+    if not exported:
+        model = model_from_args(args, weights=weights)
+        detector = Detector.from_model(model, project=None if args.num_classes is not None else project_name(args),
+                                       projects_dir=args.projects_dir)
+        spec = {'obj_list': detector.obj_list, 'image_size': detector.image_size, 'mean': detector.mean,
+                'std': detector.std, 'variant': model.compound_coef}
         notes['num_classes'] = model.num_classes
     if args.backend != 'torch':
-        path = args.model
-        if path is None:
+        path = weights.path if exported else None
+        if not exported:
             path = os.path.join(workdir, 'model' + target.suffix)
             t = time.perf_counter()
-            options: Dict[str, Any] = {'fuse': args.fuse, 'verify': args.verify}
-            if args.backend == 'torchscript':
-                options['channels_last'] = args.channels_last
-            target.export(model.to(dev) if args.backend == 'torchscript' else model, path, size, **options)
+            target.export_to_run(model, path, spec['image_size'], dev, fuse=args.fuse, verify=args.verify,
+                                 channels_last=args.channels_last)
             notes['export_s'] = round(time.perf_counter() - t, 2)
         runner = load_runtime(args.backend, path, threads=args.threads, device=str(dev),
                               providers=args.providers, half=args.half)
         if args.half:
             notes['half'] = f'{args.backend} {getattr(runner, "precision", "reduced precision")}; anchors and decoding float32'
         if runner.with_nms:
-            raise UserError(f'{path} was exported --with-nms; benchmark a raw export (no --with-nms)')
-        proj.update({k: runner.meta[k] for k in ('mean', 'std', 'num_classes') if k in runner.meta})
-        return runner, proj, notes
+            raise UserError(f'{path} was exported --with_nms; benchmark a raw export (no --with_nms)')
+        if exported:
+            detector = Detector.from_exported(path, backend=args.backend,
+                                              project=project_name(args) if args.project else None,
+                                              projects_dir=args.projects_dir, threads=args.threads,
+                                              providers=args.providers, half=args.half)
+            spec = {'obj_list': detector.obj_list, 'image_size': detector.image_size, 'mean': detector.mean,
+                    'std': detector.std, 'variant': runner.compound_coef}
+            notes['num_classes'] = len(detector.obj_list)
+        return runner, spec, notes
 
     from efficientdet.runtimes.eager import TorchModel
     torch_model = TorchModel(model, dev, half=args.half, half_kind=args.half_dtype, fuse=args.fuse,
-                             channels_last=args.channels_last, fast=args.fast, image_size=size, compile=args.compile)
+                             channels_last=args.channels_last, fast=args.fast, image_size=spec['image_size'],
+                             compile=args.compile, allowed=detector.allowed)
     if args.half:
         notes['half'] = f'autocast {str(torch_model.half).replace("torch.", "")}; anchors and decoding float32'
     notes['cpu_fast_path'] = any(getattr(m, 'fast', False) for m in torch_model.net.modules())
@@ -237,10 +248,10 @@ def build_runner(args: argparse.Namespace, dev: torch.device, size: Tuple[int, i
     if args.cuda_graphs:
         if dev.type != 'cuda':
             raise UserError('--cuda_graphs needs --device cuda:0')
-        example = torch.zeros(args.batch_size, 3, *size, device=dev)
+        example = torch.zeros(args.batch_size, 3, *spec['image_size'], device=dev)
         with torch.inference_mode():
-            return _CudaGraphRunner(torch_model, example), proj, notes
-    return torch_model, proj, notes
+            return _CudaGraphRunner(torch_model, example), spec, notes
+    return torch_model, spec, notes
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -250,19 +261,17 @@ def _percentile(values: Sequence[float], q: float) -> float:
 def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
     """Build, warm up, time; returns the report dict (see the module docstring)."""
     from efficientdet.config import get_config
-    from efficientdet.factory import resolve_image_size
     if args.iters < 1 or args.warmup < 0 or args.batch_size < 1:
         raise UserError('--iters and --batch_size must be at least 1, --warmup at least 0')
     if args.compile and args.warmup < 1:
         raise UserError('--compile needs --warmup 1 or more (compilation happens in the first call)')
-    size = resolve_image_size(args.compound_coef, image_size_arg(args.image_size))
     dev = parse_device(args.device)
     threads = _set_threads(args.threads)
     malloc_tuned = False
     if args.tune_malloc is None:
         args.tune_malloc = dev.type == 'cpu'
     if args.tune_malloc:
-        from efficientdet.backends import tune_cpu_allocator
+        from efficientdet.runtimes.tuning import tune_cpu_allocator
         malloc_tuned = tune_cpu_allocator()
     if args.image is not None:
         import cv2
@@ -279,10 +288,10 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
     frames = [frame] * args.batch_size
 
     with tempfile.TemporaryDirectory(prefix='effdet_bench_') as workdir:
-        runner, proj, notes = build_runner(args, dev, size, workdir)
-        pipe = Detector(runner, [str(i) for i in range(int(proj.get('num_classes', 90)))], size,
-                        mean=proj['mean'], std=proj['std'], threshold=args.score_threshold, iou=args.iou_threshold,
-                        nms=args.nms, max_det=args.max_det, device=dev, batch_size=args.batch_size)
+        runner, spec, notes = build_runner(args, dev, workdir)
+        size = spec['image_size']
+        pipe = Detector(runner, spec['obj_list'], size, mean=spec['mean'], std=spec['std'], threshold=args.threshold,
+                        iou=args.iou, nms=args.nms, max_det=args.max_det, device=dev, batch_size=args.batch_size)
         prepared, _ = pipe.preprocess(frames, bgr=True)
         stages: Dict[str, List[float]] = {'preprocess': [], 'forward': [], 'postprocess': [], 'end2end': []}
         totals: List[float] = []
@@ -349,8 +358,8 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
         'torch_version': torch.__version__,
         'backend': args.backend,
         'mode': args.mode,
-        'model': get_config(args.compound_coef).name,
-        'compound_coef': args.compound_coef,
+        'model': get_config(spec['variant']).name,
+        'compound_coef': spec['variant'],
         'image_size': list(size),
         'batch_size': args.batch_size,
         'iters': args.iters,
@@ -366,29 +375,26 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
         # per call: everything around the forward pass (pre- and post-processing, hand-over)
         report['end2end_minus_forward_ms_median'] = sig(statistics.median(
             [(t - f) * 1000.0 for t, f in zip(stages['end2end'], stages['forward'])]))
-    if args.backend in ('onnxruntime', 'openvino'):
-        mod = __import__(args.backend)
-        report[f'{args.backend}_version'] = getattr(mod, '__version__', 'unknown')
+    from efficientdet.runtimes import get_target
+    report.update(get_target(args.backend).versions())
     report.update({f'note_{k}': v for k, v in notes.items()})
     return report
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ScriptParser:
+    p = ScriptParser(description=__doc__)
+    add_project_args(p)
     add_model_args(p)
-    p.add_argument('-w', '--weights', default=None, help='checkpoint; random weights when omitted')
-    group = p.add_mutually_exclusive_group()
-    group.add_argument('--num_classes', type=int, default=None, help='class count (default: -p, the weights, or 90)')
-    group.add_argument('-p', '--project', default=None, help='projects/NAME.yml: classes, anchors, mean/std')
-    p.add_argument('--projects_dir', default='projects')
-    p.add_argument('--batch_size', type=int, default=1)
-    p.add_argument('--device', default='cpu', help='cpu or cuda:N')
-    p.add_argument('--half', action='store_true', help='reduced precision: autocast float16 on CUDA / bfloat16 on '
-                   'CPU (torch), bfloat16 or float16 inference (openvino); anchors and decoding stay float32')
-    p.add_argument('--half_dtype', default='auto', choices=['auto', 'float16', 'bfloat16'])
-    add_backend_args(p, model_help='--model, or the model exported to a temp dir first')
-    p.add_argument('--model', default=None, help='an exported .onnx / .xml / .pt file (default: export to a temp dir)')
-    p.add_argument('--mode', default='end2end', choices=['end2end', 'forward'])
+    add_weights_arg(p)
+    p.add_argument('--num_classes', type=int, default=None,
+                   help='class count of a model without a project (classes named by index; not with -p)')
+    add_options(p, 'batch_size', batch_size=1)
+    add_runtime_args(p)
+    p.add_argument('--half_dtype', default='auto', choices=['auto', 'float16', 'bfloat16'],
+                   help='torch --half: auto = float16 on CUDA, bfloat16 on CPU')
+    add_inference_args(p, threshold=0.05, iou=0.5)
+    p.add_argument('--mode', default='end2end', choices=['end2end', 'forward'],
+                   help='end2end: preprocess + forward + post-processing; forward: the forward pass alone')
     p.add_argument('--iters', type=int, default=30, help='timed runs')
     p.add_argument('--warmup', type=int, default=5, help='untimed runs first')
     p.add_argument('--json', default=None, help='write the report here')
@@ -397,20 +403,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--channels_last', action=argparse.BooleanOptionalAction, default=True,
                    help='channels_last memory format (torch / torchscript backends)')
     p.add_argument('--fast', action=argparse.BooleanOptionalAction, default=None,
-                   help='CPU fast path of the fused model (oneDNN conv+swish fusion); default: on for float32 CPU')
-    p.add_argument('--compile', action='store_true', help='torch.compile the model (torch backend)')
+                   help='CPU fast path of the fused model (oneDNN conv+swish fusion; default: on for float32 CPU)')
     p.add_argument('--cuda_graphs', action='store_true', help='replay a captured CUDA graph (torch, CUDA)')
     p.add_argument('--tune_malloc', action=argparse.BooleanOptionalAction, default=None,
                    help='keep freed memory in the process (glibc mallopt): large activations are reused, not '
                         'page-faulted in afresh each call; resident memory stays at its peak '
-                        '(efficientdet.backends.tune_cpu_allocator). Default: on for CPU')
+                        '(efficientdet.runtimes.tuning.tune_cpu_allocator; default: on for CPU)')
     p.add_argument('--verify', action='store_true', help='check exported files against the eager model')
     p.add_argument('--camera_size', default='640x480', help='synthetic frame WIDTHxHEIGHT')
     p.add_argument('--image', default=None, help='use this image file instead of the synthetic frame')
-    p.add_argument('--score_threshold', type=float, default=0.05)
-    p.add_argument('--iou_threshold', type=float, default=0.5)
-    p.add_argument('--max_det', type=int, default=100)
-    p.add_argument('--nms', default='hard', choices=['hard', 'gaussian', 'official'])
     return p
 
 

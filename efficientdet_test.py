@@ -18,67 +18,24 @@ from typing import Dict, List, Optional, Sequence
 
 import cv2
 
-from efficientdet.cli import add_backend_args, add_model_args, image_size_arg
-from efficientdet.config import variant_tag
+from efficientdet.cli import (ScriptParser, add_inference_args, add_model_args, add_options, add_project_args,
+                              add_runtime_args, add_weights_arg, detector_from_args)
 from efficientdet.errors import UserError, run_cli
-from efficientdet.runtimes import get_target
 
-DEFAULT_IMAGE = os.path.join('assets', 'demo_shapes.jpg')
+DEFAULT_IMAGE = os.path.join('assets', 'demo_shapes.jpg')  # of the working folder, else beside this script
+if not os.path.exists(DEFAULT_IMAGE):
+    DEFAULT_IMAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), DEFAULT_IMAGE)
 _WRITABLE = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 _READABLE = _WRITABLE
 
 
-def add_inference_args(p: argparse.ArgumentParser) -> None:
-    """Options shared with efficientdet_test_videos.py (Yet-Another's -p / -c / -w names)."""
-    p.add_argument('-p', '--project', default='shape', help='project name (projects/NAME.yml) or yml path')
+def add_detection_args(p: argparse.ArgumentParser) -> None:
+    """The options of the image and the video script: project, model, weights, thresholds, runtime."""
+    add_project_args(p)
     add_model_args(p)
-    p.add_argument('-w', '--weights', default=None,
-                   help='weights file: .pth of this project / Yet-Another / effdet, or official TF .npz '
-                        '(default: weights/efficientdet-d{c}-{project}.pth)')
-    p.add_argument('--projects_dir', default='projects', help='folder holding the project files')
-    p.add_argument('--threshold', type=float, default=0.2, help='score threshold')
-    p.add_argument('--iou', type=float, default=0.2, help='NMS IoU threshold')
-    p.add_argument('--nms', choices=('hard', 'gaussian', 'official'), default='hard', help='NMS method')
-    p.add_argument('--max_det', type=int, default=100, help='detections per image at most')
-    p.add_argument('--device', default='cpu', help='cpu or cuda:0 …')
-    p.add_argument('--half', action='store_true',
-                   help='reduced precision: autocast float16 on CUDA / bfloat16 on CPU (torch), bfloat16 or float16 '
-                        'inference (openvino); anchors and decoding stay float32')
-    p.add_argument('--compile', action='store_true',
-                   help='torch backend: torch.compile the network (on a CPU with frozen weights); the first '
-                        'frame compiles (about a minute for D0 on 2 cores), later ones run faster')
-    add_backend_args(p)
-
-
-def default_weights(project: str, compound_coef) -> str:
-    stem = os.path.splitext(os.path.basename(project))[0]
-    return os.path.join('weights', f'efficientdet-{variant_tag(compound_coef)}-{stem}.pth')
-
-
-def build_detector(args: argparse.Namespace, batch_size: int = 1):
-    """Detector from parsed options; a missing weights file is a UserError saying how to get it."""
-    from efficientdet.detector import Detector
-    if args.backend != 'torch':
-        if not args.weights:
-            raise UserError(f'--backend {args.backend} needs the exported file: pass -w PATH (export one with '
-                            f'python -m efficientdet.export {get_target(args.backend).export_format} ...)')
-        return Detector.from_exported(args.weights, backend=args.backend, project=args.project,
-                                      projects_dir=args.projects_dir, image_size=image_size_arg(args.image_size),
-                                      device=args.device, threshold=args.threshold, iou=args.iou, nms=args.nms,
-                                      max_det=args.max_det, batch_size=batch_size, threads=args.threads,
-                                      providers=args.providers, half=args.half, compile=args.compile)
-    weights = args.weights or default_weights(args.project, args.compound_coef)
-    if not (os.path.exists(weights) or os.path.isfile(weights + '.index')):  # a file, or a TF checkpoint
-        stem = os.path.splitext(os.path.basename(args.project))[0]
-        hint = (f'train them with `python train.py -p {args.project} -c {args.compound_coef}` and copy the '
-                f'saved .pth there' if args.weights is None else 'check the path given with -w')
-        raise UserError(f'{weights}: no such weights file; {hint} (or pass -w PATH to a checkpoint of '
-                        f'efficientdet-{variant_tag(args.compound_coef)} trained on project {stem!r})')
-    return Detector.from_checkpoint(weights, compound_coef=args.compound_coef, project=args.project,
-                                    projects_dir=args.projects_dir, image_size=image_size_arg(args.image_size),
-                                    device=args.device, half=args.half, threshold=args.threshold, iou=args.iou,
-                                    nms=args.nms, max_det=args.max_det, batch_size=batch_size, compat=args.compat,
-                                    compile=args.compile)
+    add_weights_arg(p)
+    add_inference_args(p, threshold=0.2, iou=0.2)
+    add_runtime_args(p)
 
 
 def summary_line(name: str, det) -> str:
@@ -117,19 +74,24 @@ def expand_inputs(paths: Sequence[str]) -> List[str]:
     return out
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+def build_parser() -> ScriptParser:
+    p = ScriptParser(description=__doc__.split('\n\n')[0])
     p.add_argument('images', nargs='*', help=f'image files or folders of images (default: {DEFAULT_IMAGE})')
-    add_inference_args(p)
-    p.add_argument('--batch_size', type=int, default=1, help='images per forward pass')
+    add_detection_args(p)
+    add_options(p, 'batch_size', batch_size=1)
     p.add_argument('-o', '--output', default='test_out', help='folder for annotated images and JSON files')
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.batch_size < 1:
         raise UserError(f'--batch_size {args.batch_size}: must be at least 1')
     images = expand_inputs(args.images or [DEFAULT_IMAGE])
 
     from efficientdet.preprocess import read_image
-    detector = build_detector(args, batch_size=args.batch_size)
+    detector = detector_from_args(args, batch_size=args.batch_size)
     os.makedirs(args.output, exist_ok=True)
     failed, used = 0, {}
     for start in range(0, len(images), args.batch_size):

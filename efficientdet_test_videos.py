@@ -11,7 +11,6 @@ written so far stay in a playable file (exit code 130).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from typing import Optional, Sequence, Union
@@ -19,7 +18,8 @@ from typing import Optional, Sequence, Union
 import cv2
 
 from efficientdet.errors import UserError, run_cli
-from efficientdet_test import add_inference_args, build_detector
+from efficientdet.cli import ScriptParser, detector_from_args
+from efficientdet_test import add_detection_args
 
 WINDOW = 'EfficientDet (q or Esc to stop)'
 
@@ -65,17 +65,21 @@ def open_window() -> None:
                         'not -headless) and a display. Drop --show to only write the video') from None
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+def build_parser() -> ScriptParser:
+    p = ScriptParser(description=__doc__.split('\n\n')[0])
     p.add_argument('source', help='video file, camera index (0, 1, …) or stream URL (rtsp://, http://, …)')
-    add_inference_args(p)
+    add_detection_args(p)
     p.add_argument('-o', '--output', default=None, help='output video (.mp4; default test_out/NAME_det.mp4)')
     p.add_argument('--no_progress', action='store_true', help='no progress bar')
-    p.add_argument('--show', action='store_true', help='show the annotated frames in a window (q or Esc stops)')
-    args = p.parse_args(argv)
+    p.add_argument('--show', action='store_true', help='show the annotated frames in a window (q or Esc stops); '
+                   'needs an OpenCV with GUI support (pip install opencv-python) and a display')
+    return p
 
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     source = open_source(args.source)
-    detector = build_detector(args)
+    detector = detector_from_args(args)
     if args.show:
         open_window()
     cap = cv2.VideoCapture(source)

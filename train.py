@@ -29,29 +29,28 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
 from efficientdet.ckpt.files import safe_load
-from efficientdet.cli import add_model_args, image_size_arg, str2bool
+from efficientdet.cli import (ScriptParser, add_data_args, add_model_args, add_project_args, add_weights_arg,
+                              image_size_arg, project_name, resolve_weights, str2bool, variant_of)
 from efficientdet.config import resolve_normalization, variant_tag
 from efficientdet.errors import UserError, run_cli
 from efficientdet.factory import build_model, resolve_image_size, resolve_variant
 from efficientdet.loss import DetectionLoss
 from efficientdet.project import check_scale_range, load_project
-from efficientdet.training import (BestCheckpointHook, CheckpointHook, DataOrderHook, EarlyStoppingHook, EpochSampler, Hook,
+from efficientdet.training import (BestCheckpointHook, CheckpointHook, DataOrderHook, EarlyStoppingHook, EpochSampler,
                                    ModelEMA, ProgressHook, SignalHook, TensorBoardHook, Trainer, ValidationHook,
                                    build_optimizer, build_scheduler, freeze_for_head_only, freeze_parameters,
                                    set_train_mode, trainable_bn_names)
+from efficientdet.training.debug import DebugImagesHook
 from efficientdet.training.validation import BNCalibrator, evaluate, evaluate_candidates
 
 
 def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog='train.py',
-                                description='EfficientDet training (Yet-Another-EfficientDet-Pytorch compatible '
-                                            'options)')
-    p.add_argument('-p', '--project', type=str, default='coco', help='project file projects/NAME.yml')
+    p = ScriptParser(prog='train.py',
+                     description='EfficientDet training (Yet-Another-EfficientDet-Pytorch compatible options)')
+    add_project_args(p)
     add_model_args(p)
-    p.add_argument('-n', '--num_workers', type=int, default=min(12, os.cpu_count() or 1),
-                   help='data-loader worker processes (per process)')
-    p.add_argument('--batch_size', type=int, default=12,
-                   help='images per optimizer step over all processes/GPUs and --accumulate micro-batches')
+    add_weights_arg(p)
+    add_data_args(p, batch_size=12, num_workers=min(12, os.cpu_count() or 1))
     p.add_argument('--accumulate', type=int, default=1, metavar='N',
                    help='micro-batches per optimizer step (gradient accumulation): each process holds '
                         'batch_size / (processes x N) images at a time; the loss is normalised over the '
@@ -74,8 +73,9 @@ def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         'folder with TensorFlow installed)')
     p.add_argument('--lr', type=float, default=None,
                    help='peak learning rate (default: official 0.08 x batch/64 for sgd, 1e-3 for adamw)')
-    p.add_argument('--optim', type=str, default='sgd', choices=['sgd', 'adamw'])
-    p.add_argument('--num_epochs', type=int, default=500)
+    p.add_argument('--optim', type=str, default='sgd', choices=['sgd', 'adamw'],
+                   help='optimizer: sgd (official: momentum, L2 weight decay) or adamw')
+    p.add_argument('--num_epochs', type=int, default=500, help='epochs to train')
     p.add_argument('--val_interval', type=int, default=1, help='epochs between validations')
     p.add_argument('--save_interval', type=int, default=500, help='optimizer steps between checkpoints (0: off)')
     p.add_argument('--es_min_delta', type=float, default=0.0, help='early stopping: minimum improvement')
@@ -83,18 +83,17 @@ def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help='early stopping: validations without improvement before stopping (0: off)')
     p.add_argument('--es_metric', choices=['map', 'loss'], default=None,
                    help='what best.pth and early stopping follow (default: map, or loss with --no_map)')
-    p.add_argument('--data_path', type=str, default='datasets/', help='folder holding {project_name}/')
-    p.add_argument('--log_path', type=str, default='logs/')
-    p.add_argument('-w', '--load_weights', type=str, default=None,
-                   help="weights to fine-tune from (.pth/.npz), or 'last' (or a .ckpt) to resume exactly")
-    p.add_argument('--saved_path', type=str, default='logs/')
+    p.add_argument('--log_path', type=str, default='logs/',
+                   help='TensorBoard logs and --debug images go to {log_path}/{project_name}/')
+    p.add_argument('--saved_path', type=str, default='logs/',
+                   help='checkpoints (best.pth, the periodic .pth files, last.ckpt) go to {saved_path}/{project_name}/')
     p.add_argument('--debug', type=str2bool, nargs='?', const=True, default=False,
                    help='write validation images with predicted and true boxes to {log_path}/{project}/debug')
     # additions
     p.add_argument('--amp', action='store_true', help='mixed precision (CUDA only)')
     p.add_argument('--ema', action=argparse.BooleanOptionalAction, default=True,
                    help='keep an EMA of the weights (decay --ema_decay); raw and EMA weights are both validated')
-    p.add_argument('--ema_decay', type=float, default=0.9998)
+    p.add_argument('--ema_decay', type=float, default=0.9998, help='decay of the weights\' EMA (per optimizer step)')
     p.add_argument('--bn_images', type=int, default=256,
                    help='training images over which the BN statistics of validated and saved weights are '
                         're-estimated, so that they match those weights (0: keep the running statistics)')
@@ -102,8 +101,7 @@ def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help='also validate the raw and EMA weights with their running BN statistics (measurement)')
     p.add_argument('--subset', type=float, default=None, metavar='FRACTION',
                    help='use this fraction of the train and val images (quick experiments)')
-    p.add_argument('--seed', type=int, default=42)
-    p.add_argument('--projects_dir', type=str, default='projects')
+    p.add_argument('--seed', type=int, default=42, help='random seed (data order, augmentation, initialisation)')
     p.add_argument('--max_steps', type=int, default=None, help='stop after this many optimizer steps in total')
     p.add_argument('--warmup_epochs', type=float, default=1.0, help='linear LR warm-up length (official 1.0)')
     p.add_argument('--scale_range', type=float, nargs=2, default=None, metavar=('MIN', 'MAX'),
@@ -112,9 +110,9 @@ def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument('--drop_connect', type=float, default=None, metavar='RATE',
                    help='stochastic depth of the backbone blocks (official 1 - survival_prob; default: the '
                         'variant\'s: 0 for D0, 0.2 for the others)')
-    p.add_argument('--label_smoothing', type=float, default=0.0)
+    p.add_argument('--label_smoothing', type=float, default=0.0, help='label smoothing of the focal loss targets')
     p.add_argument('--weight_decay', type=float, default=None, help='default 4e-5 (sgd, official) / 1e-2 (adamw)')
-    p.add_argument('--momentum', type=float, default=0.9)
+    p.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
     p.add_argument('--clip_grad', type=float, default=10.0, help='gradient clipping global norm (0: off)')
     p.add_argument('--sync_bn', action='store_true',
                    help='SyncBatchNorm across GPUs (automatic when the per-GPU batch is 4 or less)')
@@ -171,7 +169,7 @@ def build_data(args, project, image_size: Tuple[int, int], rank: int, world: int
     """Train/val datasets and loaders; ``local_bs`` images per loader batch (one micro-batch)."""
     from efficientdet.data import build_dataset
     from efficientdet.data.dataset import seed_worker
-    mean, std = resolve_normalization(args.compound_coef, project.mean, project.std)
+    mean, std = resolve_normalization(variant_of(args), project.mean, project.std)
     scale_range = (check_scale_range(args.scale_range, '--scale_range') if args.scale_range is not None
                    else project.scale_range)
     train_ds = build_dataset(project, project.train_set, image_size, args.data_path, augment=True, mean=mean, std=std,
@@ -195,56 +193,10 @@ def build_data(args, project, image_size: Tuple[int, int], rank: int, world: int
     return train_ds, val_ds, train_loader, val_loader, val_count
 
 
-@torch.no_grad()
-def write_debug_images(model, loader, device, obj_list, mean, std, folder: str, tag: str, limit: int = 4) -> None:
-    """Validation images with predictions (score > 0.3) and ground truth (white) as JPEGs."""
-    import cv2
-    from efficientdet.postprocess import detect
-    from efficientdet.visualize import draw_detections
-    os.makedirs(folder, exist_ok=True)
-    batch = next(iter(loader))
-    imgs = batch['img'][:limit].to(device)
-    was = model.training
-    model.eval()
-    try:
-        _, reg, cls, anchors = model(imgs)
-    finally:
-        model.train(was)
-    dets = detect(cls.float(), reg.float(), anchors.float(), image_size=tuple(imgs.shape[-2:]), score_threshold=0.3)
-    m = torch.tensor(mean).view(3, 1, 1)
-    s = torch.tensor(std).view(3, 1, 1)
-    for i, d in enumerate(dets):
-        rgb = ((batch['img'][i] * s + m).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
-        bgr = np.ascontiguousarray(rgb[..., ::-1])
-        for x1, y1, x2, y2, c in batch['annot'][i].tolist():
-            if c >= 0:
-                cv2.rectangle(bgr, (int(x1), int(y1)), (int(x2), int(y2)), (255, 255, 255), 1)
-        out = draw_detections(bgr, d['boxes'].cpu().numpy(), d['scores'].cpu().numpy(), d['labels'].cpu().numpy(),
-                              obj_list)
-        cv2.imwrite(os.path.join(folder, f'{tag}_{i}.jpg'), out)
-
-
 def to_plain(v: Any) -> Any:
     if isinstance(v, (list, tuple)):
         return [to_plain(x) for x in v]
     return v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
-
-
-class DebugImagesHook(Hook):
-    """--debug: after each validation, a few validation images with the chosen weights' detections."""
-
-    name = 'debug_images'
-
-    def __init__(self, loader, device, project, mean, std, folder: str, calibrate, is_main: bool):
-        self.loader, self.device, self.project, self.mean, self.std = loader, device, project, mean, std
-        self.folder, self.calibrate, self.is_main = folder, calibrate, is_main
-
-    def on_validation(self, trainer, report):
-        if self.is_main and report.get('state_dict') is not None:
-            model = self.calibrate.scratch
-            model.load_state_dict(report['state_dict'])
-            write_debug_images(model, self.loader, self.device, self.project.obj_list, self.mean, self.std,
-                               self.folder, f'epoch{report["epoch"]}')
 
 
 # ----------------------------------------------------------------------------- main
@@ -262,10 +214,10 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     """Build everything from ``args``, run the trainer; returns the exit status (0, or 128 + signal)."""
     is_main = rank == 0
     log = print if is_main else (lambda *a, **k: None)
-    project = load_project(args.project, args.projects_dir)
+    project = load_project(project_name(args), args.projects_dir)
     if project.num_gpus == 0 and device.type == 'cuda' and world == 1:
         device = torch.device('cpu')
-    variant = resolve_variant(args.compound_coef)
+    variant = resolve_variant(variant_of(args))
     args.compound_coef = variant
     tag = variant_tag(variant)
     image_size = resolve_image_size(variant, image_size_arg(args.image_size))
@@ -283,7 +235,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     es_metric = args.es_metric or ('loss' if args.no_map else 'map')
     if es_metric == 'map' and args.no_map:
         raise UserError('--es_metric map needs the COCO evaluation; drop --no_map')
-    if args.backbone_weights and args.load_weights:
+    if args.backbone_weights and args.weights:
         raise UserError('--backbone_weights and -w both give initial weights; pass one of them')
     seed_everything(args.seed + rank)
 
@@ -299,16 +251,16 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
 
     save_dir = os.path.join(args.saved_path, project.project_name)
     resume_path, finetune_from = None, None
-    if args.load_weights:
-        if args.load_weights == 'last':
+    if args.weights:
+        if args.weights == 'last':
             resume_path = os.path.join(save_dir, 'last.ckpt')
             if not os.path.isfile(resume_path):
                 raise UserError(f'-w last: {resume_path} does not exist; train once without -w (or with -w '
                                 'FILE.pth) first, or check --saved_path and -p')
-        elif args.load_weights.endswith('.ckpt'):
-            resume_path = args.load_weights
+        elif args.weights.endswith('.ckpt'):
+            resume_path = args.weights
         else:
-            finetune_from = args.load_weights
+            finetune_from = resolve_weights(args)
     model = build_model(variant, project=project, weights=finetune_from, image_size=image_size,
                         compat=args.compat, finetune=True, verbose=is_main)
     if args.backbone_weights:
@@ -407,8 +359,8 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     ]
     if args.debug:
         mean, std = resolve_normalization(variant, project.mean, project.std)
-        hooks.append(DebugImagesHook(val_loader, device, project, mean, std,
-                                     os.path.join(args.log_path, project.project_name, 'debug'), calibrator, is_main))
+        hooks.append(DebugImagesHook(val_loader, calibrator.scratch if is_main else None, project.obj_list, mean, std,
+                                     os.path.join(args.log_path, project.project_name, 'debug'), is_main))
     trainer = Trainer(model, criterion, optimizer, scheduler, ema, device=device, amp=args.amp,
                       clip_grad_norm=args.clip_grad or None, ddp_model=ddp, head_only=args.head_only,
                       channels_last=channels_last, hooks=hooks, accumulate=args.accumulate, freeze_bn=args.freeze_bn)
@@ -430,7 +382,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     reason = trainer.fit(train_loader, args.num_epochs, steps_per_epoch, max_steps=args.max_steps)
     if reason == 'signal':
         log(f'[info] stopped at step {trainer.step}; {os.path.join(save_dir, "last.ckpt")} saved — '
-            f'continue with: python train.py -p {args.project} -c {args.compound_coef} -w last ...')
+            f'continue with: python train.py -p {project_name(args)} -c {args.compound_coef} -w last ...')
         return signals.exit_code
     best = trainer.hook('best')
     log(f'[info] done: step {trainer.step}, checkpoints in {save_dir}'

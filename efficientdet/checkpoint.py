@@ -1,6 +1,7 @@
 """Checkpoints, one import away: re-exports of :mod:`efficientdet.ckpt` (``files``: safe reading and
 atomic writing; ``layout``: what a file holds; ``load``: exact and fine-tuning loads), kept so
-``from efficientdet.checkpoint import load_weights`` and the like keep working.
+``from efficientdet.checkpoint import load_weights`` and the like keep working. Alias module, kept for
+users' code: the package itself never imports it.
 """
 from .ckpt.files import (StateDict, atomic_save, atomic_write, extract_state_dict, read_file, safe_load,
                          strip_prefixes)

@@ -1,18 +1,49 @@
-"""Small helpers shared by the command-line scripts."""
+"""The scripts' shared command line: one option per idea, one name, one help text, one rule.
+
+Every script builds its parser with :class:`ScriptParser` and takes the options it shares with the
+others from :data:`OPTIONS` through the group functions below (``add_project_args``,
+``add_model_args``, ``add_weights_arg``, ``add_inference_args``, ``add_runtime_args``,
+``add_data_args``). Yet-Another-EfficientDet-Pytorch's spellings are aliases of the same option
+(``--nms_threshold`` = ``--iou``, ``--float16`` = ``--half``, ``--load_weights`` = ``--weights``,
+``--cuda False`` = ``--device cpu``). Choices come from the package's own lists (variants,
+compat modes, NMS methods, runtimes), so a registered runtime appears in every ``--backend``.
+
+What the options mean is decided here once: the default project (:data:`DEFAULT_PROJECT`), the
+variant (``-c``, else the variant a released weights name carries, else D0), the default weights
+file, the one weights check (:func:`resolve_weights`) and the one "detector from options"
+(:func:`detector_from_args`).
+
+``--image_size`` takes ``512``, ``384x640`` or two numbers ``384 640``; it never swallows a
+positional argument that follows it (``--image_size 256 photo.jpg``).
+"""
 from __future__ import annotations
 
 import argparse
-from typing import Any, Union
+import os
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
-import torch
-
-from .config import COMPAT_MODES, VARIANT_HELP, parse_variant
+from .config import COMPAT_MODES, VARIANT_HELP, parse_variant, variant_tag
+from .devices import parse_device
 from .errors import UserError
 
+if TYPE_CHECKING:
+    from .zoo import ResolvedWeights
+
+__all__ = ['ScriptParser', 'OPTIONS', 'Option', 'add_options', 'add_project_args', 'add_model_args',
+           'add_weights_arg', 'add_inference_args', 'add_runtime_args', 'add_data_args', 'str2bool',
+           'parse_device', 'variant_type', 'image_size_type', 'image_size_arg', 'providers_arg',
+           'DEFAULT_PROJECT', 'project_name', 'variant_of', 'default_weights', 'resolve_weights',
+           'detector_from_args', 'model_from_args', 'check_size', 'RANDOM_WEIGHTS']
+
+DEFAULT_PROJECT = 'shape'   # the shipped project: its D0 weights are in weights/
+RANDOM_WEIGHTS = 'random'   # -w random: the official initialisation, no checkpoint (export, benchmark)
 _TRUE = ('1', 'true', 'yes', 'y', 'on')
 _FALSE = ('0', 'false', 'no', 'n', 'off')
 
 
+# ----------------------------------------------------------------------------- value types
 def str2bool(value: Any) -> bool:
     """Yet-Another passes booleans as words (``--head_only True``); also 1/0, yes/no, on/off."""
     if isinstance(value, bool):
@@ -25,28 +56,6 @@ def str2bool(value: Any) -> bool:
     raise argparse.ArgumentTypeError(f'expected True or False, got {value!r}')
 
 
-def parse_device(name: Union[str, int, torch.device, None], flag: str = '--device') -> torch.device:
-    """'cpu', 'cuda', 'cuda:N' or a bare GPU index → torch.device; None picks cuda:0 when available.
-    Unknown names and CUDA without a GPU are UserErrors naming ``flag``."""
-    if name is None:
-        return torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')
-    if isinstance(name, torch.device):
-        dev = name
-    else:
-        text = str(name).strip()
-        if text.isdigit():
-            text = f'cuda:{text}'
-        try:
-            dev = torch.device(text)
-        except (RuntimeError, TypeError, ValueError):
-            raise UserError(f'{flag} {name!r} is not a device name; use cpu, cuda:0 or a GPU index') from None
-    if dev.type not in ('cpu', 'cuda'):
-        raise UserError(f'{flag} {name}: only cpu and cuda devices are supported')
-    if dev.type == 'cuda' and not torch.cuda.is_available():
-        raise UserError(f'{flag} {name}: CUDA is not available on this machine; use {flag} cpu')
-    return dev
-
-
 def variant_type(value: str):
     """argparse ``type`` for ``-c``: a variant key (``config.parse_variant``: 0-8, d0, d7x, lite0 …)."""
     try:
@@ -55,47 +64,330 @@ def variant_type(value: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def add_model_args(p: argparse.ArgumentParser, variant_default: Any = 0) -> None:
-    """The options every model-building script shares: ``-c``, ``--image_size H [W]``, ``--compat``."""
-    p.add_argument('-c', '--compound_coef', type=variant_type, default=variant_default,
-                   help=f'EfficientDet variant: {VARIANT_HELP}')
-    p.add_argument('--image_size', type=int, nargs='+', default=None, metavar=('H', 'W'),
-                   help="network input size: H W, or one number for a square input (default: the variant's)")
-    p.add_argument('--compat', choices=COMPAT_MODES, default='official',
-                   help="zylo117: Yet-Another-EfficientDet-Pytorch's max-pool padding and anchor ratios "
-                        '(for its published weights)')
+_SIZE = re.compile(r'^\s*(\d+)\s*(?:[x,X*]\s*(\d+))?\s*$')
 
 
-def image_size_arg(value: Any, flag: str = '--image_size') -> Union[None, tuple]:
-    """``--image_size`` as parsed (None, ``[S]``, ``[H, W]`` or an int) → None or ``(H, W)``."""
+def image_size_type(value: Any) -> Tuple[int, int]:
+    """argparse ``type`` for ``--image_size``: '512' → (512, 512); '384x640' or '384,640' → (384, 640)
+    (height x width)."""
+    m = _SIZE.match(str(value))
+    if not m:
+        raise argparse.ArgumentTypeError(f'{value!r} is not a size; use 512, 384x640 (H x W) or two numbers 384 640')
+    h = int(m.group(1))
+    w = int(m.group(2)) if m.group(2) is not None else h
+    return h, w
+
+
+def image_size_arg(value: Any, flag: str = '--image_size') -> Union[None, Tuple[int, int]]:
+    """``--image_size`` as parsed (None, ``(H, W)``, an int, ``[S]`` or ``[H, W]``) → None or ``(H, W)``."""
     if value is None:
         return None
     if isinstance(value, int):
         return (value, value)
     value = list(value)
     if len(value) == 1:
-        return (value[0], value[0])
+        return (int(value[0]), int(value[0]))
     if len(value) == 2:
-        return (value[0], value[1])
+        return (int(value[0]), int(value[1]))
     raise UserError(f'{flag} takes H W or one number, got {len(value)} numbers')
 
 
-def add_backend_args(p: argparse.ArgumentParser, model_help: str = 'the exported file given with -w') -> None:
-    """``--backend`` (``efficientdet.runtimes.BACKENDS``), ``--providers`` and ``--threads``: the
-    options of every script that runs a model. ``model_help`` says where a non-torch backend's file
-    comes from."""
-    from .runtimes import BACKENDS
-    p.add_argument('--backend', choices=BACKENDS, default='torch',
-                   help=f'torch runs the PyTorch model; onnxruntime / openvino / torchscript run {model_help} '
-                        '(python -m efficientdet.export onnx|openvino|torchscript)')
-    p.add_argument('--providers', type=providers_arg, default=None,
-                   help='onnxruntime execution providers, comma-separated (default CPUExecutionProvider)')
-    p.add_argument('--threads', type=int, default=None, help='inference threads (default: the runtime\'s)')
-
-
-def providers_arg(value: str) -> list:
+def providers_arg(value: str) -> List[str]:
     """``--providers A,B`` → ['A', 'B']."""
     names = [v.strip() for v in str(value).split(',') if v.strip()]
     if not names:
         raise argparse.ArgumentTypeError('give provider names separated by commas, e.g. CPUExecutionProvider')
     return names
+
+
+class _CudaAction(argparse.Action):
+    """Yet-Another's ``--cuda True|False``: the same option as ``--device`` (False = cpu, True = cuda:0)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, 'cuda:0' if str2bool(values) else 'cpu')
+
+
+# ----------------------------------------------------------------------------- the options
+@dataclass(frozen=True)
+class Option:
+    """One shared option: its flags (canonical first, then aliases), argparse keywords and help."""
+    flags: Tuple[str, ...]
+    help: str
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+    aliases_help: str = ''  # extra flags added as separate actions (e.g. --cuda for --device)
+
+
+def _backend_names() -> Tuple[str, ...]:
+    from .runtimes import backend_names
+    return backend_names()
+
+
+def _nms_methods() -> Tuple[str, ...]:
+    from .postprocess import NMS_METHODS
+    return NMS_METHODS
+
+
+# dest -> Option. ``choices`` given as a callable are resolved when a parser is built (registries).
+OPTIONS: Dict[str, Option] = {
+    'project': Option(('-p', '--project'), f'project: projects/NAME.yml or a yml path (classes, anchors, normalisation, '
+                      f'dataset folders; default: {DEFAULT_PROJECT})', {'default': None}),
+    'projects_dir': Option(('--projects_dir',), 'folder of the project files (the packaged projects are used when '
+                           'NAME is not there)', {'default': 'projects'}),
+    'compound_coef': Option(('-c', '--compound_coef'), f'EfficientDet variant: {VARIANT_HELP} (default: the variant '
+                            'of a released weights name given with -w, else 0)',
+                            {'type': variant_type, 'default': None, 'metavar': 'C'}),
+    'image_size': Option(('--image_size',), "network input size: 512, 384x640 (H x W) or two numbers 384 640 "
+                         "(default: the variant's)", {'type': image_size_type, 'default': None, 'metavar': 'H[xW]'}),
+    'compat': Option(('--compat',), "official, or zylo117: Yet-Another-EfficientDet-Pytorch's max-pool padding and "
+                     'anchor ratios, for its weights (default: what the weights say: zylo117 for its released '
+                     'files, else official)', {'choices': COMPAT_MODES, 'default': None}),
+    'weights': Option(('-w', '--weights', '--load_weights'),
+                      'weights: a checkpoint (.pth of this project, Yet-Another or effdet; official TF .npz or '
+                      'checkpoint folder), a released name (python -m efficientdet.zoo list), an exported file for '
+                      '--backend, or "random" (export, benchmark); train.py: the weights to fine-tune, or "last" / a '
+                      '.ckpt to resume. Default: weights/efficientdet-d{C}-{PROJECT}.pth (train.py: none, the '
+                      'official initialisation; benchmark: random weights when that file is absent)',
+                      {'default': None, 'metavar': 'WEIGHTS'}),
+    'threshold': Option(('--threshold', '--score_threshold'), 'score threshold: detections scoring below it are '
+                        'dropped', {'type': float}),
+    'iou': Option(('--iou', '--nms_threshold', '--iou_threshold'), 'NMS IoU threshold', {'type': float}),
+    'nms': Option(('--nms',), 'NMS method: hard, gaussian (soft-NMS, sigma 0.5) or official (the official '
+                  'evaluation: per-class gaussian soft-NMS over all anchors)', {'choices': _nms_methods,
+                                                                                'default': 'hard'}),
+    'max_det': Option(('--max_det',), 'detections kept per image at most', {'type': int, 'default': 100}),
+    'backend': Option(('--backend',), 'torch runs the PyTorch model; the others run an exported file given with -w '
+                      '(python -m efficientdet.export FORMAT)', {'choices': _backend_names, 'default': 'torch'}),
+    'device': Option(('--device',), 'cpu, cuda, cuda:N or a GPU index (default: cuda:0 when available, else cpu); '
+                     "Yet-Another's --cuda True|False means the same", {'default': None}),
+    'half': Option(('--half', '--float16'), 'reduced precision: autocast float16 on CUDA / bfloat16 on CPU (torch), '
+                   'bfloat16 or float16 inference (openvino); anchors and box decoding stay float32',
+                   {'type': str2bool, 'nargs': '?', 'const': True, 'default': False, 'metavar': 'BOOL'}),
+    'threads': Option(('--threads',), "inference threads (default: the runtime's)", {'type': int, 'default': None}),
+    'providers': Option(('--providers',), 'onnxruntime execution providers, comma-separated (default: '
+                        'CPUExecutionProvider)', {'type': providers_arg, 'default': None}),
+    'compile': Option(('--compile',), 'torch backend: torch.compile the network (on a CPU with frozen weights); the '
+                      'first call of each input size compiles (about a minute for D0 on 2 cores)',
+                      {'action': 'store_true'}),
+    'data_path': Option(('--data_path',), 'folder holding {project_name}/ (the dataset)', {'default': 'datasets/'}),
+    'num_workers': Option(('-n', '--num_workers'), 'data-loader worker processes (per process)', {'type': int}),
+    'batch_size': Option(('--batch_size',), 'images per batch (train.py: per optimizer step, over all processes and '
+                         '--accumulate micro-batches)', {'type': int}),
+}
+_CUDA_ALIAS = ('--cuda',)
+
+
+def add_options(p: argparse.ArgumentParser, *names: str, **defaults: Any) -> None:
+    """Add the shared options ``names`` (keys of :data:`OPTIONS`) to ``p``; ``defaults`` sets a
+    script's own default of an option (thresholds, batch size)."""
+    for name in names:
+        opt = OPTIONS[name]
+        kw = dict(opt.kwargs)
+        if callable(kw.get('choices')):
+            kw['choices'] = tuple(kw['choices']())
+        if name in defaults:
+            kw['default'] = defaults[name]
+        p.add_argument(*opt.flags, dest=name, help=opt.help, **kw)
+        if name == 'device':
+            p.add_argument(*_CUDA_ALIAS, dest='device', action=_CudaAction, metavar='BOOL', default=argparse.SUPPRESS,
+                           help='Yet-Another spelling of --device: True = cuda:0, False = cpu')
+
+
+def add_project_args(p: argparse.ArgumentParser) -> None:
+    """``-p`` and ``--projects_dir``."""
+    add_options(p, 'project', 'projects_dir')
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """``-c``, ``--image_size``, ``--compat``: what the network is."""
+    add_options(p, 'compound_coef', 'image_size', 'compat')
+
+
+def add_weights_arg(p: argparse.ArgumentParser) -> None:
+    """``-w`` (``--weights``, ``--load_weights``)."""
+    add_options(p, 'weights')
+
+
+def add_inference_args(p: argparse.ArgumentParser, threshold: float, iou: float) -> None:
+    """``--threshold``, ``--iou``, ``--nms``, ``--max_det`` with the script's thresholds."""
+    add_options(p, 'threshold', 'iou', 'nms', 'max_det', threshold=threshold, iou=iou)
+
+
+def add_runtime_args(p: argparse.ArgumentParser, compile: bool = True) -> None:
+    """``--backend``, ``--device`` (and ``--cuda``), ``--half``, ``--threads``, ``--providers``, ``--compile``."""
+    add_options(p, 'backend', 'device', 'half', 'threads', 'providers', *(('compile',) if compile else ()))
+
+
+def add_data_args(p: argparse.ArgumentParser, batch_size: int, num_workers: int) -> None:
+    """``--data_path``, ``-n``/``--num_workers``, ``--batch_size``."""
+    add_options(p, 'data_path', 'num_workers', 'batch_size', batch_size=batch_size, num_workers=num_workers)
+
+
+# ----------------------------------------------------------------------------- the parser
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Help with each default shown once: appended unless the help already says it, and never
+    for None / False (no default to show)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ''
+        if 'default' in text.lower() or action.default in (None, False, argparse.SUPPRESS) or \
+                action.option_strings == [] or isinstance(action, argparse._HelpAction):
+            return text
+        return f'{text} (default: %(default)s)'
+
+
+class ScriptParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` of every script: defaults shown once in ``--help``; plugins
+    (``efficientdet.plugins``) loaded first so their formats and runtimes are choices; and
+    ``--image_size H W`` (two numbers) read as one value, so it never takes a following positional."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        from .plugins import load_plugins
+        load_plugins()
+        kwargs.setdefault('formatter_class', _Formatter)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args: Optional[Sequence[str]] = None, namespace=None):
+        import sys
+        argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(join_size_pairs(argv, self._size_flags()), namespace)
+
+    def _size_flags(self) -> Tuple[str, ...]:
+        return tuple(s for a in self._actions if a.type is image_size_type for s in a.option_strings)
+
+
+def join_size_pairs(argv: Sequence[str], flags: Sequence[str]) -> List[str]:
+    """``[FLAG, '384', '640', ...]`` → ``[FLAG, '384x640', ...]`` for the size ``flags``; anything
+    else unchanged (``FLAG 256 photo.jpg`` stays: one number, then the positional)."""
+    out: List[str] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        out.append(tok)
+        pair = argv[i + 1:i + 3]
+        if tok in flags and len(pair) == 2 and pair[0].isdigit() and pair[1].isdigit():
+            out.append(f'{pair[0]}x{pair[1]}')
+            i += 3
+            continue
+        i += 1
+    return out
+
+
+# ----------------------------------------------------------------------------- meaning of the options
+def project_name(args: argparse.Namespace) -> str:
+    """``-p`` as given, else :data:`DEFAULT_PROJECT`."""
+    return getattr(args, 'project', None) or DEFAULT_PROJECT
+
+
+def variant_of(args: argparse.Namespace):
+    """The variant: ``-c``, else the one a released weights name carries (``-w tf_efficientdet_d2``),
+    else D0. Stored back into ``args.compound_coef``."""
+    if getattr(args, 'compound_coef', None) is None:
+        from . import zoo
+        spec = getattr(args, 'weights', None)
+        found = zoo.variant_of(spec) if spec else None
+        args.compound_coef = found if found is not None else 0
+    return args.compound_coef
+
+
+def default_weights(project: str, variant) -> str:
+    """``weights/efficientdet-{variant}-{project}.pth``: where a project's trained weights are looked
+    for when ``-w`` is not given (the shipped D0 shapes model is ``weights/efficientdet-d0-shape.pth``);
+    ``weights/`` of the working folder, else the one beside the package (the shipped weights)."""
+    stem = os.path.splitext(os.path.basename(project))[0]
+    path = os.path.join('weights', f'efficientdet-{variant_tag(variant)}-{stem}.pth')
+    beside = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
+    return path if os.path.exists(path) or not os.path.exists(beside) else beside
+
+
+def _is_checkpoint_path(path: str) -> bool:
+    """A file, a folder (official TF checkpoint) or an official TF checkpoint prefix."""
+    return os.path.exists(path) or os.path.isfile(path + '.index')
+
+
+def resolve_weights(args: argparse.Namespace, allow_random: bool = False) -> Optional[ResolvedWeights]:
+    """The one weights check: ``-w`` (a path that exists, which always wins, or a released name,
+    fetched and verified by ``efficientdet.zoo``) or the project's default weights → a
+    ``zoo.ResolvedWeights`` (the local ``.path`` and, for a released name, its table ``.entry``,
+    which ``build_model`` / ``Detector.from_checkpoint`` take as they are); None for ``-w random``
+    (only where ``allow_random``). Missing files are a UserError that says how to get them."""
+    from .zoo import ResolvedWeights, resolve
+    spec = getattr(args, 'weights', None)
+    variant = variant_of(args)
+    project = project_name(args)
+    if spec is None:
+        path = default_weights(project, variant)
+        if _is_checkpoint_path(path):
+            return ResolvedWeights(path)
+        raise UserError(f'{path}: no such weights file (the default for -p {project} -c {variant}); train them with '
+                        f'`python train.py -p {project} -c {variant}`, or pass -w PATH, -w NAME of released weights '
+                        '(python -m efficientdet.zoo list)' + (', or -w random' if allow_random else ''))
+    if spec == RANDOM_WEIGHTS:
+        if not allow_random:
+            raise UserError('-w random (no trained weights) is for export and benchmark; pass a weights file')
+        return None
+    return resolve(spec, variant)  # a path as it is; a name fetched; anything else: UserError naming it
+
+
+def _project_or_none(args: argparse.Namespace):
+    """The project of ``-p`` (default :data:`DEFAULT_PROJECT`), or None when ``--num_classes`` is
+    given without ``-p`` (classes named by index)."""
+    if getattr(args, 'num_classes', None) is not None:
+        if getattr(args, 'project', None) is not None:
+            raise UserError('--num_classes and -p both give the classes; pass one of them')
+        return None
+    from .project import load_project
+    return load_project(project_name(args), getattr(args, 'projects_dir', 'projects'))
+
+
+def check_size(args: argparse.Namespace) -> None:
+    """``-c`` and ``--image_size`` checked together (before any file is read)."""
+    from .factory import resolve_image_size
+    resolve_image_size(variant_of(args), image_size_arg(getattr(args, 'image_size', None)))
+
+
+_RESOLVE = object()
+
+
+def model_from_args(args: argparse.Namespace, allow_random: bool = False, verbose: bool = False,
+                    weights: Any = _RESOLVE):
+    """The PyTorch model of the options (``factory.build_model``): variant, project (or
+    ``--num_classes``), weights (:func:`resolve_weights`, unless already resolved and given as
+    ``weights``; None: random), input size, compat; eval mode."""
+    from .factory import build_model
+    check_size(args)
+    if weights is _RESOLVE:
+        weights = resolve_weights(args, allow_random=allow_random)
+    project = _project_or_none(args)
+    return build_model(variant_of(args), num_classes=getattr(args, 'num_classes', None), project=project,
+                       weights=weights, image_size=image_size_arg(args.image_size), compat=args.compat,
+                       verbose=verbose).eval()
+
+
+def detector_from_args(args: argparse.Namespace, batch_size: int = 1, model=None):
+    """The one "detector from options": ``efficientdet.detector.Detector`` for ``--backend`` —
+    torch: the checkpoint of ``-w`` (or ``model`` when given); another backend: the exported file
+    of ``-w`` — with the options' classes, input size, thresholds, NMS, device and precision."""
+    from .detector import Detector
+    from .runtimes import check_backend_options
+    check_size(args)
+    common = dict(image_size=image_size_arg(args.image_size), device=args.device,
+                  threshold=args.threshold, iou=args.iou, nms=args.nms, max_det=args.max_det, batch_size=batch_size,
+                  half=bool(args.half), compile=getattr(args, 'compile', False))
+    project = None if getattr(args, 'project', None) is None and getattr(args, 'num_classes', None) is not None \
+        else project_name(args)
+    target = check_backend_options(args.backend, args.providers, bool(args.half), common['compile'])
+    if args.backend != 'torch':
+        if not args.weights:
+            raise UserError(f'--backend {args.backend} runs an exported file: pass it with -w (export one with '
+                            f'python -m efficientdet.export {target.export_format} ...)')
+        path = resolve_weights(args).path
+        if not target.is_exported_file(path):
+            raise UserError(f'{path}: --backend {args.backend} runs a {target.suffix} file exported with python -m '
+                            f'efficientdet.export {target.export_format}; export the checkpoint first')
+        return Detector.from_exported(path, backend=args.backend, project=project,
+                                      projects_dir=args.projects_dir, threads=args.threads,
+                                      providers=args.providers, **common)
+    if model is not None:
+        return Detector.from_model(model, project=project, projects_dir=args.projects_dir, **common)
+    return Detector.from_checkpoint(resolve_weights(args), compound_coef=variant_of(args), project=project,
+                                    projects_dir=args.projects_dir, compat=args.compat, **common)

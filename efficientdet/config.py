@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -316,22 +316,28 @@ def check_image_size(height: int, width: int, compound_coef: Variant) -> None:
                 f'e.g. {fix[0]}x{fix[1]}')
 
 
-def resolve_normalization(variant: Variant, mean: Optional[Sequence[float]] = None,
+def resolve_normalization(variant: Union[Variant, Any], mean: Optional[Sequence[float]] = None,
                           std: Optional[Sequence[float]] = None
                           ) -> Tuple[Tuple[float, float, float], Tuple[float, float, float]]:
     """The input normalisation (RGB mean, std on the 0-1 scale) to use with ``variant``.
 
-    ``mean``/``std`` None → the variant's default (ImageNet for D0-D7x; (pixel - 127) / 128 for
+    ``variant``: a variant key, or a model (anything with ``compound_coef``): a model built by
+    ``build_model`` carries ``input_mean`` / ``input_std``, what its weights expect (e.g. 0.5 / 0.5
+    for effdet's AdvProp ports), which then replace the variant's default.
+    ``mean``/``std`` None → that default (ImageNet for D0-D7x; (pixel - 127) / 128 for
     EfficientDet-Lite, as the official Lite models). Given values are used as they are, with one
     exception: ImageNet's mean and std (the default of every project file, and what
-    ``projects/coco.yml`` / ``shape.yml`` carry for the D models) given together to a Lite variant
-    stand for "the default", so a Lite model gets the normalisation its official weights expect.
-    To normalise a Lite model some other way, give values that are not exactly ImageNet's."""
-    cfg = get_config(variant)
-    m = cfg.mean if mean is None else tuple(float(v) for v in mean)
-    s = cfg.std if std is None else tuple(float(v) for v in std)
-    if cfg.is_lite and _same_values(m, IMAGENET_MEAN) and _same_values(s, IMAGENET_STD):
-        m, s = cfg.mean, cfg.std
+    ``projects/coco.yml`` / ``shape.yml`` carry for the D models) given together stand for "the
+    default", so a Lite model (or AdvProp weights) gets the normalisation its weights expect.
+    To normalise such a model some other way, give values that are not exactly ImageNet's."""
+    model = variant if hasattr(variant, 'compound_coef') else None
+    cfg = get_config(model.compound_coef if model is not None else variant)
+    default_mean = tuple(float(v) for v in getattr(model, 'input_mean', None) or cfg.mean)
+    default_std = tuple(float(v) for v in getattr(model, 'input_std', None) or cfg.std)
+    m = default_mean if mean is None else tuple(float(v) for v in mean)
+    s = default_std if std is None else tuple(float(v) for v in std)
+    if _same_values(m, IMAGENET_MEAN) and _same_values(s, IMAGENET_STD):
+        m, s = default_mean, default_std
     return tuple(m), tuple(s)  # type: ignore[return-value]
 
 

@@ -1,4 +1,5 @@
-"""The training machinery under its earlier module name; it lives in :mod:`efficientdet.training`."""
+"""Alias module, kept for users' code: the training machinery under its earlier module name. It lives in
+:mod:`efficientdet.training`; the package itself never imports this module."""
 from .training import (STATE_FORMAT, STATE_VERSION, EpochSampler, ModelEMA, Trainer, WarmupCosine,  # noqa: F401
                        build_optimizer, build_scheduler, dist_info, freeze_for_head_only, freeze_parameters,
                        param_groups, rng_state, set_rng_state, set_train_mode, unwrap_model)

@@ -3,7 +3,8 @@
 ``COCOEvaluator`` collects per-image detections (boxes **xyxy in original-image pixels**, scores,
 0-based contiguous labels), turns them into COCO results (``bbox`` = x, y, w, h; ``category_id`` in
 the annotation file's id space; ``image_id`` as in the annotations) and computes the 12 pycocotools
-numbers plus a per-class AP table. Only numpy, torch and pycocotools are needed here.
+numbers plus a per-class AP table, COCOeval's precision-recall curves and a class confusion matrix
+(what :mod:`efficientdet.plots` draws). Only numpy, torch and pycocotools are needed here.
 
 Annotation files are read and validated by :mod:`efficientdet.data.annotations` (the one reader,
 validator and category rule, shared with the datasets); this module only scores.
@@ -14,6 +15,8 @@ validator and category rule, shared with the datasets); this module only scores.
 from __future__ import annotations
 
 import contextlib
+import glob
+import hashlib
 import io
 import json
 import os
@@ -22,14 +25,15 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
+from pycocotools.cocoeval import COCOeval, Params
 
 from .data.annotations import coco_from_dict, load_ground_truth, resolve_categories
 from .errors import UserError
 
-__all__ = ['COCOEvaluator', 'STAT_NAMES', 'load_coco', 'coco_from_dict', 'resolve_category_ids', 'format_summary',
-           'load_results_file', 'write_results_json', 'format_table', 'run_coco_eval',
-           'to_original_pixels']
+__all__ = ['COCOEvaluator', 'STAT_NAMES', 'AREA_NAMES', 'CONFUSION_SCORE', 'load_coco', 'coco_from_dict',
+           'resolve_category_ids', 'format_summary', 'load_results_file', 'write_results_json', 'format_table',
+           'run_coco_eval', 'file_digest', 'data_digest', 'reuse_refusal', 'evaluation_key', 'evaluate_project',
+           'score_results_file']
 
 #: Names of pycocotools' 12 ``COCOeval.stats`` entries, in order.
 STAT_NAMES: Tuple[str, ...] = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl',
@@ -42,6 +46,11 @@ _STAT_LAYOUT = (('AP', '0.50:0.95', 'all', 100), ('AP', '0.50', 'all', 100), ('A
                 ('AR', '0.50:0.95', 'all', 10), ('AR', '0.50:0.95', 'all', 100),
                 ('AR', '0.50:0.95', 'small', 100), ('AR', '0.50:0.95', 'medium', 100),
                 ('AR', '0.50:0.95', 'large', 100))
+
+#: pycocotools' object-size ranges after 'all' (index 1, 2, 3 of the precision array's area axis).
+AREA_NAMES: Tuple[str, ...] = ('small', 'medium', 'large')
+#: Detections scoring at least this enter the confusion matrix (the AP curves use every detection).
+CONFUSION_SCORE = 0.25
 
 # A result row: image_id, x, y, w, h, score, category_id (float64 holds COCO ids exactly).
 _ROW = 7
@@ -124,6 +133,7 @@ class COCOEvaluator:
         self._ann_img = np.array([a['image_id'] for a in anns], dtype=np.int64)
         self._ann_cat = np.array([a['category_id'] for a in anns], dtype=np.int64)
         self._ann_crowd = np.array([bool(a.get('iscrowd', 0)) for a in anns], dtype=bool)
+        self._ann_xywh = np.array([a['bbox'] for a in anns], dtype=np.float64).reshape(-1, 4)
         self.metrics: Optional[Dict[str, Any]] = None
         self.reset()
 
@@ -238,10 +248,19 @@ class COCOEvaluator:
     # ------------------------------------------------------------------ evaluation
     def compute(self, image_ids: Optional[Sequence[int]] = None) -> Dict[str, Any]:
         """Evaluate. ``image_ids`` defaults to the images that were updated (with or without
-        detections). Returns ``{AP, AP50, …, ARl, stats, per_class, num_images, num_detections}``;
-        ``per_class[i]`` = ``{name, category_id, AP, AP50, num_gt}`` per evaluated class, AP -1 when
-        the images hold no non-crowd box of that class (pycocotools' convention), and overall
-        stats -1 likewise (e.g. APs when no small objects)."""
+        detections). Returns ``{AP, AP50, …, ARl, stats, per_class, num_images, num_detections,
+        curves, confusion}``:
+
+        - ``per_class[i]`` = ``{name, category_id, AP, AP50, APs, APm, APl, num_gt}`` per evaluated
+          class, AP -1 when the images hold no non-crowd box of that class (pycocotools'
+          convention), and overall stats -1 likewise (e.g. APs when no small objects);
+        - ``curves`` (numpy, for plots): ``iou_thresholds`` [T], ``recall_thresholds`` [R],
+          ``precision`` [T, R, K] float64 (COCOeval's interpolated precision at area 'all' and
+          100 detections per image, K = the ``per_class`` classes in that order, -1 for a class
+          without ground truth) and ``names`` [K]; the mean over R of the classes' mean at IoU
+          index 0 is AP50, over all T too it is AP;
+        - ``confusion``: :meth:`confusion_matrix` of the same images at IoU 0.5.
+        """
         if image_ids is None:
             ids = sorted(set(self._image_ids))
         else:
@@ -253,6 +272,7 @@ class COCOEvaluator:
         rows = rows[np.isin(rows[:, 0].astype(np.int64), np.array(ids, dtype=np.int64))]
         stats = np.zeros(len(STAT_NAMES))
         precision = None
+        params = Params(iouType='bbox')
         if ids:
             ev = COCOeval(self.coco, self._results_coco(rows), 'bbox')
             ev.params.imgIds = ids
@@ -263,13 +283,31 @@ class COCOEvaluator:
                 ev.summarize()
             stats = np.asarray(ev.stats, dtype=np.float64)
             precision = ev.eval['precision']
+            params = ev.params
         metrics: Dict[str, Any] = {name: float(v) for name, v in zip(STAT_NAMES, stats)}
         metrics['stats'] = [float(v) for v in stats]
         metrics['per_class'] = self._per_class(precision, ids)
         metrics['num_images'] = len(ids)
         metrics['num_detections'] = int(len(rows))
+        metrics['curves'] = self._curves(precision, params, metrics['per_class'])
+        metrics['confusion'] = self.confusion_matrix(ids)
         self.metrics = metrics
         return metrics
+
+    def _curves(self, precision: Optional[np.ndarray], params: Params,
+                per_class: List[Dict[str, Any]]) -> Dict[str, Any]:
+        """COCOeval's precision [T, R, K] at area 'all' and the largest maxDets for the classes of
+        ``per_class``, in that order (-1 everywhere when nothing was evaluated)."""
+        iou = np.asarray(params.iouThrs, dtype=np.float64)
+        rec = np.asarray(params.recThrs, dtype=np.float64)
+        k_of = {c: k for k, c in enumerate(self._gt_cat_ids)}
+        ks = np.array([k_of[r['category_id']] for r in per_class], dtype=np.int64)
+        if precision is None:
+            p = -np.ones((len(iou), len(rec), len(ks)))
+        else:
+            p = np.asarray(precision[:, :, ks, 0, -1], dtype=np.float64)
+        return {'iou_thresholds': iou, 'recall_thresholds': rec, 'precision': p,
+                'names': [str(r['name']) for r in per_class]}
 
     def _results_coco(self, rows: np.ndarray) -> COCO:
         """A results ``COCO`` built the way ``COCO.loadRes`` builds it (area = w*h, iscrowd 0), but
@@ -287,8 +325,8 @@ class COCOEvaluator:
         return res
 
     def _per_class(self, precision: Optional[np.ndarray], ids: List[int]) -> List[Dict[str, Any]]:
-        """Per-class AP (mean over IoU 0.50:0.95 and recall) and AP50 from COCOeval's precision
-        array [T, R, K, A, M] at area 'all' and the largest maxDets."""
+        """Per-class AP (mean over IoU 0.50:0.95 and recall), AP50 and AP per object size
+        (APs, APm, APl) from COCOeval's precision array [T, R, K, A, M] at the largest maxDets."""
         mask = np.isin(self._ann_img, np.array(ids, dtype=np.int64)) & ~self._ann_crowd
         cats, counts = np.unique(self._ann_cat[mask], return_counts=True)
         num_gt = dict(zip(cats.tolist(), counts.tolist()))
@@ -298,14 +336,72 @@ class COCOEvaluator:
             if cat is None or cat not in k_of:
                 continue
             ap = ap50 = -1.0
+            by_area = [-1.0] * len(AREA_NAMES)
             if precision is not None:
-                p = precision[:, :, k_of[cat], 0, -1]
-                ap = _mean_valid(p)
-                ap50 = _mean_valid(p[0])  # iouThrs[0] == 0.5
+                p = precision[:, :, k_of[cat], :, -1]  # [T, R, A]
+                ap = _mean_valid(p[..., 0])
+                ap50 = _mean_valid(p[0, :, 0])  # iouThrs[0] == 0.5
+                by_area = [_mean_valid(p[..., a]) for a in range(1, 1 + len(AREA_NAMES))]
             elif num_gt.get(cat, 0):
                 ap = ap50 = 0.0
-            out.append({'name': name, 'category_id': int(cat), 'AP': ap, 'AP50': ap50,
-                        'num_gt': int(num_gt.get(cat, 0))})
+            row = {'name': name, 'category_id': int(cat), 'AP': ap, 'AP50': ap50}
+            row.update({f'AP{a[0]}': v for a, v in zip(AREA_NAMES, by_area)})
+            row['num_gt'] = int(num_gt.get(cat, 0))
+            out.append(row)
+        return out
+
+    def confusion_matrix(self, image_ids: Optional[Sequence[int]] = None, iou_threshold: float = 0.5,
+                         score_threshold: float = CONFUSION_SCORE) -> Dict[str, Any]:
+        """Which class the detections scoring >= ``score_threshold`` give each ground-truth box,
+        matching at IoU >= ``iou_threshold`` regardless of class.
+
+        One-to-one greedy matching, same-class pairs first, then by IoU: a pair is taken when no
+        other remaining pair of its detection or of its box has a higher (same class, IoU), then
+        both leave (vectorised over all pairs, one round per chain of conflicts). Crowd boxes
+        are not counted; a detection left unmatched that covers a crowd box (COCO's crowd IoU,
+        intersection / detection area) is ignored, as COCOeval does.
+
+        Returns ``{names, category_ids, matrix, iou_threshold, score_threshold}``: ``matrix``
+        int64 [K + 1, K + 1], rows the true class, columns the detected class, in ``per_class``
+        order; the last column counts missed boxes of each class, the last row detections that
+        match no box (background). ``image_ids`` defaults to the images evaluated.
+        """
+        ids = np.array(sorted(set(self._image_ids)) if image_ids is None else sorted(set(_int_list(image_ids))),
+                       dtype=np.int64)
+        cls_cats = [c for c in self.cat_ids if c is not None]
+        names = [n for n, c in zip(self.class_names, self.cat_ids) if c is not None]
+        k = len(cls_cats)
+        cats = np.array(cls_cats, dtype=np.int64)
+        rank = np.argsort(cats)
+
+        def index_of(c: np.ndarray) -> np.ndarray:  # category id -> matrix index (k: not a class)
+            j = np.searchsorted(cats[rank], c).clip(0, max(k - 1, 0))
+            return np.where(cats[rank][j] == c, rank[j], k) if k else np.full(len(c), k)
+        matrix = np.zeros((k + 1, k + 1), dtype=np.int64)
+        out = {'names': names, 'category_ids': [int(c) for c in cls_cats], 'matrix': matrix,
+               'iou_threshold': float(iou_threshold), 'score_threshold': float(score_threshold)}
+        rows = self._all_rows()
+        rows = rows[np.isin(rows[:, 0].astype(np.int64), ids) & (rows[:, 5] >= score_threshold)
+                    & np.isin(rows[:, 6].astype(np.int64), np.array(cls_cats, dtype=np.int64))]
+        in_set = np.isin(self._ann_img, ids)
+        gt_img, gt_cat = self._ann_img[in_set], self._ann_cat[in_set]
+        gt_xywh, gt_crowd = self._ann_xywh[in_set], self._ann_crowd[in_set]
+        det_img, det_cat = rows[:, 0].astype(np.int64), rows[:, 6].astype(np.int64)
+        det, gt = _pairs_by_image(det_img, gt_img)
+        close = _pair_iou(rows[det, 1:5], gt_xywh[gt], gt_crowd[gt]) >= iou_threshold
+        on_crowd = np.zeros(len(rows), dtype=bool)
+        on_crowd[det[close & gt_crowd[gt]]] = True
+        real = close & ~gt_crowd[gt]
+        det, gt = det[real], gt[real]
+        iou = _pair_iou(rows[det, 1:5], gt_xywh[gt], np.zeros(len(gt), dtype=bool))
+        weight = iou + 2.0 * (det_cat[det] == gt_cat[gt])  # same class first, then IoU
+        det_match, gt_match = _greedy_match(det, gt, weight, len(rows), len(gt_img))
+        hit = det_match >= 0
+        np.add.at(matrix, (index_of(gt_cat[det_match[hit]]), index_of(det_cat[hit])), 1)
+        missed = (gt_match < 0) & ~gt_crowd
+        np.add.at(matrix, (index_of(gt_cat[missed]), k), 1)
+        false = ~hit & ~on_crowd
+        np.add.at(matrix, (k, index_of(det_cat[false])), 1)
         return out
 
     def format_table(self, metrics: Optional[Mapping[str, Any]] = None) -> str:
@@ -393,6 +489,55 @@ def write_results_json(obj: Any, path: str) -> None:
     atomic_write(path, lambda f: json.dump(obj, f), binary=False)
 
 
+# ----------------------------------------------------------------------------- reusing a results file
+def file_digest(path: str) -> str:
+    """sha256 of what a path holds: a file (with the ``.bin`` of an OpenVINO ``.xml``), every file
+    of a folder (names and contents, in name order), or every file of an official TF checkpoint
+    prefix (``PREFIX.index``, ``PREFIX.data-*``)."""
+    h = hashlib.sha256()
+    if os.path.isdir(path):
+        files = [os.path.join(path, f) for f in sorted(os.listdir(path))]
+    elif os.path.isfile(path):
+        files = [path] + ([path[:-4] + '.bin'] if path.lower().endswith('.xml') else [])
+    else:
+        files = sorted(glob.glob(glob.escape(path) + '.*'))
+    for name in files:
+        if os.path.isfile(name):
+            h.update(os.path.basename(name).encode())
+            with open(name, 'rb') as f:
+                for chunk in iter(lambda: f.read(1 << 20), b''):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+def data_digest(obj: Any) -> str:
+    """sha256 of a JSON-able object (sorted keys): e.g. the ground truth a dataset built."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def reuse_refusal(meta_path: str, key: Mapping[str, Any]) -> Optional[str]:
+    """None when the results file beside ``meta_path`` was made with exactly ``key`` (everything
+    that decides its content); else why it may not be reused (one phrase naming the first field
+    that differs)."""
+    if not os.path.isfile(meta_path):
+        return f'{meta_path} (which says how the results were made) is missing'
+    try:
+        with open(meta_path, encoding='utf-8') as f:
+            stored = json.load(f)
+    except (OSError, ValueError):
+        return f'{meta_path} is unreadable'
+    stored = stored.get('key', stored) if isinstance(stored, dict) else {}
+    for k in sorted(set(key) | set(stored)):
+        if json.dumps(stored.get(k), sort_keys=True) != json.dumps(key.get(k), sort_keys=True):
+            return f'they were made with {k}={_short(stored.get(k))}, not {_short(key.get(k))}'
+    return None
+
+
+def _short(v: Any) -> str:
+    text = json.dumps(v, default=str)
+    return text if len(text) <= 80 else text[:77] + '...'
+
+
 # ----------------------------------------------------------------------------- helpers
 @contextlib.contextmanager
 def _quiet(verbose: bool):
@@ -435,6 +580,56 @@ def _cat(arrays: List[np.ndarray], empty_shape: Tuple[int, ...]) -> np.ndarray:
     return np.concatenate(arrays, 0) if arrays else np.zeros(empty_shape)
 
 
+def _pairs_by_image(det_img: np.ndarray, gt_img: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Every (detection, ground truth) index pair of the same image: two int64 arrays [P],
+    grouped by detection; no Python loop over images or boxes."""
+    order = np.argsort(gt_img, kind='stable')
+    sorted_img = gt_img[order]
+    start = np.searchsorted(sorted_img, det_img, 'left')
+    count = np.searchsorted(sorted_img, det_img, 'right') - start
+    det = np.repeat(np.arange(len(det_img)), count)
+    first = np.repeat(np.cumsum(count) - count, count)
+    gt = order[np.repeat(start, count) + np.arange(len(det)) - first]
+    return det, gt
+
+
+def _pair_iou(det_xywh: np.ndarray, gt_xywh: np.ndarray, crowd: np.ndarray) -> np.ndarray:
+    """IoU of row-aligned boxes [P, 4] (x, y, w, h); where ``crowd``, COCO's crowd IoU
+    (intersection / detection area)."""
+    iw = (np.minimum(det_xywh[:, 0] + det_xywh[:, 2], gt_xywh[:, 0] + gt_xywh[:, 2])
+          - np.maximum(det_xywh[:, 0], gt_xywh[:, 0])).clip(min=0)
+    ih = (np.minimum(det_xywh[:, 1] + det_xywh[:, 3], gt_xywh[:, 1] + gt_xywh[:, 3])
+          - np.maximum(det_xywh[:, 1], gt_xywh[:, 1])).clip(min=0)
+    inter = iw * ih
+    det_area = det_xywh[:, 2] * det_xywh[:, 3]
+    union = np.where(crowd, det_area, det_area + gt_xywh[:, 2] * gt_xywh[:, 3] - inter)
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def _greedy_match(det: np.ndarray, gt: np.ndarray, weight: np.ndarray, num_det: int,
+                  num_gt: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Greedy one-to-one matching of candidate pairs (``det[p]``, ``gt[p]``) by descending
+    ``weight``: each round takes every pair that is the heaviest remaining pair of both its
+    detection and its box (the pairs the sequential greedy takes first), then drops the pairs of
+    the matched ones. Returns (gt index per detection, detection index per gt), -1 unmatched."""
+    det_match = np.full(num_det, -1, dtype=np.int64)
+    gt_match = np.full(num_gt, -1, dtype=np.int64)
+    alive = np.ones(len(det), dtype=bool)
+    while alive.any():
+        det, gt, weight = det[alive], gt[alive], weight[alive]
+        best_det = np.full(num_det, -np.inf)
+        best_gt = np.full(num_gt, -np.inf)
+        np.maximum.at(best_det, det, weight)
+        np.maximum.at(best_gt, gt, weight)
+        take = np.flatnonzero((weight == best_det[det]) & (weight == best_gt[gt]))
+        take = take[np.unique(det[take], return_index=True)[1]]  # ties: one pair per detection
+        take = take[np.unique(gt[take], return_index=True)[1]]   # and per box
+        det_match[det[take]] = gt[take]
+        gt_match[gt[take]] = det[take]
+        alive = (det_match[det] < 0) & (gt_match[gt] < 0)
+    return det_match, gt_match
+
+
 # ----------------------------------------------------------------------------- model evaluation
 def _eval_collate(items: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
     """Stack images [B,3,H,W] (zero-padding bottom/right to the largest) and keep per-image meta."""
@@ -456,37 +651,40 @@ def _eval_collate(items: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
     return {'img': batch, 'image_id': ids, 'scale': scale, 'orig_size': orig}
 
 
-def to_original_pixels(boxes: torch.Tensor, batch_index: torch.Tensor, scale: torch.Tensor,
-                       orig_size: torch.Tensor) -> torch.Tensor:
-    """Map boxes [N,4] xyxy in network-input pixels back to original-image pixels: divide by the
-    per-image ``scale`` [B] (network px per original px) and clip to ``orig_size`` [B,2] (h, w)."""
-    s = scale.to(boxes)[batch_index].unsqueeze(1)
-    hw = orig_size.to(boxes)[batch_index]
-    out = boxes / s
-    upper = torch.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], 1)
-    return torch.minimum(out.clamp(min=0), upper)
+def _metas(batch: Mapping[str, Any], input_hw: Tuple[int, int]) -> List[Any]:
+    """The ``preprocess.ImageMeta`` of each image of an evaluation batch (``scale``: network pixels
+    per original pixel, ``orig_size`` (h, w)), for ``Detector.detect_prepared``."""
+    from .preprocess import ImageMeta
+    metas = []
+    for s, (h, w) in zip(batch['scale'].tolist(), batch['orig_size'].tolist()):
+        h, w = int(h), int(w)
+        metas.append(ImageMeta(scale=float(s), orig_hw=(h, w), input_hw=tuple(input_hw),
+                               resized_hw=(int(h * s), int(w * s))))
+    return metas
 
 
-def run_coco_eval(model: torch.nn.Module, dataset: Any, batch_size: int = 1,
-                  device: Union[str, torch.device] = 'cpu', score_threshold: float = 0.05,
+def run_coco_eval(model: Any, dataset: Any, batch_size: int = 1,
+                  device: Union[str, torch.device, None] = 'cpu', score_threshold: float = 0.05,
                   nms_threshold: float = 0.5, nms: str = 'hard', max_det: int = 100, half: bool = False,
                   max_images: Optional[int] = None, progress: bool = True, num_workers: int = 0,
                   verbose: bool = False) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
-    """Run ``model`` over a validation ``CocoDataset`` (augment off) and evaluate with pycocotools.
+    """Run a detector over a validation ``CocoDataset`` (augment off) and evaluate with pycocotools.
 
-    ``model(x)`` must return ``(features, regression [B,A,4], classification [B,A,C] after sigmoid,
-    anchors [1,A,4] yxyx)`` like ``EfficientDetBackbone``. Items of ``dataset`` are dicts with
-    ``img`` [3,H,W] normalised, ``image_id``, ``scale`` (network px per original px) and
-    ``orig_size`` (h, w); the dataset also exposes ``coco`` and ``cat_ids`` (category id per label).
-    ``max_images`` evaluates the first K images only; ``half`` runs an ``nn.Module``'s forward
-    under autocast (float16 on CUDA, bfloat16 on CPU: ``runtimes.eager.half_dtype``; decoding stays
-    float32); an exported runtime runs in the precision it was loaded with. The model is put in
-    eval mode and its train/eval state restored after.
+    ``model``: an ``efficientdet.detector.Detector`` (its thresholds, NMS, precision and classes
+    are used as they are), or a model it wraps — an ``EfficientDetBackbone`` or an exported
+    runtime — with the dataset's classes, input size and normalisation and ``score_threshold``,
+    ``nms_threshold``, ``nms``, ``max_det``, ``half``, ``device``. Detections therefore come from
+    the same path as ``efficientdet_test.py``'s (``Detector.detect_prepared``: one autocast rule,
+    one mapping back to the original image, one placeholder-class rule). Items of ``dataset`` are
+    dicts with ``img`` [3, H, W] normalised, ``image_id``, ``scale`` (network px per original px)
+    and ``orig_size`` (h, w); the dataset also exposes ``coco``, ``cat_ids`` (category id per
+    label), ``obj_list``, ``image_size``, ``mean``, ``std``. ``max_images`` evaluates the first K
+    images only. A PyTorch model's train/eval state is restored after.
 
     Returns ``(metrics, results)``: ``COCOEvaluator.compute`` metrics and the COCO results list
     (bbox x, y, w, h in original-image pixels).
     """
-    from .postprocess import detect  # local: keeps COCOEvaluator free of the model code
+    from .detector import Detector  # local: keeps COCOEvaluator free of the model code
 
     coco = getattr(dataset, 'coco', None)
     if coco is None:
@@ -500,44 +698,117 @@ def run_coco_eval(model: torch.nn.Module, dataset: Any, batch_size: int = 1,
     if n <= 0:
         raise UserError('the validation set has no images to evaluate'
                         + (f' (max_images={max_images})' if max_images is not None else ''))
-    device = torch.device(device)
-    autocast_dtype = None
-    if half and isinstance(model, torch.nn.Module):
-        from .runtimes.eager import half_dtype
-        autocast_dtype = half_dtype(device)
+    module = model if isinstance(model, torch.nn.Module) else None
+    was_training = module.training if module is not None else False
+    if isinstance(model, Detector):
+        detector = model
+    else:
+        detector = Detector(model, list(dataset.obj_list), dataset.image_size, mean=dataset.mean, std=dataset.std,
+                            threshold=score_threshold, iou=nms_threshold, nms=nms, max_det=max_det,
+                            device=device, half=half, batch_size=batch_size)
     subset = dataset if n == len(dataset) else torch.utils.data.Subset(dataset, range(n))
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False,
                                          num_workers=num_workers, collate_fn=_eval_collate)
-    param = next(model.parameters(), None)
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     if progress:
         from tqdm import tqdm
         loader = tqdm(loader, desc='eval', unit='batch', dynamic_ncols=True)
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with torch.inference_mode():
             for batch in loader:
-                x = batch['img'].to(device=device, dtype=dtype, non_blocking=True)
-                ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                       else contextlib.nullcontext())
-                with ctx:
-                    _, regression, classification, anchors = model(x)
-                dets = detect(classification.float(), regression.float(), anchors.float(),
-                              image_size=(int(x.shape[-2]), int(x.shape[-1])),
-                              score_threshold=score_threshold, iou_threshold=nms_threshold,
-                              max_det=max_det, nms=nms)
-                counts = torch.tensor([len(d['scores']) for d in dets], dtype=torch.long)
-                index = torch.repeat_interleave(torch.arange(len(dets)), counts)
-                if int(counts.sum()):
-                    boxes = torch.cat([d['boxes'].float().cpu() for d in dets], 0)
-                    scores = torch.cat([d['scores'].float().cpu() for d in dets], 0)
-                    labels = torch.cat([d['labels'].cpu() for d in dets], 0)
-                    boxes = to_original_pixels(boxes, index, batch['scale'], batch['orig_size'])
-                else:
-                    boxes, scores, labels = torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long)
+                x = batch['img']
+                dets = detector.detect_prepared(x, _metas(batch, (int(x.shape[-2]), int(x.shape[-1]))))
+                counts = [len(d) for d in dets]
+                index = np.repeat(np.arange(len(dets)), counts)
+                boxes = _cat([d.boxes for d in dets], (0, 4))
+                scores = _cat([d.scores for d in dets], (0,))
+                labels = _cat([d.class_ids for d in dets], (0,)).astype(np.int64)
                 evaluator.update_flat(batch['image_id'], index, boxes, scores, labels)
     finally:
-        model.train(was_training)
+        if module is not None:
+            module.train(was_training)
     metrics = evaluator.compute()
     return metrics, evaluator.results
+
+
+def evaluation_key(detector: Any, project: Any, dataset: Any, data_path: str, weights: str,
+                   max_images: Optional[int]) -> Dict[str, Any]:
+    """Everything that decides a results file's content, for :func:`reuse_refusal`: the project
+    (name, file digest, classes, anchors, format), the ground truth (digest of what the dataset
+    read) and data path, the weights (digest), the model (variant, compat), the runtime and its
+    precision, the input size and normalisation, the thresholds, NMS and image count."""
+    from . import __version__
+    model = getattr(detector, 'model', None)
+    path = getattr(project, 'path', '')
+    return {
+        'project': project.project_name, 'project_sha256': file_digest(path) if os.path.isfile(path) else None,
+        'dataset_format': getattr(project, 'dataset_format', 'coco'), 'val_set': project.val_set,
+        'data_path': os.path.abspath(data_path), 'annotations': os.path.abspath(str(dataset.ann_file)),
+        'ground_truth_sha256': data_digest(dataset.index.coco_dataset),
+        'obj_list': list(project.obj_list), 'anchors_scales': [float(v) for v in project.anchors_scales],
+        'anchors_ratios': [[float(a) for a in r] for r in project.anchors_ratios],
+        'weights_sha256': file_digest(weights), 'variant': getattr(model, 'compound_coef', None),
+        'compat': getattr(model, 'compat', None), 'runtime': getattr(detector.runner, 'name', 'torch'),
+        'half': bool(detector.half), 'image_size': list(detector.image_size),
+        'mean': [float(v) for v in detector.mean], 'std': [float(v) for v in detector.std],
+        'threshold': detector.threshold, 'iou': detector.iou, 'nms': detector.nms, 'max_det': detector.max_det,
+        'max_images': max_images, 'efficientdet_version': __version__,
+    }
+
+
+def evaluate_project(detector: Any, project: Any, data_path: str = 'datasets/', *, weights: Optional[str] = None,
+                     results_path: Optional[str] = None, reuse: bool = False, batch_size: int = 1,
+                     num_workers: int = 0, max_images: Optional[int] = None, progress: bool = True,
+                     verbose: bool = False, log: Any = print) -> Dict[str, Any]:
+    """COCO mAP of ``detector`` (``efficientdet.detector.Detector``) on ``project``'s validation set
+    under ``data_path``. Detections are written to ``results_path`` (COCO results json) with a
+    ``.meta.json`` beside it holding :func:`evaluation_key`. By default they are recomputed; with
+    ``reuse`` an existing file is scored instead, only when its key equals this run's in every
+    field (and ``weights``, the file the detector was loaded from, is known); either way ``log``
+    says which happened and why. Returns the ``COCOEvaluator.compute`` metrics."""
+    from .data import build_dataset
+    if max_images is not None and max_images <= 0:
+        raise UserError(f'--max_images {max_images}: must be a positive number of images')
+    if batch_size <= 0:
+        raise UserError(f'--batch_size {batch_size}: must be at least 1')
+    dataset = build_dataset(project, project.val_set, detector.image_size, data_path, mean=detector.mean,
+                            std=detector.std)
+    log(dataset.summary())
+    key = evaluation_key(detector, project, dataset, data_path, weights, max_images) if weights else None
+    meta_path = results_path + '.meta.json' if results_path else None
+    if reuse and results_path and os.path.exists(results_path):
+        why = reuse_refusal(meta_path, key) if key is not None else 'the weights file is not known'
+        if why is None:
+            log(f'reusing {results_path}: made with the same key (project, ground truth, weights, runtime, precision, '
+                'size, normalisation, anchors, thresholds)')
+            evaluator = COCOEvaluator(dataset.coco, cat_ids=dataset.cat_ids, class_names=dataset.obj_list,
+                                      verbose=verbose)
+            evaluator.add_results(load_results_file(results_path), source=results_path)
+            return evaluator.compute(image_ids=dataset.image_ids[:max_images])
+        log(f'not reusing {results_path}: {why}; recomputing')
+    metrics, results = run_coco_eval(detector, dataset, batch_size=batch_size, max_images=max_images,
+                                     progress=progress, num_workers=num_workers, verbose=verbose)
+    if results_path:
+        replaced = os.path.exists(results_path)
+        write_results_json(results, results_path)
+        from .ckpt.files import atomic_write
+        atomic_write(meta_path, lambda f: json.dump({'key': key}, f, indent=1), binary=False)
+        log(f'wrote {len(results)} detections to {results_path}' + (' (replacing the earlier file)' if replaced else ''))
+    return metrics
+
+
+def score_results_file(project: Any, results_path: str, data_path: str = 'datasets/',
+                       max_images: Optional[int] = None, verbose: bool = False, log: Any = print) -> Dict[str, Any]:
+    """COCO mAP of an existing COCO results json against ``project``'s validation ground truth (the
+    images need not be present: every listed image counts then)."""
+    from .data import build_dataset
+    dataset = build_dataset(project, project.val_set, 512, data_path, require_images=False)
+    log(dataset.summary())
+    if not dataset.images_found:
+        log(f'note: {dataset.image_dir} not found: scoring against every image listed in {dataset.ann_file}')
+    results = load_results_file(results_path)
+    evaluator = COCOEvaluator(dataset.coco, cat_ids=dataset.cat_ids,
+                              class_names=dataset.obj_list, verbose=verbose)
+    evaluator.add_results(results, source=results_path)
+    if not results:
+        log(f'note: {results_path} holds no detections')
+    return evaluator.compute(image_ids=dataset.image_ids[:max_images])

@@ -1,12 +1,13 @@
 """Export EfficientDet for a deploy target (``efficientdet.runtimes``: one module per target).
 
-    python -m efficientdet.export onnx -c 0 -w weights/efficientdet-d0.pth -p coco --image_size 512 -o d0.onnx
-    python -m efficientdet.export onnx -c 0 --num_classes 90 --with-nms -o d0_nms.onnx
-    python -m efficientdet.export openvino -c 0 -w weights/efficientdet-d0.pth -p coco -o d0.xml
-    python -m efficientdet.export torchscript -c 0 -w weights/efficientdet-d0.pth -o d0.pt
+    python -m efficientdet.export onnx -o d0_shape.onnx          # the shipped shapes model (-p shape -c 0)
+    python -m efficientdet.export onnx -c 0 -w efficientdet-d0.pth -p coco --image_size 512 -o d0.onnx
+    python -m efficientdet.export onnx -c 0 --num_classes 90 -w random --with_nms -o d0_nms.onnx
+    python -m efficientdet.export openvino -c 0 -w efficientdet-d0.pth -p coco -o d0.xml
+    python -m efficientdet.export torchscript -c 0 -w efficientdet-d0.pth -p coco -o d0.pt
 
 Every export is the BN-folded inference model (``efficientdet.fuse``) at one H x W (any batch
-size unless ``--static-batch``), checked against the eager PyTorch model on a random batch (ONNX
+size unless ``--static_batch``), checked against the eager PyTorch model on a random batch (ONNX
 also with ``onnx.checker``): outputs must match within ``--atol`` (1e-4). Outputs, input
 ``images`` [B, 3, H, W] normalised RGB:
 
@@ -14,22 +15,22 @@ also with ``onnx.checker``): outputs must match within ``--atol`` (1e-4). Output
   anchor's best-class probability), ``labels`` [B, A] int64, ``anchors`` [1, A, 4] (y1, x1, y2, x2)
   input pixels — the best class taken in the graph, the fastest for every post-processing here;
 - ``--head full``: ``regression``, ``classification`` [B, A, C] after sigmoid, ``anchors``;
-- onnx ``--with-nms``: ``boxes`` [B, max_det, 4] (x1, y1, x2, y2) network-input pixels,
+- onnx ``--with_nms``: ``boxes`` [B, max_det, 4] (x1, y1, x2, y2) network-input pixels,
   ``scores``, ``labels`` (-1 padding), ``num_detections`` [B] (see ``runtimes.onnx_graph``).
 
 Files carry metadata (variant, classes, input size, mean/std, head) that ``--backend`` in the
-scripts, ``benchmark.py --model`` and ``Detector.from_exported`` read.
+scripts (``-w FILE``), ``benchmark.py`` and ``Detector.from_exported`` read.
 """
 from __future__ import annotations
 
-import argparse
 from typing import Dict, List, Optional, Sequence
 
 from torch import nn
 
-from .cli import add_model_args, image_size_arg
+from .cli import (ScriptParser, add_model_args, add_project_args, add_weights_arg, check_size, model_from_args,
+                  project_name)
 from .errors import UserError, run_cli
-from .runtimes import EXPORT_FORMATS, target_for_format
+from .runtimes import export_formats, target_for_format
 from .runtimes.base import RAW_OUTPUTS, ExportWrapper
 from .runtimes.onnx_graph import NMS_OUTPUTS, NMSExportWrapper, compare_detections
 from .onnx_ops import onnx_nms
@@ -61,52 +62,53 @@ def export_torchscript(model: nn.Module, path: str, image_size=None, **options) 
     return export_model('torchscript', model, path, image_size, **options)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='python -m efficientdet.export', description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ScriptParser:
+    parser = ScriptParser(prog='python -m efficientdet.export', description=__doc__)
     sub = parser.add_subparsers(dest='format', required=True)
-    for fmt in EXPORT_FORMATS:
+    for fmt in export_formats():
         target = target_for_format(fmt)
-        p = sub.add_parser(fmt, help=f'export for --backend {target.name} ({target.suffix})')
+        p = sub.add_parser(fmt, help=f'export for --backend {target.name} ({target.suffix})',
+                           formatter_class=parser.formatter_class)
+        add_project_args(p)
         add_model_args(p)
-        p.add_argument('-w', '--weights', default=None, help='checkpoint (.pth / .npz); random weights when omitted')
-        group = p.add_mutually_exclusive_group()
-        group.add_argument('--num_classes', type=int, default=None, help='class count (default: from -p, the '
-                           'weights file, or 90)')
-        group.add_argument('-p', '--project', default=None, help='projects/NAME.yml: classes, anchors, mean/std')
-        p.add_argument('--projects_dir', default='projects')
-        p.add_argument('--no-fuse', dest='fuse', action='store_false', help='export the unfused model')
-        p.add_argument('--no-verify', dest='verify', action='store_false', help='skip the equivalence check')
-        p.add_argument('--atol', type=float, default=1e-4, help='tolerance of the equivalence check')
+        add_weights_arg(p)
+        p.add_argument('--num_classes', type=int, default=None,
+                       help='class count of a model without a project (classes named by index; not with -p)')
+        p.add_argument('--no_fuse', '--no-fuse', dest='fuse', action='store_false', help='export the unfused model')
+        p.add_argument('--no_verify', '--no-verify', dest='verify', action='store_false',
+                       help='skip the check against the eager model')
+        p.add_argument('--atol', type=float, default=1e-4, help='tolerance of the check against the eager model')
         p.add_argument('-o', '--output', required=True, help=f'output file ({target.suffix})')
         target.add_export_arguments(p)
     return parser
 
 
-def project_metadata(project, variant) -> Dict[str, Optional[Sequence]]:
-    """obj_list / mean / std an export records, from a project (None: the variant's defaults)."""
-    if project is None:
-        return {'obj_list': None, 'mean': None, 'std': None}
+def project_metadata(project, model) -> Dict[str, Optional[Sequence]]:
+    """obj_list / mean / std an export records: the project's classes (None without a project) and
+    the normalisation the model's weights expect with the project's values
+    (``config.resolve_normalization``; e.g. 0.5 / 0.5 for AdvProp weights, with or without a project)."""
     from .config import resolve_normalization
-    mean, std = resolve_normalization(variant, project.mean, project.std)
-    return {'obj_list': list(project.obj_list), 'mean': list(mean), 'std': list(std)}
+    mean, std = resolve_normalization(model, project.mean if project else None, project.std if project else None)
+    return {'obj_list': list(project.obj_list) if project else None, 'mean': list(mean), 'std': list(std)}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from .factory import build_model
     target = target_for_format(args.format)
+    check_size(args)
+    if args.num_classes is not None:
+        if args.num_classes < 1:
+            raise UserError(f'--num_classes {args.num_classes}: must be at least 1')
+        if args.weights is None:
+            raise UserError('--num_classes: pass the weights with -w FILE (or -w random for the official '
+                            'initialisation)')
+    model = model_from_args(args, allow_random=True)
     project = None
-    if args.project is not None:
+    if args.num_classes is None:
         from .project import load_project
-        project = load_project(args.project, args.projects_dir)
-    if args.num_classes is not None and args.num_classes < 1:
-        raise UserError(f'--num_classes {args.num_classes}: must be at least 1')
-    size = image_size_arg(args.image_size)
-    model = build_model(args.compound_coef, num_classes=args.num_classes, project=project, weights=args.weights,
-                        image_size=size, compat=args.compat, verbose=False).eval()
+        project = load_project(project_name(args), args.projects_dir)
     options = dict(target.export_options(args), fuse=args.fuse, verify=args.verify, atol=args.atol,
-                   **project_metadata(project, args.compound_coef))
+                   **project_metadata(project, model))
     diffs = target.export(model, args.output, model.image_size, **options)
     hw = model.image_size
     print(f'wrote {args.output}: {model.config.name}, {model.num_classes} classes, input {hw[0]}x{hw[1]}, '

@@ -4,19 +4,26 @@ input size, compat mode and weights (exact load, or fine-tuning load) in one cal
 Every script and module that builds a model goes through :func:`build_model`, so the variant and
 the input size are validated once (:func:`resolve_image_size`) and a checkpoint that does not fit
 is refused with one line saying what to pass instead.
+
+Weights, top-down: a spec (path or released name) → a local file (:mod:`efficientdet.zoo`; a path
+that exists always wins) → read safely and its layout detected (:mod:`efficientdet.ckpt.layout`) →
+that layout's adapter (:mod:`efficientdet.ckpt.layouts`) → loaded into the model
+(:mod:`efficientdet.ckpt.load`). What a released entry says about its weights (compat mode, input
+size, input normalisation) is applied here and carried by the model (:func:`build_model`).
 """
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence, Tuple, Union
+from typing import Any, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
+from . import zoo
 from .ckpt.layout import Checkpoint, infer_num_classes, read_checkpoint
 from .ckpt.load import check_variant, class_count_error, load_pretrained, load_weights
-from .cli import parse_device
-from .convert.tf import ConversionError, read_tf_input
-from .config import COMPAT_MODES, Variant, as_hw, check_image_size, get_config, parse_variant
+from .config import (COMPAT_MODES, OFFICIAL_RATIOS, Variant, as_hw, check_image_size, get_config, parse_variant,
+                     resolve_normalization)
+from .devices import parse_device
 from .errors import UserError
 from .model import EfficientDetBackbone
 from .project import Project, load_project
@@ -60,56 +67,94 @@ def _as_project(project: Union[Project, str, 'os.PathLike[str]', None]) -> Optio
     return load_project(os.fspath(project))
 
 
-def read_weights(weights) -> Checkpoint:
-    """A :class:`Checkpoint` from a path (``.pth``/``.ckpt``/``.npz``, or an official TF checkpoint
-    directory or prefix, read with TensorFlow when it is installed), a state_dict or a Checkpoint."""
+WeightsSpec = Union[str, 'os.PathLike[str]', 'zoo.ResolvedWeights', Mapping[str, Any], Checkpoint, None]
+
+
+def open_weights(weights: WeightsSpec, variant: Union[Variant, str, None] = None
+                 ) -> Tuple[Checkpoint, Optional['zoo.Entry']]:
+    """The :class:`Checkpoint` of ``weights`` and, for a released name, its table entry (None
+    otherwise). ``weights``: a path (``.pth``/``.ckpt``/``.npz``/``.safetensors``, or an official TF
+    checkpoint folder or prefix, read with TensorFlow when it is installed), a released name
+    (``coco`` with ``variant``, ``tf_efficientdet_d2``, ``efficientdet-d2.pth`` …: fetched and
+    verified by :mod:`efficientdet.zoo`), what :func:`efficientdet.zoo.resolve` made of one, an
+    in-memory state_dict, or a Checkpoint."""
     if isinstance(weights, Checkpoint):
-        return weights
-    if isinstance(weights, (str, os.PathLike)):
-        path = os.fspath(weights)
-        if os.path.isdir(path) or os.path.isfile(path + '.index'):
-            try:
-                tf_vars = read_tf_input(path)
-            except ConversionError as e:
-                raise UserError(str(e)) from None
-            return read_checkpoint({k: torch.from_numpy(v) for k, v in tf_vars.items()}, name=path)
-    return read_checkpoint(weights)
+        return weights, None
+    if isinstance(weights, (str, os.PathLike, zoo.ResolvedWeights)):
+        ck, got = zoo.open_weights(weights, variant)
+        return ck, got.entry
+    return read_checkpoint(weights), None
 
 
-def build_model(variant: Union[Variant, str] = 0, *, num_classes: Optional[int] = None,
-                project: Union[Project, str, None] = None, weights=None, image_size: ImageSize = None,
-                compat: str = 'official', finetune: bool = False,
+def read_weights(weights: WeightsSpec, variant: Union[Variant, str, None] = None) -> Checkpoint:
+    """The :class:`Checkpoint` of ``weights`` (see :func:`open_weights`)."""
+    return open_weights(weights, variant)[0]
+
+
+def weights_variant(weights: WeightsSpec) -> Optional[Variant]:
+    """The variant a released name implies (``tf_efficientdet_d2`` → 2); None for anything else."""
+    if isinstance(weights, zoo.ResolvedWeights):
+        return weights.variant
+    return zoo.variant_of(weights) if isinstance(weights, (str, os.PathLike)) else None
+
+
+def _ratios_of(proj: Optional[Project], compat: str):
+    """The project's anchor ratios, except that the official ones (every project's default) stand
+    for the compat mode's own with ``compat='zylo117'`` (Yet-Another's 1.4 / 0.7), as ImageNet's
+    mean/std stand for the weights' own normalisation."""
+    if proj is None:
+        return None
+    ratios = proj.anchors_ratios
+    official = len(ratios) == len(OFFICIAL_RATIOS) and all(
+        abs(a - c) < 1e-6 and abs(b - d) < 1e-6 for (a, b), (c, d) in zip(ratios, OFFICIAL_RATIOS))
+    return None if compat == 'zylo117' and official else ratios
+
+
+def build_model(variant: Union[Variant, str, None] = None, *, num_classes: Optional[int] = None,
+                project: Union[Project, str, None] = None, weights: WeightsSpec = None, image_size: ImageSize = None,
+                compat: Optional[str] = None, finetune: bool = False,
                 device: Union[str, torch.device, None] = None, verbose: bool = True) -> EfficientDetBackbone:
     """Build an ``EfficientDetBackbone`` and optionally load weights.
 
-    variant: 0-8 (D0-D7x), 'd0', 'lite0' … (``config.parse_variant``).
+    variant: 0-8 (D0-D7x), 'd0', 'lite0' … (``config.parse_variant``); None: the variant a
+        released weights name implies (``weights='tf_efficientdet_d2'`` → D2), else D0.
     project: an ``efficientdet.project.Project`` or a project name / yml path; it gives the class
         count (``len(obj_list)``, '' placeholders included) and the anchors (scales, ratios).
     num_classes: class count when no project is given (default: read from ``weights``, else 90).
     weights: a checkpoint path (this project / Yet-Another or effdet ``.pth``, official TF ``.npz``
-        or checkpoint directory: :func:`read_weights`) or an in-memory state_dict / ``Checkpoint``. Exact load,
-        every tensor must fit; with ``finetune=True`` every tensor whose shape fits is loaded and
-        the classifier's last layer is re-initialised when the class count differs.
+        or checkpoint directory), a released name (``'coco'`` = the official weights of ``variant``,
+        ``'tf_efficientdet_d2'``, ``'efficientdet-d2'`` …: fetched once into torch.hub's cache,
+        verified; a path that exists wins over a name; see :mod:`efficientdet.zoo`) or an
+        in-memory state_dict / ``Checkpoint``. Exact load, every tensor must fit; with
+        ``finetune=True`` every tensor whose shape fits is loaded and the classifier's last layer
+        is re-initialised when the class count differs.
     image_size: int or (H, W), validated by :func:`resolve_image_size`; stored as
-        ``model.image_size = (H, W)`` (default: the variant's size).
-    compat: 'official' or 'zylo117' (Yet-Another's padding and anchor ratios).
+        ``model.image_size = (H, W)`` (default: the released weights' input size, else the variant's).
+    compat: 'official' or 'zylo117' (Yet-Another's padding and anchor ratios); None: what the
+        released weights were trained with (Yet-Another's: 'zylo117'), else 'official'.
     device: where the model goes (None: stays on CPU). A model loaded exactly (not fine-tuned) is
         put in eval mode.
     Mismatches (variant, class count, anchors) raise UserError in one line saying what to pass.
+
+    What the weights come with travels on the model, for every consumer: ``model.weights_entry``
+    (the table row of a released name, else None), ``model.compat``, ``model.image_size`` and
+    ``model.input_mean`` / ``model.input_std`` (RGB, 0-1 scale: what the weights expect, e.g. 0.5 /
+    0.5 for the AdvProp ports; ``config.resolve_normalization(model, mean, std)`` uses them).
     """
-    key = resolve_variant(variant)
-    size = resolve_image_size(key, image_size)
-    if compat not in COMPAT_MODES:
+    implied = weights_variant(weights) if variant is None else None
+    key = resolve_variant(variant if variant is not None else (implied if implied is not None else 0))
+    if compat is not None and compat not in COMPAT_MODES:
         raise UserError(f'--compat {compat!r}: choose one of {", ".join(COMPAT_MODES)}')
     proj = _as_project(project)
-    ratios = proj.anchors_ratios if proj is not None else None
+
+    ck, entry = (None, None) if weights is None else open_weights(weights, key)
+    if ck is not None:
+        check_variant(ck, key)
+    compat = compat or (entry.compat if entry is not None else 'official')
+    size = resolve_image_size(key, image_size if image_size is not None or entry is None else entry.input_size)
+    ratios = _ratios_of(proj, compat)
     scales = proj.anchors_scales if proj is not None else None
     n_anchors = (len(ratios) if ratios is not None else 3) * (len(scales) if scales is not None else 3)
-
-    ck = None
-    if weights is not None:
-        ck = read_weights(weights)
-        check_variant(ck, key)
     n_file = infer_num_classes(ck.state_dict, n_anchors, ck.layout) if ck is not None else None
     if proj is not None:
         if num_classes is not None and num_classes != proj.num_classes:
@@ -125,6 +170,9 @@ def build_model(variant: Union[Variant, str] = 0, *, num_classes: Optional[int] 
 
     model = EfficientDetBackbone(num_classes=n, compound_coef=key, ratios=ratios, scales=scales, compat=compat)
     model.image_size = size
+    model.weights_entry = entry
+    model.input_mean, model.input_std = resolve_normalization(
+        key, entry.mean if entry is not None else None, entry.std if entry is not None else None)
     if ck is not None:
         if finetune:
             load_pretrained(model, ck, verbose=verbose)

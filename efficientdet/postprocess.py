@@ -22,7 +22,10 @@ import torch
 from .anchors import decode_boxes
 
 __all__ = ['nms', 'batched_nms', 'soft_nms', 'official_postprocess', 'detect', 'candidates', 'to_xyxy_clipped',
-           'BestClass', 'Scores', 'OFFICIAL_SOFT_SIGMA', 'OFFICIAL_SOFT_SCORE_THRESHOLD', 'PRE_NMS_TOPK']
+           'BestClass', 'Scores', 'class_mask', 'NMS_METHODS', 'OFFICIAL_SOFT_SIGMA', 'OFFICIAL_SOFT_SCORE_THRESHOLD',
+           'PRE_NMS_TOPK']
+
+NMS_METHODS = ('hard', 'gaussian', 'official')  # ``detect(nms=...)``, ``--nms`` in every script
 
 OFFICIAL_SOFT_SIGMA = 0.5             # official nms_configs sigma for method='gaussian'
 OFFICIAL_SOFT_SCORE_THRESHOLD = 0.001  # official score_thresh default for method='gaussian'
@@ -48,24 +51,33 @@ class BestClass:
     [B, A_l, C] pieces they are concatenated from (:meth:`from_level_logits`), the labels are
     computed when first asked for, and :meth:`labels_at` takes them for a few anchors only: on a
     CPU the arg-max over all A x C values costs about four times the maximum itself, and
-    post-processing needs the labels of its NMS candidates only. Unpacks as ``scores, labels``."""
+    post-processing needs the labels of its NMS candidates only. Unpacks as ``scores, labels``.
 
-    __slots__ = ('scores', '_labels', '_values')
+    ``allowed`` (bool [C], see :func:`class_mask`): the classes that may be an anchor's best class;
+    the others (placeholder slots such as COCO's ten unused ids) are left out *before* the maximum,
+    so an anchor whose top slot is a placeholder keeps its best real class."""
+
+    __slots__ = ('scores', '_labels', '_values', '_allowed')
 
     def __init__(self, scores: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                 values: Union[None, torch.Tensor, List[torch.Tensor]] = None):
+                 values: Union[None, torch.Tensor, List[torch.Tensor]] = None,
+                 allowed: Optional[torch.Tensor] = None):
         if labels is None and values is None:
             raise ValueError('BestClass needs the labels or the [B, A, C] values they come from')
         self.scores = scores
         self._labels = labels
         # [B, A, C] logits or probabilities (same arg-max), or its per-level pieces [B, A_l, C]
         self._values = [values] if isinstance(values, torch.Tensor) else values
+        self._allowed = allowed
+
+    def _masked(self, v: torch.Tensor) -> torch.Tensor:
+        return v if self._allowed is None else v.masked_fill(~self._allowed.to(v.device), float('-inf'))
 
     @property
     def labels(self) -> torch.Tensor:
         """[B, A] long, the first maximum on ties."""
         if self._labels is None:
-            self._labels = torch.cat([v.argmax(-1) for v in self._values], 1)
+            self._labels = torch.cat([self._masked(v).argmax(-1) for v in self._values], 1)
         return self._labels
 
     def labels_at(self, index: torch.Tensor) -> torch.Tensor:
@@ -77,7 +89,7 @@ class BestClass:
         start = 0
         for v in self._values:  # each level reads the [C] values of its own anchors only
             inside = (index >= start) & (index < start + v.shape[1])
-            labels[inside] = v[image[inside], index[inside] - start].argmax(-1)
+            labels[inside] = self._masked(v[image[inside], index[inside] - start]).argmax(-1)
             start += v.shape[1]
         return labels
 
@@ -88,27 +100,43 @@ class BestClass:
         return f'BestClass(scores {tuple(self.scores.shape)}, labels {"lazy" if self._labels is None else "given"})'
 
     @classmethod
-    def of(cls, classification: 'Scores') -> 'BestClass':
-        """From a [B, A, C] classification (after sigmoid), or a BestClass (returned as float32)."""
+    def of(cls, classification: 'Scores', allowed: Optional[torch.Tensor] = None) -> 'BestClass':
+        """From a [B, A, C] classification (after sigmoid), or a BestClass (returned as float32;
+        its classes were chosen when it was made, so ``allowed`` does not apply)."""
         if isinstance(classification, BestClass):
             return classification.float()
-        return cls(classification.float().amax(-1), values=classification)
+        made = cls(torch.zeros(0), values=classification, allowed=allowed)
+        made.scores = made._masked(classification.float()).amax(-1)
+        return made
 
     @classmethod
-    def from_logits(cls, logits: torch.Tensor) -> 'BestClass':
+    def from_logits(cls, logits: torch.Tensor, allowed: Optional[torch.Tensor] = None) -> 'BestClass':
         """From [B, A, C] logits: the maximum first, then the sigmoid of [B, A] values only."""
-        return cls(torch.sigmoid(logits.amax(-1).float()), values=logits)
+        return cls.from_level_logits([logits], allowed)
 
     @classmethod
-    def from_level_logits(cls, levels: List[torch.Tensor]) -> 'BestClass':
+    def from_level_logits(cls, levels: List[torch.Tensor], allowed: Optional[torch.Tensor] = None) -> 'BestClass':
         """From the per-level [B, A_l, C] logits (P3 first) that concatenate to [B, A, C]: the same
         result as :meth:`from_logits` on the concatenation, without making it."""
-        best = torch.cat([v.amax(-1) for v in levels], 1)
-        return cls(torch.sigmoid(best.float()), values=list(levels))
+        made = cls(torch.zeros(0), values=list(levels), allowed=allowed)
+        best = torch.cat([made._masked(v).amax(-1) for v in levels], 1)
+        made.scores = torch.sigmoid(best.float())
+        return made
 
     def float(self) -> 'BestClass':
         labels = self._labels.long() if self._labels is not None else None
-        return BestClass(self.scores.float(), labels, self._values)
+        return BestClass(self.scores.float(), labels, self._values, self._allowed)
+
+
+def class_mask(obj_list: Optional[List[str]], num_classes: Optional[int] = None) -> Optional[torch.Tensor]:
+    """bool [C]: True for the real classes of ``obj_list``, False for its '' placeholder slots (and
+    for slots past its end when the model has ``num_classes`` > len(obj_list)); None when every
+    class is real (nothing to leave out)."""
+    if obj_list is None:
+        return None
+    n = len(obj_list) if num_classes is None else int(num_classes)
+    mask = torch.tensor([i < len(obj_list) and obj_list[i] != '' for i in range(n)], dtype=torch.bool)
+    return None if bool(mask.all()) else mask
 
 
 Scores = Union[torch.Tensor, BestClass]  # [B, A, C] after sigmoid, or each anchor's best class
@@ -324,7 +352,8 @@ def soft_nms(boxes: torch.Tensor, scores: torch.Tensor, sigma: float = OFFICIAL_
 def official_postprocess(classification: Scores, regression: torch.Tensor, anchors: torch.Tensor,
                          image_size: Tuple[int, int], method: str = 'hard', mode: str = 'global',
                          max_output: int = 100, iou_threshold: float = 0.5,
-                         score_threshold: Optional[float] = None, sigma: float = OFFICIAL_SOFT_SIGMA
+                         score_threshold: Optional[float] = None, sigma: float = OFFICIAL_SOFT_SIGMA,
+                         allowed: Optional[torch.Tensor] = None
                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The official ``postprocess_global`` / ``postprocess_per_class``.
 
@@ -349,7 +378,7 @@ def official_postprocess(classification: Scores, regression: torch.Tensor, ancho
     else:
         sig, iou_thr = float(sigma), 1.0
         st = OFFICIAL_SOFT_SCORE_THRESHOLD if score_threshold is None else float(score_threshold)
-    best = BestClass.of(classification)  # first maximum, as tf.math.argmax
+    best = BestClass.of(classification, allowed)  # first maximum, as tf.math.argmax
     scores, classes = best.scores, best.labels  # [B, A]
     boxes = decode_boxes(regression.float(), anchors.float())  # [B, A, 4] yxyx
     # Only candidates above the score threshold can ever be selected: compact them (exact).
@@ -456,7 +485,7 @@ def _small_work_threads(best: torch.Tensor) -> Iterator[None]:
 def detect(classification: Scores, regression: torch.Tensor, anchors: torch.Tensor,
            image_size: Tuple[int, int], score_threshold: float = 0.05, iou_threshold: float = 0.5,
            max_det: int = 100, nms: str = 'hard', class_agnostic: bool = False,
-           pre_nms_topk: int = PRE_NMS_TOPK) -> List[Dict[str, torch.Tensor]]:
+           pre_nms_topk: int = PRE_NMS_TOPK, allowed: Optional[torch.Tensor] = None) -> List[Dict[str, torch.Tensor]]:
     """Detections for a batch, fast path.
 
     classification [B, A, C] after sigmoid (or its :class:`BestClass`), regression [B, A, 4]
@@ -469,23 +498,24 @@ def detect(classification: Scores, regression: torch.Tensor, anchors: torch.Tens
     - 'gaussian': soft-NMS (sigma 0.5) per class, candidates dropped at ``score_threshold``;
     - 'official': the official evaluation setting — per-class gaussian soft-NMS over all anchors
       (no top-k, soft threshold 0.001), then scores <= ``score_threshold`` dropped.
-    At most ``max_det`` per image.
+    At most ``max_det`` per image. ``allowed`` (bool [C], :func:`class_mask`): the classes an anchor's
+    best class is taken among (placeholder slots left out first).
 
     Returns one dict per image: boxes [N, 4] (x1, y1, x2, y2) network-input pixels, scores [N],
     labels [N] long 0-based; score descending.
     """
-    if nms not in ('hard', 'gaussian', 'official'):
-        raise ValueError(f"nms must be 'hard', 'gaussian' or 'official', got {nms!r}")
+    if nms not in NMS_METHODS:
+        raise ValueError(f"nms must be one of {', '.join(NMS_METHODS)}, got {nms!r}")
     bsz = regression.shape[0]
     if nms == 'official':
         boxes, scores, classes, valid = official_postprocess(
             classification, regression, anchors, image_size, method='gaussian', mode='per_class',
-            max_output=max_det)
+            max_output=max_det, allowed=allowed)
         boxes = to_xyxy_clipped(boxes, image_size)
         labels = classes - 1
         keep = (torch.arange(boxes.shape[1], device=boxes.device)[None] < valid[:, None]) & (scores > score_threshold)
     else:
-        best_class = BestClass.of(classification)  # [B, A]; the one large reduction if [B, A, C]
+        best_class = BestClass.of(classification, allowed)  # [B, A]; the one large reduction if [B, A, C]
         best = best_class.scores
         with _small_work_threads(best):
             # no wider than the most candidates any image has (>= 1 column, so gathers stay valid): the

@@ -29,8 +29,23 @@ KNOWN_FIELDS = ('project_name', 'train_set', 'val_set', 'num_gpus', 'mean', 'std
                 'anchors_ratios', 'obj_list', 'dataset_format', 'scale_range')
 # Official training scale jitter (hparams ``jitter_min``, ``jitter_max``).
 OFFICIAL_SCALE_RANGE = (0.1, 2.0)
-# Values of ``dataset_format`` (one module each in efficientdet/data/formats/; keep in step with it).
-DATASET_FORMATS = ('coco', 'voc', 'yolo')
+# The official hparams names (google/automl ``hparams_config.py``) a project file may hold by habit,
+# and the field or option that means the same here.
+OFFICIAL_NAMES = {
+    'jitter_min': "scale_range: [min, max] (the official jitter_min, jitter_max)",
+    'jitter_max': "scale_range: [min, max] (the official jitter_min, jitter_max)",
+    'num_classes': 'obj_list (the class count is its length)',
+    'label_map': 'obj_list (class names in class-index order)',
+    'aspect_ratios': 'anchors_ratios',
+    'num_scales': 'anchors_scales (the scales themselves, e.g. [2 ** 0, 2 ** (1 / 3), 2 ** (2 / 3)])',
+    'anchor_scale': 'the variant (-c) fixes the anchor scale; anchors_scales are the per-octave scales',
+    'mean_rgb': 'mean (RGB on the 0-1 scale: the official 0-255 values divided by 255)',
+    'stddev_rgb': 'std (RGB on the 0-1 scale: the official 0-255 values divided by 255)',
+    'image_size': 'the --image_size option of the scripts',
+    'training_file_pattern': 'train_set (a folder name under {data_path}/{project_name}/)',
+    'val_file_pattern': 'val_set (a folder name under {data_path}/{project_name}/)',
+    'input_rand_hflip': 'nothing: training flips horizontally with probability 0.5',
+}
 
 _MAX_EXPR_CHARS = 4096
 _MAX_EXPONENT = 1024.0
@@ -197,13 +212,15 @@ def load_project(name_or_path: str, projects_dir: str = 'projects') -> Project:
         raise UserError(f'cannot read project file {path}: {e}') from None
     if not isinstance(raw, dict):
         raise UserError(f'{path} must be a YAML mapping of fields (project_name, train_set, val_set, obj_list, ...)')
-    # a misspelled field would otherwise be ignored and its default used silently
+    # an unknown field would otherwise be ignored and its default used silently
     extra = {k: v for k, v in raw.items() if k not in KNOWN_FIELDS}
     for key in extra:
-        close = difflib.get_close_matches(str(key), KNOWN_FIELDS, n=1, cutoff=0.75)
-        if close:
-            raise UserError(f'{path}: unknown field {key!r}; did you mean {close[0]!r}? (fields: '
-                            f'{", ".join(KNOWN_FIELDS)})')
+        if str(key) in OFFICIAL_NAMES:
+            raise UserError(f'{path}: unknown field {key!r} (an official TF name); here that is '
+                            f'{OFFICIAL_NAMES[str(key)]}')
+        close = difflib.get_close_matches(str(key), KNOWN_FIELDS, n=1, cutoff=0.6)
+        hint = f'did you mean {close[0]!r}? ' if close else ''
+        raise UserError(f'{path}: unknown field {key!r}; {hint}(fields: {", ".join(KNOWN_FIELDS)})')
 
     def req_str(key: str) -> str:
         if key not in raw or raw[key] is None:
@@ -229,8 +246,9 @@ def load_project(name_or_path: str, projects_dir: str = 'projects') -> Project:
     ratios = _ratio_list(raw.get('anchors_ratios', [list(r) for r in OFFICIAL_RATIOS]), path)
     obj_list = _obj_list(raw.get('obj_list'), path)
     dataset_format = raw.get('dataset_format', 'coco')
-    if not isinstance(dataset_format, str) or dataset_format.strip().lower() not in DATASET_FORMATS:
-        raise UserError(f'{path}: field \'dataset_format\' must be one of {", ".join(DATASET_FORMATS)}, '
+    from .data.formats import format_names  # the registry of formats is the one list of names
+    if not isinstance(dataset_format, str) or dataset_format.strip().lower() not in format_names():
+        raise UserError(f'{path}: field \'dataset_format\' must be one of {", ".join(format_names())}, '
                         f'got {dataset_format!r}')
     scale_range = check_scale_range(raw.get('scale_range', list(OFFICIAL_SCALE_RANGE)), f'{path}: field \'scale_range\'')
     return Project(project_name, train_set, val_set, num_gpus, mean, std, scales, ratios, obj_list,

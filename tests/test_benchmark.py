@@ -182,7 +182,8 @@ def test_end2end_runs_postprocessing_on_real_detections(tmp_path):
     w = tmp_path / 'confident.pth'
     torch.save(model.state_dict(), str(w))
     out = tmp_path / 'e2e.json'
-    assert benchmark.main(['-c', '0', '-w', str(w), '--image_size', '128', '--iters', '1', '--warmup', '0',
+    assert benchmark.main(['-c', '0', '-w', str(w), '--num_classes', '6', '--image_size', '128', '--iters', '1',
+                           '--warmup', '0',
                            '--score_threshold', '0.5', '--max_det', '30', '--no-tune_malloc',
                            '--json', str(out)]) == 0
     r = json.loads(out.read_text())

@@ -92,7 +92,7 @@ def test_results_mode_subprocess(tmp_path, gt):
     row = next(ln for ln in p.stdout.splitlines() if ln.startswith('person '))
     assert row.split()[1:] == [f'{prec[prec > -1].mean():.3f}', f'{prec[0][prec[0] > -1].mean():.3f}',
                                str(n_person)]
-    assert not os.path.exists(tmp_path / 'val2017_bbox_results.json')  # --results writes nothing
+    assert not any(f.endswith('bbox_results.json') for f in os.listdir(tmp_path))  # --results writes nothing
 
     # --max_images restricts the evaluated images (first K of the annotation file)
     p = _cli('-p', proj, '--data_path', data_path, '--results', 'res.json', '--max_images', '10', cwd=tmp_path)
@@ -147,7 +147,7 @@ def test_errors(tmp_path, gt):
     with pytest.raises(UserError, match='not in'):
         _main('-p', proj, '--data_path', data_path, '--results', str(tmp_path / 'other.json'))
     # model run: missing weights, bad image size
-    with pytest.raises(UserError, match='weights file not found'):
+    with pytest.raises(UserError, match='none.pth: no such weights file'):
         _main('-p', proj, '--data_path', data_path, '-w', str(tmp_path / 'none.pth'),
               '--output_dir', str(tmp_path), '--device', 'cpu')
     with pytest.raises(UserError, match='image_size'):
@@ -173,30 +173,58 @@ def _ya_project(tmp_path, gt):
     return ya, _project(tmp_path, gt, name='ya', obj_list=ya, ratios='[(1.0, 1.0), (1.4, 0.7), (0.7, 1.4)]')
 
 
-def test_reuses_results_only_with_same_weights_size_and_thresholds(tmp_path, gt):
+def test_recomputes_by_default_and_reuses_only_a_run_with_the_same_key(tmp_path, gt):
+    """Detections are recomputed unless --reuse; --reuse scores the earlier file only when everything
+    that made it is the same, and names the first field that differs otherwise: thresholds, input
+    size, another data set (same project name and val_set), another project, the weights."""
+    import shutil
     data_path = os.path.join(SHARED, 'data')
     weights = _fixture_weights(tmp_path)
     _, proj = _ya_project(tmp_path, gt)
+    out = tmp_path / 'out'
     base = ['-p', proj, '-w', weights, '--data_path', data_path, '--image_size', '128', '--max_images', '2',
-            '--device', 'cpu', '--output_dir', str(tmp_path / 'out'), '--no_progress']
+            '--device', 'cpu', '--output_dir', str(out), '--no_progress']
+    results = out / 'coco_tiny_val2017_bbox_results.json'
     rc, first = _main(*base)
     assert rc == 0 and 'wrote' in first and 'reusing' not in first
-    meta = json.loads((tmp_path / 'out' / 'val2017_bbox_results.json.meta.json').read_text())
-    assert meta['image_size'] == [128, 128] and meta['score_threshold'] == 0.05
-    rc, again = _main(*base)
-    assert rc == 0 and 'reusing' in again and 'same weights' in again and 'wrote' not in again
-    assert _parse_summary(again) == _parse_summary(first)
-    rc, other = _main(*base, '--score_threshold', '0.3')
-    assert 'not reusing' in other and 'score_threshold=0.05' in other and 'wrote' in other
-    rc, other = _main(*base[:7], '128', '256', *base[8:])  # another input size (H W)
-    assert 'not reusing' in other and 'image_size=[128, 128]' in other and '128x256' in other
-    os.remove(tmp_path / 'out' / 'val2017_bbox_results.json.meta.json')
-    rc, nometa = _main(*base)
+    key = json.loads((out / 'coco_tiny_val2017_bbox_results.json.meta.json').read_text())['key']
+    assert key['image_size'] == [128, 128] and key['threshold'] == 0.05 and key['project'] == 'coco_tiny'
+    rc, again = _main(*base)  # the default: recompute, and say the earlier file was replaced
+    assert rc == 0 and 'reusing' not in again and 'replacing the earlier file' in again
+    rc, reused = _main(*base, '--reuse')
+    assert rc == 0 and 'reusing' in reused and 'not reusing' not in reused and 'wrote' not in reused
+    assert _parse_summary(reused) == _parse_summary(first)
+    rc, other = _main(*base, '--reuse', '--threshold', '0.3')
+    assert 'not reusing' in other and 'threshold=0.05' in other and 'wrote' in other
+    rc, other = _main(*base[:7], '128', '256', *base[8:], '--reuse')  # another input size (H W)
+    assert 'not reusing' in other and 'image_size=[128, 128]' in other
+    rc, _ = _main(*base)
+    # a second data set: same project name and val_set, other images and annotations
+    second = tmp_path / 'second' / 'coco_tiny'
+    (second / 'annotations').mkdir(parents=True)
+    shutil.copytree(os.path.join(data_path, 'coco_tiny', 'val2017'), second / 'val2017')
+    sub = dict(gt, images=gt['images'][2:12])
+    keep = {im['id'] for im in sub['images']}
+    sub['annotations'] = [a for a in gt['annotations'] if a['image_id'] in keep]
+    (second / 'annotations' / 'instances_val2017.json').write_text(json.dumps(sub))
+    rc, other = _main(*[str(tmp_path / 'second') if a == data_path else a for a in base], '--reuse')
+    assert 'not reusing' in other and 'wrote' in other
+    assert any(f'{k}=' in other for k in ('annotations', 'data_path', 'ground_truth_sha256'))
+    rc, _ = _main(*base)  # back to the first data set
+    # another project file under the same name (other anchors): the earlier file is not its results
+    ya, _ = _ya_project(tmp_path, gt)
+    other_proj = _project(tmp_path, gt, name='ya_official_ratios', obj_list=ya)
+    rc, other = _main(*[other_proj if a == proj else a for a in base], '--reuse')
+    assert 'not reusing' in other and ('anchors_ratios=' in other or 'project_sha256=' in other)
+    rc, _ = _main(*base)
+    os.remove(out / 'coco_tiny_val2017_bbox_results.json.meta.json')
+    rc, nometa = _main(*base, '--reuse')
     assert 'not reusing' in nometa and 'missing' in nometa
-    rc, forced = _main(*base, '--override')
+    rc, forced = _main(*base, '--reuse', '--override')
     assert 'reusing' not in forced and 'wrote' in forced
-    with pytest.raises(UserError, match='weights file not found'):  # reusing never skips the weights check
-        _main(*[(str(tmp_path / 'none.pth') if a == weights else a) for a in base])
+    with pytest.raises(UserError, match='no such weights file'):  # reusing never skips the weights check
+        _main(*[(str(tmp_path / 'none.pth') if a == weights else a) for a in base], '--reuse')
+    assert results.exists()
 
 
 def test_full_run_with_model(tmp_path, gt):
@@ -212,10 +240,10 @@ def test_full_run_with_model(tmp_path, gt):
               '--image_size', '256', '--output_dir', str(tmp_path), '--device', 'cpu')
     rc, out = _main('-p', proj, '-c', '0', '-w', weights, '--data_path', os.path.join(SHARED, 'data'),
                     '--image_size', '256', '--max_images', '8', '--batch_size', '4', '--device', 'cpu',
-                    '--compat', 'zylo117', '--score_threshold', '0.05', '--output_dir', str(out_dir),
+                    '--compat', 'zylo117', '--threshold', '0.05', '--output_dir', str(out_dir),
                     '--no_progress')
     assert rc == 0
-    path = out_dir / 'val2017_bbox_results.json'
+    path = out_dir / 'coco_tiny_val2017_bbox_results.json'
     res = json.loads(path.read_text())
     assert res, 'the fixture weights give confident detections at 0.05'
     coco = _coco(gt)

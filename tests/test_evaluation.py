@@ -14,7 +14,7 @@ from pycocotools.cocoeval import COCOeval
 from conftest import need_shared, pycocotools_coco
 from efficientdet.errors import UserError
 from efficientdet.evaluation import (STAT_NAMES, COCOEvaluator, coco_from_dict, format_summary, load_coco,
-                                     resolve_category_ids, run_coco_eval, to_original_pixels)
+                                     resolve_category_ids, run_coco_eval)
 
 
 def _ann_path():
@@ -316,14 +316,6 @@ def test_silent_unless_verbose(coco, capsys):
     assert 'Accumulating' in capsys.readouterr().out
 
 
-def test_to_original_pixels():
-    boxes = torch.tensor([[10.0, 20.0, 300.0, 90.0], [-4.0, 2.0, 8.0, 4.0]])
-    out = to_original_pixels(boxes, torch.tensor([0, 1]), torch.tensor([0.5, 2.0]),
-                             torch.tensor([[100.0, 400.0], [3.0, 3.0]]))
-    expected = torch.tensor([[20.0, 40.0, 400.0, 100.0], [0.0, 1.0, 3.0, 2.0]])
-    torch.testing.assert_close(out, expected)
-
-
 class _GTModel(torch.nn.Module):
     """Anchors placed on the ground truth of every image (network pixels, yxyx), zero regression,
     one-hot scores only on the image's own anchors: a perfect detector as long as the mapping back
@@ -348,6 +340,9 @@ class _FakeDataset(torch.utils.data.Dataset):
     def __init__(self, coco, ids, size=256):
         self.coco, self.ids, self.size = coco, ids, size
         self.cat_ids = sorted(coco.getCatIds())
+        self.obj_list = [c['name'] for c in coco.loadCats(self.cat_ids)]
+        self.image_size = (size, size)
+        self.mean, self.std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
     def __len__(self):
         return len(self.ids)

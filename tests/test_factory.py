@@ -65,8 +65,9 @@ def test_read_weights_tf_checkpoint_directory_needs_tensorflow(tmp_path):
 
 
 def test_placeholder_classes_never_reach_the_detector_output():
-    """A '' slot of obj_list (COCO's unused ids) is dropped from Detector outputs even when the
-    network scores it highest (as coco_eval.py drops it: the two agree detection for detection)."""
+    """A '' slot of obj_list (COCO's unused ids) never reaches the Detector's outputs, even when the
+    network scores it highest; it is left out before each anchor's best class is taken, so the
+    anchors whose top slot it is keep their best real class (here c, sigmoid(2) = 0.88)."""
     from efficientdet.detector import Detector
     model = build_model(0, num_classes=3, image_size=128)
     with torch.no_grad():  # class 1 wins on every anchor
@@ -77,4 +78,5 @@ def test_placeholder_classes_never_reach_the_detector_output():
     named = Detector(model, ['a', 'b', 'c'], 128, threshold=0.5, iou=0.5)(image)[0]
     assert len(named) > 0 and set(named.class_ids.tolist()) == {1} and named.class_names[0] == 'b'
     placeholder = Detector(model, ['a', '', 'c'], 128, threshold=0.5, iou=0.5)(image)[0]
-    assert len(placeholder) == 0 and placeholder.boxes.shape == (0, 4)
+    assert len(placeholder) == len(named) and set(placeholder.class_names) == {'c'}
+    np.testing.assert_allclose(placeholder.scores, 1 / (1 + np.exp(-2.0)), rtol=1e-5)

@@ -259,6 +259,14 @@ def test_malformed_files_reported_with_file_and_line(tmp_path, capsys):
     vproj = load_project('vocbad', str(tmp_path))
     vds = build_dataset(vproj, 'train', SIZE, str(data))
     assert len(vds) == len(imgs) - 1 and vds.stats['malformed_file'] == 1
+    # the converter writes exactly what training reads, and what it reports left out is not in the json
+    out_json = tmp_path / 'yolobad_train.json'
+    assert convert_main(['yolo', '-p', 'yolobad', '--split', 'train', '-o', str(out_json), '--data_path', str(data),
+                         '--projects_dir', str(tmp_path)]) == 1
+    printed = capsys.readouterr().out
+    conv = json.loads(out_json.read_text())
+    assert 'bad_box=1' in printed and f'{len(conv["annotations"])} annotations' in printed
+    assert len(conv['annotations']) == st['boxes']
 
 
 def test_layout_errors_name_the_expected_paths(tmp_path):
@@ -273,7 +281,7 @@ def test_layout_errors_name_the_expected_paths(tmp_path):
         build_dataset(load_project('y', str(tmp_path)), 'val', SIZE, str(tmp_path / 'data'))
     (tmp_path / 'bad.yml').write_text('project_name: x\ntrain_set: a\nval_set: b\nobj_list: [a]\n'
                                       'dataset_format: pascal\n')
-    with pytest.raises(UserError, match="dataset_format' must be one of coco, voc, yolo"):
+    with pytest.raises(UserError, match="dataset_format' must be one of coco, voc, yolo"):  # the registry's names
         load_project(str(tmp_path / 'bad.yml'))
 
 

@@ -210,11 +210,14 @@ def test_image_script_outputs_and_errors(tiny, tmp_path):
 
 
 def test_image_script_default_weights_missing(tmp_path):
-    r = run_script([os.path.join(ROOT, 'efficientdet_test.py')], cwd=str(tmp_path))
+    r = run_script([os.path.join(ROOT, 'efficientdet_test.py'), '-p', 'coco', '-c', '2'], cwd=str(tmp_path))
     assert r.returncode == 2
     assert 'Traceback' not in r.stderr
     msg = r.stderr.strip()
-    assert len(msg.splitlines()) == 1 and 'weights/efficientdet-d0-shape.pth' in msg and 'train' in msg
+    assert len(msg.splitlines()) == 1 and 'weights/efficientdet-d2-coco.pth' in msg and 'train' in msg
+    # the demo runs from any folder: the shipped weights and demo image are found beside the scripts
+    r = run_script([os.path.join(ROOT, 'efficientdet_test.py')], cwd=str(tmp_path))
+    assert r.returncode == 0 and 'demo_shapes.jpg: 5 detections' in r.stdout, r.stderr
 
 
 # ----------------------------------------------------------------------------- efficientdet_test_videos.py

@@ -64,7 +64,8 @@ def test_calibration_mistakes_are_one_line(shapes_data, tmp_path):
     from efficientdet.runtimes.calibration import CalibrationSet, calibration_from_args, calibration_images
     with pytest.raises(UserError, match='--calib_images'):
         CalibrationSet(_project(), shapes_data, count=0)
-    args = argparse.Namespace(project=None, projects_dir=PROJECTS, data_path=shapes_data, calib_images=8)
+    args = argparse.Namespace(project=None, num_classes=3, projects_dir=PROJECTS, data_path=shapes_data,
+                              calib_images=8)
     with pytest.raises(UserError, match='-p PROJECT'):
         calibration_from_args(args)
     with pytest.raises(UserError):  # no such dataset folder
@@ -123,6 +124,6 @@ def test_openvino_int8_export_keeps_anchors_and_detections(shapes_data, tmp_path
 def test_openvino_int8_needs_a_project(tmp_path):
     from efficientdet.export import main as export_main
     with pytest.raises(UserError, match='-p PROJECT'):
-        export_main(['openvino', '-c', '0', '--num_classes', '3', '--image_size', '128', '--int8',
+        export_main(['openvino', '-c', '0', '--num_classes', '3', '-w', 'random', '--image_size', '128', '--int8',
                      '-o', str(tmp_path / 'x.xml')])
     assert not os.listdir(tmp_path)

@@ -115,7 +115,7 @@ def test_released_checkpoint_journey(released, layout, tmp_path):
                   str(released['root'] / 'datasets'), '--image_size', SIZE, '--max_images', str(N_IMAGES),
                   '--device', 'cpu', '--output_dir', str(out_dir), '--no_progress', *_compat(layout)))
     assert f'({N_IMAGES} images' in ev
-    results = json.loads((out_dir / 'val2017_bbox_results.json').read_text())
+    results = json.loads((out_dir / 'coco_val2017_bbox_results.json').read_text())
     assert results, 'random heads give detections above 0.05'
     assert {r['category_id'] for r in results} <= set(cat_name)  # the 10 placeholder ids never appear
     lines = ev.splitlines()
@@ -202,7 +202,7 @@ def test_official_lite0_journey_through_every_script(released, tmp_path):
     out_dir = tmp_path / 'eval'
     _ok(_run('coco_eval.py', '-p', 'coco', '-c', 'lite0', '-w', npz, '--data_path', data, '--max_images', '2',
              '--device', 'cpu', '--output_dir', str(out_dir), '--no_progress'))  # default size: 320
-    results = json.loads((out_dir / 'val2017_bbox_results.json').read_text())
+    results = json.loads((out_dir / 'coco_val2017_bbox_results.json').read_text())
     assert results and {r['category_id'] for r in results} <= {c['id'] for c in released['gt']['categories']}
     image = os.path.join(COCO_TINY, 'val2017', released['gt']['images'][0]['file_name'])
     onnx_path = str(tmp_path / 'lite0.onnx')

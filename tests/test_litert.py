@@ -68,7 +68,7 @@ def lite0_tflite(tmp_path_factory):
     pth, path = str(folder / 'lite0.pth'), str(folder / 'lite0.tflite')
     with redirect_stdout(io.StringIO()):
         assert convert_main(['tf', npz, '-c', 'lite0', '-o', pth]) == 0
-    out = _export(['tflite', '-c', 'lite0', '-w', pth, '-o', path])
+    out = _export(['tflite', '-c', 'lite0', '-w', pth, '--num_classes', '90', '-o', path])
     model = EfficientDetBackbone(num_classes=90, compound_coef='lite0').eval()
     model.load_state_dict(torch.load(pth, weights_only=True))
     with np.load(os.path.join(LITE0, 'tf_outputs.npz')) as z:
@@ -154,14 +154,15 @@ def test_export_options_are_checked(lite0_tflite, tmp_path):
     """Mistakes are refused before anything is converted or written."""
     pth = lite0_tflite['pth']
     out = str(tmp_path / 'x.tflite')
+    n90 = ['--num_classes', '90']
     with pytest.raises(UserError, match='-p PROJECT'):
-        _export(['tflite', '-c', 'lite0', '-w', pth, '--int8', '-o', out])
+        _export(['tflite', '-c', 'lite0', '-w', pth, *n90, '--int8', '-o', out])
     with pytest.raises(UserError, match='.tflite'):
-        _export(['tflite', '-c', 'lite0', '-w', pth, '-o', str(tmp_path / 'x.onnx')])
+        _export(['tflite', '-c', 'lite0', '-w', pth, *n90, '-o', str(tmp_path / 'x.onnx')])
     with pytest.raises(UserError, match='--batch_size'):
-        _export(['tflite', '-c', 'lite0', '-w', pth, '--batch_size', '0', '-o', out])
+        _export(['tflite', '-c', 'lite0', '-w', pth, *n90, '--batch_size', '0', '-o', out])
     with pytest.raises(UserError, match='--full_integer goes with --int8'):
-        _export(['tflite', '-c', 'lite0', '-w', pth, '--full_integer', '-o', out])
+        _export(['tflite', '-c', 'lite0', '-w', pth, *n90, '--full_integer', '-o', out])
     assert not os.listdir(tmp_path)
 
 

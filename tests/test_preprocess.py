@@ -182,13 +182,3 @@ def test_draw_detections_colours_are_stable_and_drawn():
     assert tuple(rgb[80, 60]) == class_color(2, rgb=True)
 
 
-def test_inference_and_evaluation_map_boxes_back_the_same_way():
-    """Detector (boxes_to_original) and mAP evaluation (to_original_pixels) use one mapping."""
-    from efficientdet.evaluation import to_original_pixels
-    img = np.zeros((333, 500, 3), np.uint8)
-    _, meta = letterbox(img, 512)
-    net = torch.tensor([[3.0, 4.0, 505.0, 340.0], [-9.0, 100.0, 600.0, 700.0]])
-    ours = boxes_to_original(net, meta)
-    ev = to_original_pixels(net, torch.tensor([0, 0]), torch.tensor([meta.scale]), torch.tensor([meta.orig_hw]))
-    np.testing.assert_allclose(ours, ev.numpy(), rtol=1e-6, atol=1e-4)
-    np.testing.assert_allclose(ours[1], [0.0, 100.0 / meta.scale, 500.0, 333.0], rtol=1e-6)

@@ -195,3 +195,21 @@ def test_scale_range_field(tmp_path):
     for bad in ('[1.5, 0.5]', '[0, 1]', '0.5', '[0.5]', "['a', 1]", '[.nan, 1]'):
         with pytest.raises(UserError, match=r"p\.yml: field 'scale_range' must be two numbers \[min, max\]"):
             load_project(write(tmp_path, BASE + f'scale_range: {bad}\n'))
+
+
+@pytest.mark.parametrize('key,means', [
+    ('jitter_min', 'scale_range'), ('jitter_max', 'scale_range'), ('num_classes', 'obj_list'),
+    ('label_map', 'obj_list'), ('aspect_ratios', 'anchors_ratios'), ('mean_rgb', 'mean'),
+])
+def test_official_tf_names_say_the_field_that_means_the_same(tmp_path, key, means):
+    base = 'project_name: x\ntrain_set: a\nval_set: b\nobj_list: [a]\n'
+    with pytest.raises(UserError, match=rf"unknown field '{key}' \(an official TF name\); here that is {means}"):
+        load_project(write(tmp_path, base + f'{key}: 0.5\n'))
+
+
+def test_unknown_field_is_an_error_with_or_without_a_close_match(tmp_path):
+    base = 'project_name: x\ntrain_set: a\nval_set: b\nobj_list: [a]\n'
+    with pytest.raises(UserError, match=r"unknown field 'val_sett'; did you mean 'val_set'\?"):
+        load_project(write(tmp_path, base + 'val_sett: c\n'))
+    with pytest.raises(UserError, match=r"unknown field 'colour'; \(fields: project_name, "):
+        load_project(write(tmp_path, base + 'colour: red\n'))

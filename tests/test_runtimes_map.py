@@ -9,6 +9,8 @@ from contextlib import redirect_stdout
 
 import pytest
 
+from conftest import skip_hardware
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEIGHTS = os.path.join(ROOT, 'weights', 'efficientdet-d0-shape.pth')
 SIZE = '256'
@@ -80,7 +82,7 @@ def test_openvino_half_runs_reduced_precision_close_to_torch(shapes_val, torch_m
     try:
         precision = reduced_precision()
     except UserError as e:
-        pytest.skip(f'this CPU has no reduced-precision OpenVINO inference: {e}')
+        skip_hardware(f'this CPU has no reduced-precision OpenVINO inference: {e}')
     path = str(tmp_path / 'model.xml')
     projects = os.path.join(ROOT, 'projects')
     with redirect_stdout(io.StringIO()):

@@ -571,7 +571,7 @@ def test_validation_keeps_the_better_of_raw_and_ema_and_hooks_resume(d0, tmp_pat
 # ----------------------------------------------------------------------------- ImageNet backbones
 def _timm_backbone_file(model, path, extra_head=True):
     """Our backbone's weights in timm's tf_efficientnet layout (plus a classification head)."""
-    from efficientdet.convert.effdet import _map_backbone
+    from efficientdet.ckpt.layouts.effdet import map_backbone_keys as _map_backbone
     names = {}
     _map_backbone(names, model)
     sd = model.state_dict()

@@ -24,8 +24,8 @@
 # --half rows of torch (bfloat16 autocast on a CPU) and openvino (bfloat16 or float16 inference), plus
 # batch-BATCH throughput rows (images/s) of default and openvino for the first variant of COEFS;
 # SET=edge: default, onnxruntime, openvino, openvino int8 (NNCF), litert float32 and litert int8
-# (ai-edge-quantizer; its heads' last convolutions float32, the export's default), the int8 files
-# calibrated on CALIB_IMAGES training images of project coco (90 classes, like the other rows). Each
+# (ai-edge-quantizer; heads float32, the export's default), the int8 files calibrated on
+# CALIB_IMAGES training images of project coco (90 classes, like the other rows). Each
 # round runs every candidate once (ITERS timed runs after warm-up); the table shows the median over
 # rounds of each candidate's per-round median, and ratios against the peers' forward pass. Nothing of
 # the peers is imported into this project.
@@ -61,26 +61,26 @@ configs_for() {  # $1: folder of this variant's exports, $2: 1 for the first var
                    "fused_cl_fast:--no-tune_malloc"
                    "default:"
                    "default_compile:--compile"
-                   "onnxruntime:--backend onnxruntime --model $m/model.onnx"
-                   "openvino:--backend openvino --model $m/model.xml") ;;
+                   "onnxruntime:--backend onnxruntime -w $m/model.onnx"
+                   "openvino:--backend openvino -w $m/model.xml") ;;
     targets) CONFIGS=("default:"
-                      "onnxruntime:--backend onnxruntime --model $m/model.onnx"
-                      "openvino:--backend openvino --model $m/model.xml"
+                      "onnxruntime:--backend onnxruntime -w $m/model.onnx"
+                      "openvino:--backend openvino -w $m/model.xml"
                       "default_half:--half"
-                      "openvino_half:--backend openvino --model $m/model.xml --half")
+                      "openvino_half:--backend openvino -w $m/model.xml --half")
              if [[ $first == 1 ]]; then  # throughput rows for the first variant only (time)
                CONFIGS+=("default_b${BATCH}:--batch_size $BATCH"
-                         "openvino_b${BATCH}:--backend openvino --model $m/model.xml --batch_size $BATCH")
+                         "openvino_b${BATCH}:--backend openvino -w $m/model.xml --batch_size $BATCH")
              fi ;;
     edge) CONFIGS=("default:"
-                   "onnxruntime:--backend onnxruntime --model $m/model.onnx"
-                   "openvino:--backend openvino --model $m/model.xml"
-                   "openvino_int8:--backend openvino --model $m/model_int8.xml"
-                   "litert:--backend litert --model $m/model.tflite"
-                   "litert_int8:--backend litert --model $m/model_int8.tflite") ;;
+                   "onnxruntime:--backend onnxruntime -w $m/model.onnx"
+                   "openvino:--backend openvino -w $m/model.xml"
+                   "openvino_int8:--backend openvino -w $m/model_int8.xml"
+                   "litert:--backend litert -w $m/model.tflite"
+                   "litert_int8:--backend litert -w $m/model_int8.tflite") ;;
     *) CONFIGS=("default:"
-                "onnxruntime:--backend onnxruntime --model $m/model.onnx"
-                "openvino:--backend openvino --model $m/model.xml") ;;
+                "onnxruntime:--backend onnxruntime -w $m/model.onnx"
+                "openvino:--backend openvino -w $m/model.xml") ;;
   esac
 }
 
@@ -106,24 +106,24 @@ for COEF in "${COEF_LIST[@]}"; do
   mkdir -p "$M"
   echo "$SIZE" > "$M/size"
   echo "exporting $COEF at $SIZE to ONNX and OpenVINO once (not timed)" >&2
-  (cd "$HERE" && $PY -m efficientdet.export onnx -c "$COEF" --num_classes 90 --image_size "$SIZE" \
-     -o "$M/model.onnx" --no-verify > /dev/null)
-  (cd "$HERE" && $PY -m efficientdet.export openvino -c "$COEF" --num_classes 90 --image_size "$SIZE" \
-     -o "$M/model.xml" --no-verify > /dev/null) || echo "openvino export failed (pip install openvino)" >&2
+  (cd "$HERE" && $PY -m efficientdet.export onnx -c "$COEF" --num_classes 90 -w random --image_size "$SIZE" \
+     -o "$M/model.onnx" --no_verify > /dev/null)
+  (cd "$HERE" && $PY -m efficientdet.export openvino -c "$COEF" --num_classes 90 -w random --image_size "$SIZE" \
+     -o "$M/model.xml" --no_verify > /dev/null) || echo "openvino export failed (pip install openvino)" >&2
   if [[ "$SET" == edge ]]; then  # float32 LiteRT and the two int8 files (random weights, 90 classes)
     echo "exporting $COEF at $SIZE to LiteRT float32, LiteRT int8 and OpenVINO int8 (not timed)" >&2
-    (cd "$HERE" && $PY -m efficientdet.export tflite -c "$COEF" --num_classes 90 --image_size "$SIZE" \
-       -o "$M/model.tflite" --no-verify > /dev/null) || echo "litert export failed (pip install .[litert])" >&2
-    (cd "$HERE" && $PY -m efficientdet.export tflite -c "$COEF" -p coco --image_size "$SIZE" --int8 \
-       --data_path "$CALIB" --calib_images "$CALIB_IMAGES" -o "$M/model_int8.tflite" --no-verify > /dev/null) \
+    (cd "$HERE" && $PY -m efficientdet.export tflite -c "$COEF" --num_classes 90 -w random --image_size "$SIZE" \
+       -o "$M/model.tflite" --no_verify > /dev/null) || echo "litert export failed (pip install .[litert])" >&2
+    (cd "$HERE" && $PY -m efficientdet.export tflite -c "$COEF" -p coco -w random --image_size "$SIZE" --int8 \
+       --data_path "$CALIB" --calib_images "$CALIB_IMAGES" -o "$M/model_int8.tflite" --no_verify > /dev/null) \
        || echo "litert int8 export failed" >&2
-    (cd "$HERE" && $PY -m efficientdet.export openvino -c "$COEF" -p coco --image_size "$SIZE" --int8 \
-       --data_path "$CALIB" --calib_images "$CALIB_IMAGES" -o "$M/model_int8.xml" --no-verify > /dev/null) \
+    (cd "$HERE" && $PY -m efficientdet.export openvino -c "$COEF" -p coco -w random --image_size "$SIZE" --int8 \
+       --data_path "$CALIB" --calib_images "$CALIB_IMAGES" -o "$M/model_int8.xml" --no_verify > /dev/null) \
        || echo "openvino int8 export failed (pip install nncf)" >&2
   fi
   # effdet's own ONNX export, run by the same onnxruntime settings as ours (forward only): the
   # reference for what onnxruntime makes of this network on this CPU. Needs onnx in the peer venv.
-  if [[ $have_peers == 1 && "$COEF" =~ ^[0-9]+$ ]]; then
+  if [[ $have_peers == 1 && "$COEF" =~ ^[0-9]+$ ]]; then  # the peers have no Lite variants
     (cd "$OUT" && "$PEER_PY" - "$COEF" "$SIZE" "$M/effdet.onnx" > /dev/null 2>&1 <<'PY'
 import sys, torch
 from effdet import create_model
@@ -142,7 +142,7 @@ for r in $(seq 1 "$ROUNDS"); do
   for COEF in "${COEF_LIST[@]}"; do
     M="$OUT/c$COEF"
     SIZE=$(cat "$M/size")
-    if [[ $have_peers == 1 && "$COEF" =~ ^[0-9]+$ ]]; then  # the peers have no Lite variants
+    if [[ $have_peers == 1 && "$COEF" =~ ^[0-9]+$ ]]; then
       (cd "$OUT" && THREADS=$THREADS "$PEER_PY" "$PEER_SCRIPT" "$COEF" "$SIZE" "$ITERS" 2>/dev/null \
          | grep -E 'median' > "$M/peer_$r.txt") || echo "peer run failed in round $r" >&2
     fi
@@ -168,8 +168,8 @@ PY
       flags=${cfg#*:}
       for mode in forward end2end; do
         # shellcheck disable=SC2086
-        (cd "$HERE" && $PY benchmark.py -c "$COEF" --image_size "$SIZE" --threads "$THREADS" --iters "$ITERS" \
-           --warmup 3 --mode $mode $flags --json "$M/ours_${name}_${mode}_$r.json" > /dev/null) \
+        (cd "$HERE" && $PY benchmark.py -c "$COEF" --num_classes 90 -w random --image_size "$SIZE" --threads "$THREADS" \
+           --iters "$ITERS" --warmup 3 --mode $mode $flags --json "$M/ours_${name}_${mode}_$r.json" > /dev/null) \
            || echo "$COEF $name $mode failed in round $r" >&2
       done
     done

@@ -162,10 +162,27 @@ def training_info(obj: Any) -> Optional[Dict[str, Any]]:
                            for k in ('ema', 'state_dict_ema', 'model_ema'))}
 
 
+def read_safetensors(path: str) -> Dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file (a format that holds nothing but tensors)."""
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError:
+        raise UserError(f'{path}: reading .safetensors files needs safetensors (pip install safetensors)') from None
+    try:
+        return load_file(path, device='cpu')
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f'{path}: not a readable .safetensors file ({msg})') from None
+
+
 def read_file(path: str) -> Any:
-    """The object a checkpoint file holds: an ``.npz`` as a dict of tensors (never unpickled),
-    anything else through :func:`safe_load`. UserError naming the file when it is missing."""
+    """The object a checkpoint file holds: an ``.npz`` or ``.safetensors`` as a dict of tensors
+    (never unpickled), anything else through :func:`safe_load`. UserError naming the file when it
+    is missing."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f'{path}: no such checkpoint file')
-    return read_npz(path) if path.endswith('.npz') else safe_load(path)
+    if path.endswith('.npz'):
+        return read_npz(path)
+    return read_safetensors(path) if path.endswith('.safetensors') else safe_load(path)

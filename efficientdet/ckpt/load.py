@@ -1,7 +1,8 @@
 """Loading checkpoints into a model: exact (:func:`load_weights`: inference, evaluation, resuming)
-and fine-tuning (:func:`load_pretrained`: every tensor whose shape fits). Files in effdet or
-official-TF layout are converted on the fly (:mod:`efficientdet.convert`); mismatches (variant,
-class count, anchors) are refused with one line saying what to pass.
+and fine-tuning (:func:`load_pretrained`: every tensor whose shape fits). The file's layout
+adapter (:mod:`.layouts`) puts its weights under this project's keys (effdet and official-TF files
+are converted on the fly); mismatches (variant, class count, anchors) are refused with one line
+saying what to pass.
 """
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ import torch
 from torch import nn
 
 from ..config import get_config
-from ..convert.effdet import effdet_to_state_dict
-from ..convert.tf import ConversionError, tf_to_state_dict
 from ..errors import UserError
 from .files import StateDict
-from .layout import (YET_ANOTHER_FUSION, Checkpoint, Source, check_variant, describe_coef, drop_unused_fusion,
-                     infer_num_classes, read_checkpoint)
+from .layout import (YET_ANOTHER_FUSION, Checkpoint, Source, check_variant, describe_coef, infer_num_classes,
+                     read_checkpoint)
+from .layouts import ConversionError, get_layout
+from .layouts.yet_another import REASON_PREFIX as _YET_ANOTHER_REASON
 
 _CLS_BIAS = 'classifier.header.pointwise_conv.conv.bias'
 _CLS_WEIGHT = 'classifier.header.pointwise_conv.conv.weight'
@@ -33,23 +34,15 @@ def to_our_state_dict(ck: Checkpoint, compound_coef) -> Tuple[StateDict, Dict[st
     """The checkpoint's weights under this project's keys for efficientdet-d{compound_coef}, and the
     keys that were left out on purpose (key → reason): effdet's anchor buffer, Yet-Another's unused
     sum-fusion weights. Conversions are strict: any other unmapped key is an error."""
-    dropped = dict(ck.dropped)
-    if ck.layout == 'ours':
-        sd = dict(ck.state_dict)
-    elif ck.layout in ('effdet', 'tf'):
-        try:
-            if ck.layout == 'effdet':
-                sd = effdet_to_state_dict(ck.state_dict, compound_coef)
-            else:
-                sd = tf_to_state_dict({k: v.float().numpy() for k, v in ck.state_dict.items()}, compound_coef)
-        except ConversionError as e:
-            raise UserError(f'{ck.name}: {" ".join(str(e).split())}') from None
-    else:
+    layout = get_layout(ck.layout)
+    if layout is None:
         raise UserError(f'{ck.name}: not an EfficientDet checkpoint (keys such as '
                         f'{", ".join(list(ck.state_dict)[:3])} match no known layout)')
-    sd, fusion = drop_unused_fusion(sd, compound_coef)
-    dropped.update(fusion)
-    return sd, dropped
+    try:
+        sd, left_out = layout.to_ours(ck.state_dict, compound_coef)
+    except ConversionError as e:
+        raise UserError(f'{ck.name}: {" ".join(str(e).split())}') from None
+    return sd, {**ck.dropped, **left_out}
 
 
 def _compact(keys: Sequence[str], limit: int = 6) -> str:
@@ -70,7 +63,7 @@ def _summarise_dropped(dropped: Mapping[str, str]) -> str:
         by_reason.setdefault(r, []).append(k)
     out = []
     for reason, keys in by_reason.items():
-        if reason.startswith('Yet-Another BiFPN fusion weight'):
+        if reason.startswith(_YET_ANOTHER_REASON):
             values = sum(YET_ANOTHER_FUSION.get(k.rsplit('.', 1)[-1], 0) for k in keys)
             out.append(f'dropped {len(keys)} Yet-Another BiFPN fusion weights bifpn.*.p{{3..7}}_w{{1,2}} '
                        f'({values} values; {reason.split(": ", 1)[1]})')
@@ -147,8 +140,8 @@ def _holds(ck: Checkpoint, sd: Mapping[str, torch.Tensor], file_anchors: int) ->
     """'efficientdet-d0, 90 classes, effdet layout' for the report line."""
     n = infer_num_classes(sd, file_anchors, 'ours')
     cls = f', {n} classes' if n is not None else ''
-    how = {'ours': 'this project / Yet-Another keys', 'effdet': 'converted from effdet keys',
-           'tf': 'converted from official TF names'}.get(ck.layout, ck.layout)
+    layout = get_layout(ck.layout)
+    how = layout.loaded_as if layout is not None else ck.layout
     return f'{describe_coef(ck.candidates)}{cls}, {how}'
 
 

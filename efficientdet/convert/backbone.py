@@ -2,7 +2,8 @@
 (``train.py --backbone_weights FILE``, the official recipe's ``--backbone_ckpt``).
 
 Two layouts are read:
-- timm ``tf_efficientnet_b0 … b7`` / ``tf_efficientnet_lite0 … lite4`` state_dicts (``.pth``): ``conv_stem``,
+- timm ``tf_efficientnet_b0 … b7`` / ``tf_efficientnet_lite0 … lite4`` state_dicts (``.pth`` or
+  ``.safetensors``; ``imagenet`` fetches timm's from the Hugging Face Hub): ``conv_stem``,
   ``bn1``, ``blocks.S.I.*`` (the layout of effdet's backbone, optionally under ``backbone.``),
   plus ``conv_head``, ``bn2`` and ``classifier``, which a detector does not use;
 - official TF ``efficientnet-bN`` / ``efficientnet-liteN`` variables: an ``.npz`` of variable name → array,
@@ -23,11 +24,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..ckpt.layouts import ConversionError
+from ..ckpt.layouts.effdet import map_backbone_keys as _effdet_backbone_names
+from ..ckpt.layouts.tf import Mapper as _Mapper
+from ..ckpt.layouts.tf import map_backbone as _tf_map_backbone
+from ..ckpt.layouts.tf import read_tf_input
 from ..config import BACKBONES, VARIANTS, backbone_stages, get_config, stem_channels, variant_tag
 from ..errors import UserError
-from .effdet import _map_backbone as _effdet_backbone_names
-from .tf import _Mapper, _map_backbone as _tf_map_backbone, read_tf_input, ConversionError
 
+IMAGENET = 'imagenet'  # --backbone_weights imagenet: the released ImageNet weights of the backbone
 __all__ = ['load_backbone_weights', 'read_backbone_file', 'backbone_signature', 'identify_backbone']
 
 Signature = Tuple[int, Tuple[int, ...]]  # (stem channels, output channels of every block in order)
@@ -68,8 +73,8 @@ def read_backbone_file(path: str) -> Tuple[str, Dict[str, torch.Tensor]]:
                           for k, v in arrays.items()}
         tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()}
     else:
-        from ..ckpt.files import safe_load, unwrap
-        got = unwrap(safe_load(path))
+        from ..ckpt.files import read_file, unwrap
+        got = unwrap(read_file(path))
         if got is None:
             raise UserError(f'--backbone_weights {path}: holds no state_dict (name -> tensor)')
         tensors = got[0]
@@ -124,10 +129,15 @@ def _tf_signature(sd: Mapping[str, torch.Tensor], scope: str) -> Signature:
 
 def load_backbone_weights(model: nn.Module, path: str) -> str:
     """Load an ImageNet EfficientNet checkpoint into ``model.backbone_net`` (in place) and return
-    a one-line report. Raises UserError when the file holds another network than the model's
-    backbone (naming the ``-c`` to use) or lacks a backbone tensor."""
-    layout, sd = read_backbone_file(path)
+    a one-line report. ``path``: a file or folder, or ``'imagenet'`` (when no such file exists):
+    timm's port of the official ImageNet weights of the model's backbone, from the Hugging Face
+    Hub (:func:`efficientdet.zoo.backbone_file`). Raises UserError when the file holds another
+    network than the model's backbone (naming the ``-c`` to use) or lacks a backbone tensor."""
     want = model.config.backbone
+    if path == IMAGENET and not os.path.exists(path):
+        from ..zoo import backbone_file
+        path = backbone_file(want)
+    layout, sd = read_backbone_file(path)
     if layout == 'timm':
         sig = _timm_signature(sd)
     else:

@@ -8,35 +8,16 @@ Reads with ``weights_only=True`` (``.npz`` without pickles): inspecting never ru
 from __future__ import annotations
 
 import argparse
-import math
 from typing import Any, Dict, List
 
-from ..ckpt.layout import (Checkpoint, describe_coef, infer_num_classes, num_parameters, read_checkpoint,
-                           yet_another_fusion_keys)
+from ..ckpt.layout import Checkpoint, describe_coef, infer_num_classes, num_parameters, read_checkpoint
+from ..ckpt.layouts import get_layout
 from ..config import get_config
 
 
 def _origin(ck: Checkpoint) -> str:
-    if ck.layout == 'ours':
-        cands = ck.candidates
-        if cands and all(get_config(c).is_lite for c in cands):
-            # Yet-Another has no Lite variants
-            return 'this project (full training checkpoint)' if ck.training is not None else 'this project'
-        fusion = {k: s for c in cands if get_config(c).fusion == 'sum'
-                  for k, s in yet_another_fusion_keys(c).items() if k in ck.state_dict}
-        if fusion:
-            values = sum(math.prod(s) for s in fusion.values())
-            return (f'Yet-Another-EfficientDet-Pytorch (holds {len(fusion)} BiFPN fusion weights, {values} '
-                    'values, that sum fusion never reads; they are dropped when loading)')
-        if ck.training is not None:
-            return 'this project (full training checkpoint)'
-        return 'this project or Yet-Another-EfficientDet-Pytorch (identical key layout)'
-    if ck.layout == 'effdet':
-        bench = ' DetBench' if ck.dropped else ''
-        return f'rwightman efficientdet-pytorch (effdet tf_efficientdet_*{bench} state_dict)'
-    if ck.layout == 'tf':
-        return 'official TensorFlow, google/automl (official variable names)'
-    return 'unknown (not an EfficientDet layout this project knows)'
+    layout = get_layout(ck.layout)
+    return layout.origin(ck) if layout is not None else 'unknown (not an EfficientDet layout this project knows)'
 
 
 def describe_checkpoint(path: str) -> Dict[str, Any]:
@@ -69,9 +50,10 @@ def _load_hint(info: Dict[str, Any]) -> str:
     p = ('-p coco (the 90-slot COCO label map)' if n == 90
          else f'-p PROJECT (a project whose obj_list has {n} entries)' if n else '-p PROJECT')
     hint = f'{c} {p} -w {info["file"]}'
-    if info['layout'] in ('effdet', 'tf'):
+    layout = get_layout(info['layout'])
+    if layout is not None and layout.convert_command:
         hint += (f'  (converted on the fly; to write a .pth once: python -m efficientdet.convert '
-                 f'{info["layout"]} {info["file"]} {c} -o OUT.pth)')
+                 f'{layout.convert_command} {info["file"]} {c} -o OUT.pth)')
     return hint
 
 
@@ -103,7 +85,7 @@ def format_report(info: Dict[str, Any]) -> str:
         lines.append(f"left out:       {', '.join(info['dropped'])} ({'; '.join(sorted(set(info['dropped'].values())))})")
     lines.append(f'load with:      {_load_hint(info)}')
     lite = bool(info['candidates']) and all(get_config(c).is_lite for c in info['candidates'])
-    if info['layout'] == 'ours' and info['training'] is None and not lite:
+    if info['layout'] in ('ours', 'yet_another') and info['training'] is None and not lite:
         lines.append("note:           Yet-Another's own weights reproduce its outputs with "
                      "EfficientDetBackbone(..., compat='zylo117')")
     return '\n'.join(lines)
@@ -112,3 +94,10 @@ def format_report(info: Dict[str, Any]) -> str:
 def cmd_inspect(args: argparse.Namespace) -> int:
     print(format_report(describe_checkpoint(args.input)))
     return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``inspect`` subcommand to ``python -m efficientdet.convert``."""
+    q = subparsers.add_parser('inspect', help='say what a checkpoint is (origin, variant, classes, size)')
+    q.add_argument('input', help='.pth / .ckpt / .npz / .safetensors')
+    q.set_defaults(func=cmd_inspect)

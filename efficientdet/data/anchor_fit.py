@@ -68,6 +68,25 @@ def best_iou_per_shape(boxes: np.ndarray, input_hw: Tuple[int, int], levels: Seq
     return best
 
 
+def anchor_shapes(input_hw: Tuple[int, int], levels: Sequence[int], anchor_scale: float, scales: Sequence[float],
+                  ratios: Sequence[Tuple[float, float]]) -> Tuple[np.ndarray, np.ndarray]:
+    """The distinct anchor shapes the model generates at ``input_hw``: (sizes sqrt(w * h),
+    aspect ratios w / h), each sorted and unique (to 1e-6 px), in network-input pixels."""
+    a = generate_anchors(input_hw, levels, anchor_scale, scales, ratios)  # [A, 4] yxyx
+    w, h = a[:, 3] - a[:, 1], a[:, 2] - a[:, 0]
+    return np.unique(np.round(np.sqrt(w * h), 6)), np.unique(np.round(w / h, 6))
+
+
+def best_anchor_iou(boxes: np.ndarray, input_hw: Tuple[int, int], levels: Sequence[int], anchor_scale: float,
+                    scales: Sequence[float], ratios: Sequence[Tuple[float, float]],
+                    chunk: int = MAX_BOXES) -> np.ndarray:
+    """Best IoU [N] of each box [N, 4] xyxy network-input pixels with any anchor (every box, in
+    chunks of ``chunk`` to bound memory)."""
+    out = [best_iou_per_shape(boxes[i:i + chunk], input_hw, levels, anchor_scale, scales, ratios).max(1, initial=0.0)
+           for i in range(0, len(boxes), chunk)]
+    return np.concatenate(out) if out else np.zeros(0)
+
+
 def _nearest(centres: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Index of the nearest of the ascending ``centres`` for each value."""
     i = np.clip(np.searchsorted(centres, values), 1, len(centres) - 1)

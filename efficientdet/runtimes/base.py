@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -30,12 +31,14 @@ from ..errors import UserError
 from ..postprocess import BestClass
 
 __all__ = ['Runtime', 'Target', 'Output', 'parse_meta', 'export_metadata', 'compare_outputs', 'head_outputs',
-           'HEADS', 'INPUT_NAME', 'RAW_OUTPUTS', 'BEST_OUTPUTS', 'ExportWrapper', 'check_export_size']
+           'HEADS', 'INPUT_NAME', 'RAW_OUTPUTS', 'BEST_OUTPUTS', 'ExportWrapper', 'check_export_size',
+           'register_target']
 
 INPUT_NAME = 'images'
 RAW_OUTPUTS = ('regression', 'classification', 'anchors')  # head='full'
 BEST_OUTPUTS = ('regression', 'scores', 'labels', 'anchors')  # head='best' (the default)
 HEADS = ('best', 'full')
+MASKED_LOGIT = -1e4  # added in-graph to the logits of placeholder classes (sigmoid: exactly 0 in float32)
 Output = Tuple[None, torch.Tensor, Union[torch.Tensor, BestClass], torch.Tensor]
 SizeLike = Union[int, Sequence[int]]
 
@@ -46,11 +49,17 @@ class ExportWrapper(nn.Module):
     head='best' (default): ``(regression, scores [B, A] best-class probability, labels [B, A]
     int64, anchors)`` — the best class is taken on the logits (one TopK) and only [B, A] values go
     through the sigmoid, instead of [B, A, C]; every post-processing here uses the best class only.
-    head='full': ``(regression, classification [B, A, C] after sigmoid, anchors)``."""
+    head='full': ``(regression, classification [B, A, C] after sigmoid, anchors)``.
 
-    def __init__(self, model: nn.Module, image_size: SizeLike, head: str = 'best'):
+    ``obj_list``: with '' placeholder slots, head='best' takes the best class among the real ones
+    (:data:`MASKED_LOGIT` added to the placeholders' logits in the graph; the file's metadata lists
+    them as ``excluded_classes``), the rule of ``postprocess.BestClass``."""
+
+    def __init__(self, model: nn.Module, image_size: SizeLike, head: str = 'best',
+                 obj_list: Optional[Sequence[str]] = None):
         super().__init__()
         from ..anchors import Anchors
+        from ..postprocess import class_mask
         if head not in HEADS:
             raise UserError(f'--head {head!r}: choose one of {", ".join(HEADS)}')
         self.model = model
@@ -59,12 +68,20 @@ class ExportWrapper(nn.Module):
         p = next(model.parameters())
         # a (persistent) buffer: the graph's anchors are then an initializer the exporter accepts as an output
         self.register_buffer('anchors', gen.for_size(*as_hw(image_size), p.device, p.dtype).clone())
+        allowed = class_mask(list(obj_list), model.num_classes) if obj_list is not None else None
+        self.class_bias: Optional[torch.Tensor]
+        if head == 'best' and allowed is not None:
+            self.register_buffer('class_bias', torch.where(allowed, 0.0, MASKED_LOGIT).to(device=p.device, dtype=p.dtype))
+        else:
+            self.class_bias = None
 
     def forward(self, x: torch.Tensor):
         if self.head == 'full':
             _, regression, classification, _ = self.model(x)
             return regression, classification, self.anchors
         _, regression, logits, _ = self.model(x, return_logits=True)
+        if self.class_bias is not None:
+            logits = logits + self.class_bias
         best, labels = logits.topk(1, dim=-1)
         return regression, torch.sigmoid(best.squeeze(-1)), labels.squeeze(-1), self.anchors
 
@@ -90,7 +107,7 @@ def check_export_size(model: nn.Module, image_size: Optional[SizeLike]) -> Tuple
 def parse_meta(meta: Dict[str, str]) -> Dict[str, object]:
     """String metadata of an exported file -> values (JSON lists, ints, booleans decoded)."""
     out: Dict[str, object] = dict(meta)
-    for key in ('image_size', 'obj_list', 'mean', 'std'):
+    for key in ('image_size', 'obj_list', 'mean', 'std', 'excluded_classes'):
         if key in meta:
             try:
                 out[key] = json.loads(meta[key])
@@ -123,15 +140,19 @@ def export_metadata(model: nn.Module, size: Tuple[int, int], head: str, obj_list
             'mean': json.dumps([float(v) for v in mean]), 'std': json.dumps([float(v) for v in std])}
     if obj_list is not None:
         meta['obj_list'] = json.dumps(list(obj_list))
+        excluded = [i for i, name in enumerate(obj_list) if name == '']
+        if head == 'best' and excluded:
+            meta['excluded_classes'] = json.dumps(excluded)
     meta.update({k: str(v) for k, v in (extra or {}).items()})
     return meta
 
 
 def compare_outputs(path: str, names: Sequence[str], got: Sequence[torch.Tensor], reference: Output,
-                    atol: float) -> Dict[str, float]:
+                    atol: float, allowed: Optional[torch.Tensor] = None) -> Dict[str, float]:
     """Exported outputs (by ``names``) vs the eager model's 4-tuple ``reference``: floats within
     ``atol`` absolute and relative (boxes are pixels); best-class labels equal wherever the eager
-    model's best class leads the runner-up by more than ``atol``. UserError naming the file
+    model's best class leads the runner-up by more than ``atol``. ``allowed``: the classes the
+    file takes the best class among (:attr:`Runtime.allowed`). UserError naming the file
     otherwise; returns {name: max abs difference (labels: count of differing entries)}."""
     _, reg, cls, anc = reference
     ref: Dict[str, torch.Tensor] = {'regression': reg, 'anchors': anc}
@@ -139,8 +160,9 @@ def compare_outputs(path: str, names: Sequence[str], got: Sequence[torch.Tensor]
     if 'classification' in names:
         ref['classification'] = cls
     else:
-        top2 = cls.float().topk(2, dim=-1).values if cls.shape[-1] > 1 else None
-        best = BestClass.of(cls)
+        masked = cls.float() if allowed is None else cls.float().masked_fill(~allowed.to(cls.device), -1.0)
+        top2 = masked.topk(2, dim=-1).values if cls.shape[-1] > 1 else None
+        best = BestClass.of(cls, allowed)
         ref['scores'], ref['labels'] = best.scores, best.labels
         margin_ok = (top2[..., 0] - top2[..., 1] > atol) if top2 is not None else torch.ones_like(best.labels, dtype=torch.bool)
     diffs: Dict[str, float] = {}
@@ -170,6 +192,13 @@ def random_batch(image_size: SizeLike, batch: int = 2, seed: int = 0) -> torch.T
     """A fixed random normalised batch [batch, 3, H, W] for verifying exports."""
     h, w = as_hw(image_size)
     return torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def add_head_argument(p: argparse.ArgumentParser) -> None:
+    """``--head best|full`` of every export target."""
+    p.add_argument('--head', choices=HEADS, default='best',
+                   help='best: per-anchor best class in the graph (scores, labels; fastest); full: the [B, A, C] '
+                        'classification')
 
 
 class Runtime:
@@ -212,6 +241,18 @@ class Runtime:
         return self.meta.get('compound_coef')
 
     @property
+    def allowed(self) -> Optional[torch.Tensor]:
+        """bool [C] of the classes a head='best' file takes the best class among (its
+        ``excluded_classes`` left out); None when it excludes none."""
+        excluded = self.meta.get('excluded_classes') or []
+        n = self.num_classes
+        if not excluded or n is None:
+            return None
+        mask = torch.ones(n, dtype=torch.bool)
+        mask[torch.as_tensor(excluded, dtype=torch.long)] = False
+        return mask
+
+    @property
     def with_nms(self) -> bool:
         return 'num_detections' in self.output_names
 
@@ -249,8 +290,29 @@ class Target:
     name = ''
     export_format: Optional[str] = None
     suffix = ''
+    also_reads: Tuple[str, ...] = ()  # other file suffixes load() takes (openvino: .onnx)
     requires: Tuple[str, ...] = ()  # Python packages it needs (for the message when missing)
     supports_half = False  # whether load(half=True) runs the network in reduced precision
+
+    def is_exported_file(self, path: str) -> bool:
+        """Whether ``path`` is a file of this target (by suffix), i.e. not a checkpoint to export first."""
+        return os.path.isfile(path) and os.path.splitext(path)[1].lower() in (self.suffix, *self.also_reads)
+
+    def versions(self) -> Dict[str, str]:
+        """Versions of the packages it runs on, for reports (``{'openvino_version': '2026.4'}``)."""
+        out = {}
+        for name in self.requires:
+            try:
+                out[f'{name}_version'] = str(getattr(__import__(name), '__version__', 'unknown'))
+            except ImportError:
+                pass
+        return out
+
+    def export_to_run(self, model: nn.Module, path: str, image_size: SizeLike, device: torch.device,
+                      fuse: bool = True, verify: bool = False, channels_last: bool = True) -> Dict[str, float]:
+        """Export ``model`` to run it right away on ``device`` (``benchmark.py`` without an exported
+        file): :meth:`export` with the options that matter for running there."""
+        return self.export(model, path, image_size, fuse=fuse, verify=verify)
 
     def add_export_arguments(self, parser: argparse.ArgumentParser) -> None:
         """The target's own export options (common ones are added by ``efficientdet.export``)."""
@@ -268,3 +330,15 @@ class Target:
         """The runtime of ``path``; ``half``: reduced-precision compute (only where
         ``supports_half``; anchors and box decoding stay float32)."""
         raise NotImplementedError
+
+
+_TARGETS: Dict[str, Target] = {}
+
+
+def register_target(target: Target) -> Target:
+    """Make ``target`` a ``--backend`` (``target.name``) and, when it exports, a ``python -m
+    efficientdet.export`` sub-command (``target.export_format``). Returns it."""
+    if not target.name:
+        raise ValueError('a Target needs a name (its --backend value)')
+    _TARGETS[target.name] = target
+    return target

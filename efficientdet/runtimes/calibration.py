@@ -159,19 +159,22 @@ def compare_quantized(path: str, runtime: Any, model: torch.nn.Module, images: C
 
 
 def add_calibration_arguments(p: argparse.ArgumentParser) -> None:
-    """``--data_path`` and ``--calib_images``, the int8 export options (``-p`` names the project)."""
-    p.add_argument('--data_path', default='datasets/', help='--int8: folder holding {project_name}/ (the '
-                   'training images calibrated on)')
+    """``--data_path`` (the scripts' shared option) and ``--calib_images``: the int8 export options
+    (``-p`` names the project)."""
+    from ..cli import add_options
+    add_options(p, 'data_path')
     p.add_argument('--calib_images', type=int, default=DEFAULT_CALIB_IMAGES,
-                   help=f'--int8: training images calibrated on (default {DEFAULT_CALIB_IMAGES}; all if fewer)')
+                   help=f'--int8: training images of the project calibrated on (default {DEFAULT_CALIB_IMAGES}; '
+                        'all if fewer)')
 
 
 def calibration_from_args(args: argparse.Namespace, flag: str = '--int8') -> CalibrationSet:
-    """The :class:`CalibrationSet` of parsed export options (``-p``, ``--projects_dir``,
-    ``--data_path``, ``--calib_images``); UserError without ``-p``."""
-    if getattr(args, 'project', None) is None:
+    """The :class:`CalibrationSet` of parsed export options: the project (``-p``, default the
+    scripts' default project; ``--projects_dir``), ``--data_path``, ``--calib_images``; UserError
+    for a model without a project (``--num_classes``)."""
+    if getattr(args, 'num_classes', None) is not None:
         raise UserError(f'{flag} calibrates on training images of a project: pass -p PROJECT (and --data_path '
-                        'holding its images)')
+                        'holding its images) instead of --num_classes')
+    from ..cli import project_name
     from ..project import load_project
-    return CalibrationSet(load_project(args.project, args.projects_dir), args.data_path, args.calib_images)
-
+    return CalibrationSet(load_project(project_name(args), args.projects_dir), args.data_path, args.calib_images)

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..postprocess import BestClass
-from .base import Output, Target
+from .base import Output, Target, register_target
 
 __all__ = ['TorchModel', 'half_dtype', 'TARGET']
 
@@ -42,15 +42,18 @@ class TorchModel:
     (on a CPU with frozen weights, inductor's ``freezing``: convs with prepacked weights and the
     element-wise glue generated as fused loops; the fused model's own oneDNN fast path is then
     off). Compilation happens in the first call of each input shape (about a minute for D0 on 2
-    cores), so it pays off for long runs (video, evaluation, serving)."""
+    cores), so it pays off for long runs (video, evaluation, serving). ``allowed``: bool [C], the
+    classes each anchor's best class is taken among (``postprocess.class_mask``)."""
 
     name = 'torch'
     training = False
 
     def __init__(self, model: nn.Module, device: Union[str, torch.device] = 'cpu', half: bool = False,
                  half_kind: str = 'auto', fuse: Optional[bool] = None, channels_last: bool = True,
-                 fast: Optional[bool] = None, image_size=None, compile: bool = False):
+                 fast: Optional[bool] = None, image_size=None, compile: bool = False,
+                 allowed: Optional[torch.Tensor] = None):
         self.device = torch.device(device)
+        self.allowed = allowed  # bool [C]: the classes an anchor's best class is taken among (None: all)
         self.half = half_dtype(self.device, half_kind) if half else None
         model = model.to(self.device).eval()
         self.source = model
@@ -68,6 +71,9 @@ class TorchModel:
         self.compile_options = ({'freezing': True} if self.device.type == 'cpu' else {}) if compile else None
         if compile:
             self.net = torch.compile(self.net, dynamic=False, options=self.compile_options or None)
+        # a module with the model's contract but no ``return_logits`` gives probabilities only
+        import inspect
+        self.gives_logits = self.fused or 'return_logits' in inspect.signature(model.forward).parameters
 
     def eval(self) -> 'TorchModel':
         return self
@@ -90,10 +96,13 @@ class TorchModel:
         with ctx:
             if self.fused:  # class logits level by level: no [B, A, C] concatenation
                 _, regression, levels, anchors = self.net(x, return_logits=True, class_levels=True)
-                best = BestClass.from_level_logits(levels)
-            else:
+                best = BestClass.from_level_logits(levels, self.allowed)
+            elif self.gives_logits:
                 _, regression, logits, anchors = self.net(x, return_logits=True)
-                best = BestClass.from_logits(logits)
+                best = BestClass.from_logits(logits, self.allowed)
+            else:
+                _, regression, classification, anchors = self.net(x)
+                best = BestClass.of(classification, self.allowed)
         return None, regression.float(), best, anchors.float()
 
 
@@ -101,4 +110,4 @@ class _TorchTarget(Target):
     name = 'torch'
 
 
-TARGET = _TorchTarget()
+TARGET = register_target(_TorchTarget())

@@ -46,7 +46,7 @@ from torch import nn
 from ..ckpt.files import atomic_write
 from ..errors import UserError
 from .base import (HEADS, Runtime, SizeLike, Target, check_export_size, compare_outputs, export_metadata,
-                   head_outputs, parse_meta, random_batch)
+                   head_outputs, parse_meta, random_batch, register_target)
 from .quiet import quiet_output
 
 __all__ = ['LiteRTModel', 'LiteRTExportWrapper', 'TARGET', 'QUANTIZATIONS', 'read_metadata', 'with_metadata',
@@ -537,4 +537,4 @@ class _LiteRTTarget(Target):
         return LiteRTModel(path, threads)
 
 
-TARGET = _LiteRTTarget()
+TARGET = register_target(_LiteRTTarget())

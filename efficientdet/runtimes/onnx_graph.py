@@ -30,7 +30,8 @@ from ..config import as_hw
 from ..errors import UserError
 from ..onnx_ops import onnx_nms
 from ..postprocess import PRE_NMS_TOPK, candidates
-from .base import INPUT_NAME, ExportWrapper, SizeLike, check_export_size, export_metadata, head_outputs
+from .base import (INPUT_NAME, ExportWrapper, SizeLike, add_head_argument, check_export_size, export_metadata,
+                   head_outputs)
 
 __all__ = ['export_graph', 'NMSExportWrapper', 'NMS_OUTPUTS', 'DEFAULT_OPSET', 'compare_detections']
 
@@ -44,9 +45,17 @@ class NMSExportWrapper(nn.Module):
     ``score_threshold``, ``iou_threshold``, ``max_det``, ``pre_nms_topk``."""
 
     def __init__(self, model: nn.Module, image_size: SizeLike, num_classes: int, score_threshold: float = 0.05,
-                 iou_threshold: float = 0.5, max_det: int = 100, pre_nms_topk: int = PRE_NMS_TOPK):
+                 iou_threshold: float = 0.5, max_det: int = 100, pre_nms_topk: int = PRE_NMS_TOPK,
+                 obj_list: Optional[Sequence[str]] = None):
         super().__init__()
+        from ..postprocess import class_mask
         self.model = model
+        allowed = class_mask(list(obj_list), num_classes) if obj_list is not None else None
+        self.class_keep: Optional[torch.Tensor]  # 1 for real classes, 0 for '' placeholders (never a best class)
+        if allowed is not None:
+            self.register_buffer('class_keep', allowed.float())
+        else:
+            self.class_keep = None
         self.image_size = as_hw(image_size)
         self.num_classes = int(num_classes)
         self.score_threshold = float(score_threshold)
@@ -56,6 +65,8 @@ class NMSExportWrapper(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         _, regression, classification, anchors = self.model(x)
+        if self.class_keep is not None:
+            classification = classification * self.class_keep
         best, labels = classification.max(-1)  # [B, A]
         k = min(self.pre_nms_topk, best.shape[1])
         top_scores, boxes, cand_labels = candidates(best, labels, regression, anchors, self.image_size,
@@ -110,14 +121,15 @@ def export_graph(model: nn.Module, path: str, image_size: Optional[SizeLike] = N
     wrapper: nn.Module
     extra: Dict[str, object] = {}
     if with_nms:
-        wrapper = NMSExportWrapper(net, size, model.num_classes, score_threshold, iou_threshold, max_det, pre_nms_topk)
+        wrapper = NMSExportWrapper(net, size, model.num_classes, score_threshold, iou_threshold, max_det, pre_nms_topk,
+                                   obj_list)
         reference: nn.Module = NMSExportWrapper(model, size, model.num_classes, score_threshold, iou_threshold,
-                                                max_det, pre_nms_topk).eval()
+                                                max_det, pre_nms_topk, obj_list).eval()
         names: Tuple[str, ...] = NMS_OUTPUTS
         extra = {'with_nms': 'true', 'box_format': 'xyxy', 'score_threshold': score_threshold,
                  'iou_threshold': iou_threshold, 'max_det': max_det, 'pre_nms_topk': pre_nms_topk}
     else:
-        wrapper, reference, names = ExportWrapper(net, size, head), model, head_outputs(head)
+        wrapper, reference, names = ExportWrapper(net, size, head, obj_list), model, head_outputs(head)
     wrapper.eval()
     p = next(model.parameters())
     x = torch.randn(1, 3, *size, device=p.device, dtype=p.dtype)
@@ -172,14 +184,13 @@ def verify(path: str, runtime, reference: nn.Module, names: Sequence[str], size:
         ref = reference(x.to(device=p.device, dtype=p.dtype))
     if 'num_detections' in names:
         return compare_detections(path, [out[n] for n in names], ref, atol)
-    return compare_outputs(path, names, [torch.as_tensor(np.asarray(out[n])) for n in names], ref, atol)
+    return compare_outputs(path, names, [torch.as_tensor(np.asarray(out[n])) for n in names], ref, atol,
+                           runtime.allowed)
 
 
 def add_graph_arguments(p) -> None:
     """ONNX graph options shared by the onnx and openvino export targets."""
-    p.add_argument('--head', choices=('best', 'full'), default='best',
-                   help='best: per-anchor best class in the graph (scores, labels; fastest); full: the '
-                        '[B, A, C] classification')
-    p.add_argument('--opset', type=int, default=DEFAULT_OPSET)
-    p.add_argument('--static-batch', dest='dynamic_batch', action='store_false',
+    add_head_argument(p)
+    p.add_argument('--opset', type=int, default=DEFAULT_OPSET, help='ONNX opset version')
+    p.add_argument('--static_batch', '--static-batch', dest='dynamic_batch', action='store_false',
                    help='fix the batch size to 1 (default: any batch size)')

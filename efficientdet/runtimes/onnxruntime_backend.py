@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import UserError
 from ..postprocess import PRE_NMS_TOPK
 from . import onnx_graph
-from .base import Runtime, SizeLike, Target, parse_meta
+from .base import Runtime, SizeLike, Target, parse_meta, register_target
 
 __all__ = ['OnnxRuntimeModel', 'TARGET']
 
@@ -83,21 +83,21 @@ class _OnnxRuntimeTarget(Target):
 
     def add_export_arguments(self, p: argparse.ArgumentParser) -> None:
         onnx_graph.add_graph_arguments(p)
-        p.add_argument('--with-nms', dest='with_nms', action='store_true',
+        from ..cli import add_options
+        p.add_argument('--with_nms', '--with-nms', dest='with_nms', action='store_true',
                        help='include decoding + per-class NMS (ONNX NonMaxSuppression); outputs boxes, '
                             'scores, labels, num_detections')
-        p.add_argument('--score_threshold', type=float, default=0.05)
-        p.add_argument('--iou_threshold', type=float, default=0.5)
-        p.add_argument('--max_det', type=int, default=100)
-        p.add_argument('--pre_nms_topk', type=int, default=PRE_NMS_TOPK)
+        add_options(p, 'threshold', 'iou', 'max_det', threshold=0.05, iou=0.5)
+        p.add_argument('--pre_nms_topk', type=int, default=PRE_NMS_TOPK, help='candidates per image before the NMS')
 
     def export_options(self, args: argparse.Namespace) -> Dict[str, Any]:
-        if not 0 <= args.score_threshold <= 1 or not 0 <= args.iou_threshold <= 1:
-            raise UserError('--score_threshold and --iou_threshold must be between 0 and 1')
+        if not 0 <= args.threshold <= 1 or not 0 <= args.iou <= 1:
+            raise UserError('--threshold and --iou must be between 0 and 1')
         if args.max_det < 1 or args.pre_nms_topk < 1:
             raise UserError('--max_det and --pre_nms_topk must be at least 1')
-        return {k: getattr(args, k) for k in ('head', 'opset', 'dynamic_batch', 'with_nms', 'score_threshold',
-                                              'iou_threshold', 'max_det', 'pre_nms_topk')}
+        return dict({k: getattr(args, k) for k in ('head', 'opset', 'dynamic_batch', 'with_nms', 'max_det',
+                                                   'pre_nms_topk')}, score_threshold=args.threshold,
+                    iou_threshold=args.iou)
 
     def export(self, model: nn.Module, path: str, image_size: Optional[SizeLike] = None, verify: bool = True,
                atol: float = 1e-4, **options) -> Dict[str, float]:
@@ -119,4 +119,4 @@ class _OnnxRuntimeTarget(Target):
         return OnnxRuntimeModel(path, threads, providers)
 
 
-TARGET = _OnnxRuntimeTarget()
+TARGET = register_target(_OnnxRuntimeTarget())

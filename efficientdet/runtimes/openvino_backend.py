@@ -27,7 +27,7 @@ from torch import nn
 
 from ..errors import UserError
 from . import onnx_graph
-from .base import Runtime, SizeLike, Target, parse_meta
+from .base import Runtime, SizeLike, Target, parse_meta, register_target
 from .quiet import quiet_output
 
 __all__ = ['OpenVINOModel', 'TARGET', 'require_openvino', 'require_nncf', 'quantize_int8', 'reduced_precision']
@@ -182,6 +182,7 @@ class _OpenVINOTarget(Target):
     name = 'openvino'
     export_format = 'openvino'
     suffix = '.xml'
+    also_reads = ('.onnx',)
     supports_half = True
     requires = ('onnx', 'openvino')
 
@@ -259,4 +260,4 @@ class _OpenVINOTarget(Target):
         return OpenVINOModel(path, threads, precision=reduced_precision() if half else 'f32')
 
 
-TARGET = _OpenVINOTarget()
+TARGET = register_target(_OpenVINOTarget())

@@ -18,7 +18,7 @@ from torch import nn
 from ..ckpt.files import atomic_write
 from ..errors import UserError
 from .base import (ExportWrapper, Runtime, SizeLike, Target, check_export_size, compare_outputs, export_metadata,
-                   head_outputs, parse_meta, random_batch)
+                   add_head_argument, head_outputs, parse_meta, random_batch, register_target)
 from .onnx_graph import quiet_export
 
 __all__ = ['TorchScriptModel', 'TARGET']
@@ -73,11 +73,11 @@ class _TorchScriptTarget(Target):
     suffix = '.pt'
 
     def add_export_arguments(self, p: argparse.ArgumentParser) -> None:
-        p.add_argument('--head', choices=('best', 'full'), default='best',
-                       help='best: per-anchor best class (scores, labels); full: the [B, A, C] classification')
-        p.add_argument('--no-channels_last', dest='channels_last', action='store_false',
+        add_head_argument(p)
+        p.add_argument('--no_channels_last', '--no-channels_last', dest='channels_last', action='store_false',
                        help='trace in NCHW-contiguous layout (default: channels_last, faster on CPU)')
-        p.add_argument('--no-freeze', dest='freeze', action='store_false', help='do not torch.jit.freeze')
+        p.add_argument('--no_freeze', '--no-freeze', dest='freeze', action='store_false',
+                       help='do not torch.jit.freeze')
 
     def export_options(self, args: argparse.Namespace) -> Dict[str, Any]:
         return {k: getattr(args, k) for k in ('head', 'channels_last', 'freeze')}
@@ -92,7 +92,7 @@ class _TorchScriptTarget(Target):
         size = check_export_size(model, image_size)
         model = model.eval()
         net = fuse_model(model, channels_last=channels_last, image_size=size, fast=False) if fuse else model
-        wrapper = ExportWrapper(net, size, head).eval()
+        wrapper = ExportWrapper(net, size, head, obj_list).eval()
         p = next(model.parameters())
         x = torch.randn(1, 3, *size, device=p.device, dtype=p.dtype)
         if channels_last:
@@ -112,11 +112,16 @@ class _TorchScriptTarget(Target):
             ref = model(xv)
         out = ts.run(xv)
         names = ts.output_names
-        return compare_outputs(path, names, [out[n] for n in names], ref, atol)
+        return compare_outputs(path, names, [out[n] for n in names], ref, atol, ts.allowed)
+
+    def export_to_run(self, model: nn.Module, path: str, image_size: SizeLike, device: torch.device,
+                      fuse: bool = True, verify: bool = False, channels_last: bool = True) -> Dict[str, float]:
+        """Traced on ``device`` (a CUDA trace runs on CUDA), in the memory layout asked for."""
+        return self.export(model.to(device), path, image_size, fuse=fuse, verify=verify, channels_last=channels_last)
 
     def load(self, path: str, threads: Optional[int] = None, device: str = 'cpu',
              providers: Optional[Sequence[str]] = None, half: bool = False) -> TorchScriptModel:
         return TorchScriptModel(path, threads, device)
 
 
-TARGET = _TorchScriptTarget()
+TARGET = register_target(_TorchScriptTarget())

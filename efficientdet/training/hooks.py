@@ -11,6 +11,7 @@ ranks (the validation hook broadcasts its result for that).
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import signal
 import sys
@@ -272,14 +273,16 @@ class ProgressHook(Hook):
 
 class TensorBoardHook(Hook):
     """Train losses, LR and positives per step; validation metrics per candidate (``AP/val_raw``,
-    ``AP/val_ema``) and of the better one (``AP/val``). Rank 0 only; a resumed run writes a new
-    event folder."""
+    ``AP/val_ema``) and of the better one (``AP/val``), and the better one's precision-recall
+    figure (image ``precision_recall/val``, when its metrics hold ``curves`` and matplotlib is
+    installed). Rank 0 only; a resumed run writes a new event folder."""
 
     name = 'tensorboard'
 
-    def __init__(self, log_dir: str, enabled: bool = True):
-        self.log_dir, self.enabled = log_dir, enabled
+    def __init__(self, log_dir: str, enabled: bool = True, log: Log = print):
+        self.log_dir, self.enabled, self.log = log_dir, enabled, log
         self.writer = None
+        self._said_no_plots = False
 
     def on_fit_start(self, trainer):
         if self.enabled:
@@ -299,9 +302,23 @@ class TensorBoardHook(Hook):
             return
         for name, metrics in (report.get('results') or {}).items():
             for k, v in metrics.items():
+                if not isinstance(v, numbers.Real):
+                    continue  # the curves
                 self.writer.add_scalar(f'{k}/val_{name.replace("/", "_")}', v, trainer.step)
                 if name == report['source']:
                     self.writer.add_scalar(f'{k}/val', v, trainer.step)
+        chosen = (report.get('results') or {}).get(report['source']) or {}
+        if chosen.get('curves') is not None:
+            from ..errors import UserError
+            from ..plots import pr_rgb, require_matplotlib
+            try:
+                require_matplotlib('the precision-recall figure in TensorBoard')
+            except UserError as e:  # optional: say so once, keep training
+                if not self._said_no_plots:
+                    self.log(f'[info] {e}')
+                    self._said_no_plots = True
+                return
+            self.writer.add_image('precision_recall/val', pr_rgb(chosen), trainer.step, dataformats='HWC')
 
     def close(self, trainer):
         if self.writer is not None:

@@ -44,9 +44,10 @@ def val_losses(model: nn.Module, criterion: nn.Module, loader: Iterable[Dict[str
 
 def evaluate(model: nn.Module, criterion: nn.Module, loader: Iterable[Dict[str, Any]], dataset: Any,
              device: torch.device, batch_size: int, max_images: Optional[int] = None, with_map: bool = True,
-             num_workers: int = 0, should_stop: Callable[[], bool] = lambda: False) -> Dict[str, float]:
-    """Validation losses and (``with_map``) COCO ``AP``, ``AP50``, ``AP75`` of ``model``."""
-    out: Dict[str, float] = dict(val_losses(model, criterion, loader, device, should_stop))
+             num_workers: int = 0, should_stop: Callable[[], bool] = lambda: False) -> Dict[str, Any]:
+    """Validation losses and (``with_map``) COCO ``AP``, ``AP50``, ``AP75`` of ``model`` (floats),
+    and its precision-recall ``curves`` (see ``COCOEvaluator.compute``) for the TensorBoard figure."""
+    out: Dict[str, Any] = dict(val_losses(model, criterion, loader, device, should_stop))
     if with_map and not should_stop():
         from ..evaluation import run_coco_eval
         metrics, _ = run_coco_eval(model, dataset, batch_size=batch_size, device=device, max_images=max_images,
@@ -54,6 +55,7 @@ def evaluate(model: nn.Module, criterion: nn.Module, loader: Iterable[Dict[str, 
         for k in ('AP', 'AP50', 'AP75'):
             if metrics.get(k) is not None:
                 out[k] = float(metrics[k])
+        out['curves'] = metrics.get('curves')
     return out
 
 
