@@ -221,7 +221,10 @@ class LiteRTModel(Runtime):
             raise UserError(f'{path}: {len(inputs)} inputs and {len(outputs)} outputs, not those of an efficientdet '
                             'export')
         self._input = inputs[0]
-        self._outputs = [(name, outputs[f'output_{i}']) for i, name in enumerate(names)]
+        keys = [f'output_{i}' for i in range(len(names))]  # litert-torch's names, in the module's order
+        if not all(k in outputs for k in keys):
+            keys = list(outputs)
+        self._outputs = [(name, outputs[k]) for name, k in zip(names, keys)]
         b, h, w, _ = (int(v) for v in self._input['shape'])
         self.batch_size = b
         self.image_size: Optional[Tuple[int, int]] = (h, w)
