@@ -45,7 +45,7 @@ from torch import nn
 
 from ..ckpt.files import atomic_write
 from ..errors import UserError
-from .base import (HEADS, Runtime, SizeLike, Target, check_export_size, compare_outputs, export_metadata,
+from .base import (HEADS, Runtime, SizeLike, Target, add_head_argument, check_export_size, compare_outputs, export_metadata,
                    head_outputs, parse_meta, random_batch, register_target)
 from .quiet import quiet_output
 
@@ -448,11 +448,9 @@ class _LiteRTTarget(Target):
 
     def add_export_arguments(self, p: argparse.ArgumentParser) -> None:
         from .calibration import add_calibration_arguments
-        p.add_argument('--head', choices=HEADS, default='best',
-                       help='best: per-anchor best class in the graph (scores, labels); full: the [B, A, C] '
-                            'classification')
-        p.add_argument('--batch_size', type=int, default=1,
-                       help='the file\'s fixed batch size (default 1; the runtime runs other sizes in pieces)')
+        from ..cli import add_options
+        add_head_argument(p)
+        add_options(p, 'batch_size', batch_size=1)  # the file's fixed batch; the runtime runs others in pieces
         q = p.add_mutually_exclusive_group()
         q.add_argument('--int8', dest='quantization', action='store_const', const='int8', default='float32',
                        help='full-integer int8 (weights and activations), calibrated on --calib_images training '
