@@ -226,6 +226,7 @@ def build_runner(args: argparse.Namespace, dev: torch.device, workdir: str
             notes['half'] = f'{args.backend} {getattr(runner, "precision", "reduced precision")}; anchors and decoding float32'
         if runner.with_nms:
             raise UserError(f'{path} was exported --with_nms; benchmark a raw export (no --with_nms)')
+        notes['quantization'] = (getattr(runner, 'meta', None) or {}).get('quantization', 'float32')
         if exported:
             detector = Detector.from_exported(path, backend=args.backend,
                                               project=project_name(args) if args.project else None,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,13 +22,30 @@ from .config import FUSION_EPS
 from .layers import Conv2dStaticSamePadding, MaxPool2dStaticSamePadding, SeparableConvBlock, batch_norm, make_activation
 
 
+def nearest_indices(src: int, dst: int) -> List[int]:
+    """Source index of each of ``dst`` output positions of TF1's ``resize_nearest_neighbor``
+    (align_corners=False, half_pixel_centers=False), computed as TF does: ``min(floor(i *
+    float32(src / dst)), src - 1)`` in float32."""
+    scale = np.float32(src) / np.float32(dst)
+    idx = np.floor(np.arange(dst, dtype=np.float32) * scale).astype(np.int64)
+    return np.minimum(idx, src - 1).tolist()
+
+
 def upsample_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Nearest up-sampling of NCHW ``x`` to the spatial size of ``like``, as TF1's
-    ``resize_nearest_neighbor`` (source index = floor(dst * in / out)); exact x2 when sizes double."""
-    h, w = like.shape[-2], like.shape[-1]
-    if h == 2 * x.shape[-2] and w == 2 * x.shape[-1]:
+    ``resize_nearest_neighbor`` (source index = floor(dst * in / out)). Sizes that double: the
+    plain x2 resize. Any other ratio (3x3 -> 5x5 at 320 px): a gather of rows then columns with
+    constant indices (:func:`nearest_indices`), which every exporter maps exactly (ONNX and LiteRT
+    ``Gather``); LiteRT's converter would turn such a resize into a half-pixel-centre one."""
+    h, w = int(like.shape[-2]), int(like.shape[-1])
+    ih, iw = int(x.shape[-2]), int(x.shape[-1])
+    if h == 2 * ih and w == 2 * iw:
         return F.interpolate(x, scale_factor=2.0, mode='nearest')
-    return F.interpolate(x, size=(h, w), mode='nearest')
+    if h != ih:
+        x = x.index_select(2, torch.tensor(nearest_indices(ih, h), device=x.device))
+    if w != iw:
+        x = x.index_select(3, torch.tensor(nearest_indices(iw, w), device=x.device))
+    return x if (h, w) != (ih, iw) else x.clone()
 
 
 def _channel_conv(in_ch: int, out_ch: int) -> nn.Sequential:

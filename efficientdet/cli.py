@@ -171,7 +171,8 @@ OPTIONS: Dict[str, Option] = {
     'data_path': Option(('--data_path',), 'folder holding {project_name}/ (the dataset)', {'default': 'datasets/'}),
     'num_workers': Option(('-n', '--num_workers'), 'data-loader worker processes (per process)', {'type': int}),
     'batch_size': Option(('--batch_size',), 'images per batch (train.py: per optimizer step, over all processes and '
-                         '--accumulate micro-batches)', {'type': int}),
+                         '--accumulate micro-batches; export tflite: the file\'s fixed batch, other sizes run in '
+                         'pieces)', {'type': int}),
 }
 _CUDA_ALIAS = ('--cuda',)
 

@@ -262,6 +262,17 @@ def variant_tag(key: Variant) -> str:
     return 'd7x' if key == 8 else f'd{key}'
 
 
+def resolve_variant(variant: Union[Variant, str]) -> Variant:
+    """The variant key (int 0-8 or a Lite name) of ``variant``; UserError naming ``-c`` otherwise."""
+    from .errors import UserError
+    try:
+        key = parse_variant(variant)
+        get_config(key)
+    except ValueError as e:
+        raise UserError(f'-c {variant}: {e}') from None
+    return key
+
+
 def get_config(compound_coef: Variant) -> EfficientDetConfig:
     """The configuration of a variant (any spelling ``parse_variant`` accepts)."""
     key = parse_variant(compound_coef)

@@ -6,8 +6,9 @@
     python -m efficientdet.export openvino -c 0 -w efficientdet-d0.pth -p coco -o d0.xml
     python -m efficientdet.export torchscript -c 0 -w efficientdet-d0.pth -p coco -o d0.pt
 
-Every export is the BN-folded inference model (``efficientdet.fuse``) at one H x W (any batch
-size unless ``--static_batch``), checked against the eager PyTorch model on a random batch (ONNX
+Every export is the BN-folded inference model (``efficientdet.fuse``) at one H x W (onnx, openvino,
+torchscript: any batch size unless ``--static_batch``; tflite: one fixed ``--batch_size``, run in
+pieces for larger batches), checked against the eager PyTorch model on a random batch (ONNX
 also with ``onnx.checker``): outputs must match within ``--atol`` (1e-4). Outputs, input
 ``images`` [B, 3, H, W] normalised RGB:
 

@@ -21,8 +21,8 @@ import torch
 from . import zoo
 from .ckpt.layout import Checkpoint, infer_num_classes, read_checkpoint
 from .ckpt.load import check_variant, class_count_error, load_pretrained, load_weights
-from .config import (COMPAT_MODES, OFFICIAL_RATIOS, Variant, as_hw, check_image_size, get_config, parse_variant,
-                     resolve_normalization)
+from .config import (COMPAT_MODES, OFFICIAL_RATIOS, Variant, as_hw, check_image_size, get_config,
+                     resolve_normalization, resolve_variant)
 from .devices import parse_device
 from .errors import UserError
 from .model import EfficientDetBackbone
@@ -32,16 +32,6 @@ ImageSize = Union[int, Sequence[int], None]
 # Class count of a model built with neither a project, a class count nor weights that say it:
 # the official COCO label map (class index = category id - 1, ten ids unused).
 DEFAULT_NUM_CLASSES = 90
-
-
-def resolve_variant(variant: Union[Variant, str]) -> Variant:
-    """The variant key (int 0-8 or a Lite name) of ``variant``; UserError naming ``-c`` otherwise."""
-    try:
-        key = parse_variant(variant)
-        get_config(key)
-    except ValueError as e:
-        raise UserError(f'-c {variant}: {e}') from None
-    return key
 
 
 def resolve_image_size(variant: Union[Variant, str], image_size: ImageSize = None) -> Tuple[int, int]:

@@ -142,6 +142,28 @@ def test_fuse_bad_size(d0):
         fuse_model(d0, image_size=(64, 2048))  # P6 would be 1x32: the official model cannot run it
 
 
+def test_fused_max_pool_uses_the_pools_own_padding_where_it_is_symmetric():
+    """FusedMaxPool equals the eager TF "SAME" max-pool (-inf padding) at every small size; where
+    the padding is the same on both sides (odd sizes) it is the pool's implicit -inf padding, no
+    padded copy (what the LiteRT converter turns into one SAME MAX_POOL_2D)."""
+    from efficientdet.fuse import FusedMaxPool
+    from efficientdet.layers import MaxPool2dStaticSamePadding
+    src = MaxPool2dStaticSamePadding(3, 2)
+    pool = FusedMaxPool(src)
+    for h in range(1, 12):
+        for w in (1, 2, 5, 8):
+            x = torch.randn(1, 2, h, w) - 5  # all negative: a zero padding would win the max
+            assert torch.equal(pool(x), src(x)), (h, w)
+    calls = []
+    real = torch.nn.functional.pad
+    try:
+        torch.nn.functional.pad = lambda *a, **k: calls.append(a) or real(*a, **k)
+        pool(torch.randn(1, 2, 5, 5))
+    finally:
+        torch.nn.functional.pad = real
+    assert not calls
+
+
 def test_fuse_swaps_layers_only(d0):
     """Only leaf layers change: no BatchNorm left, every conv is a FusedConv, the activations and
     residual adds moved into them, the BiFPN weights are constants, and the pools, up-sampling and
@@ -454,8 +476,9 @@ def test_openvino_missing_says_how_to_install(d0, tmp_path, monkeypatch):
 def test_targets_registry():
     """One module per target behind one interface; unknown names fail in one line."""
     from efficientdet.runtimes import BACKENDS, EXPORT_FORMATS, get_target, load_runtime, target_for_format
-    assert set(BACKENDS) == {'torch', 'onnxruntime', 'openvino', 'torchscript'}
-    assert set(EXPORT_FORMATS) == {'onnx', 'openvino', 'torchscript'}
+    # the built-ins (a test of plugins may have registered one more in this process)
+    assert {'torch', 'onnxruntime', 'openvino', 'torchscript', 'litert'} <= set(BACKENDS)
+    assert {'onnx', 'openvino', 'torchscript', 'tflite'} <= set(EXPORT_FORMATS)
     for fmt in EXPORT_FORMATS:
         t = target_for_format(fmt)
         assert t.export_format == fmt and t.name in BACKENDS and t.suffix.startswith('.')

@@ -122,6 +122,24 @@ def test_bifpn_up_sampling_is_tf_nearest_to_the_target_size(src, dst):
     np.testing.assert_array_equal(got.numpy(), _tf_nearest(x.numpy(), *dst))
 
 
+def test_up_sampling_gather_indices_equal_torch_nearest_at_every_ratio():
+    """The gather that replaces a resize whose ratio is not 2 picks the rows torch's (and TF1's)
+    nearest resize picks, for every source size up to 40 and every larger target up to 80; x2
+    keeps the plain resize."""
+    from efficientdet.bifpn import nearest_indices
+    for src in range(1, 41):
+        x = torch.arange(float(src)).view(1, 1, src, 1)
+        for dst in range(src, 81):
+            ref = torch.nn.functional.interpolate(x, size=(dst, 1), mode='nearest').flatten().long().tolist()
+            assert nearest_indices(src, dst) == ref, (src, dst)
+    x = torch.randn(1, 2, 3, 4)
+    got = upsample_to(x, torch.empty(1, 2, 5, 4))  # rows only: columns unchanged, a fresh tensor
+    np.testing.assert_array_equal(got.numpy(), _tf_nearest(x.numpy(), 5, 4))
+    assert got.data_ptr() != x.data_ptr()
+    same = upsample_to(x, torch.empty(1, 2, 3, 4))
+    assert torch.equal(same, x) and same.data_ptr() != x.data_ptr()
+
+
 def _official_anchors(image_hw, min_level, max_level, anchor_scale, num_scales=3, aspects=(1.0, 2.0, 0.5)):
     """Loop-for-loop reading of the official ``Anchors._generate_configs`` / ``_generate_boxes``
     (tf2/anchors.py): per level and per (octave, aspect), float64, cast to float32 at the end."""

@@ -2,10 +2,14 @@
 # Side-by-side CPU latency of this project and the two PyTorch peers, measured in ONE run,
 # alternating the candidates round by round so machine noise hits all of them alike.
 #
-# usage: tools/compare_peers.sh [COEFS=0] [SIZE=auto] [ROUNDS=3] [ITERS=15] [SET=full|short|targets]
-#        COEFS: one variant or a comma list (0,1,2,3: one row block per variant, all in the same rounds);
+# usage: tools/compare_peers.sh [COEFS=0] [SIZE=auto] [ROUNDS=3] [ITERS=15] [SET=full|short|targets|edge]
+#        COEFS: one variant or a comma list (0,1,2,3 or lite0,lite1,...: one row block per variant, all in
+#        the same rounds; the peers are timed for D variants only);
 #        SIZE: input side, or 'auto' for each variant's own size (512, 640, 768, 896 ...)
-# env:   THREADS (2), BATCH (8: the throughput rows), PY (python3); for the peer rows: PEER_PY (python
+# env:   THREADS (2), BATCH (8: the throughput rows), PY (python3), CALIB_DATA (SET=edge: a folder holding
+#        coco/ with train2017 images and annotations, calibrated on for the int8 files; default
+#        ../shared/data/coco_tiny beside the repository, linked as coco/), CALIB_IMAGES (64);
+#        for the peer rows: PEER_PY (python
 #        of the peer environment), ZYLO (Yet-Another-EfficientDet-Pytorch checkout), PEER_SCRIPT
 #        (default ../shared/tools/peer_bench/peer_forward.py beside the repository)
 #
@@ -18,7 +22,10 @@
 # by one, --compile (torch.compile; compiled in each round's warm-up, not timed), onnxruntime and
 # openvino; SET=short: default, onnxruntime, openvino; SET=targets: default, onnxruntime, openvino, the
 # --half rows of torch (bfloat16 autocast on a CPU) and openvino (bfloat16 or float16 inference), plus
-# batch-BATCH throughput rows (images/s) of default and openvino for the first variant of COEFS. Each
+# batch-BATCH throughput rows (images/s) of default and openvino for the first variant of COEFS;
+# SET=edge: default, onnxruntime, openvino, openvino int8 (NNCF), litert float32 and litert int8
+# (ai-edge-quantizer; heads float32, the export's default), the int8 files calibrated on
+# CALIB_IMAGES training images of project coco (90 classes, like the other rows). Each
 # round runs every candidate once (ITERS timed runs after warm-up); the table shows the median over
 # rounds of each candidate's per-round median, and ratios against the peers' forward pass. Nothing of
 # the peers is imported into this project.
@@ -65,6 +72,12 @@ configs_for() {  # $1: folder of this variant's exports, $2: 1 for the first var
                CONFIGS+=("default_b${BATCH}:--batch_size $BATCH"
                          "openvino_b${BATCH}:--backend openvino -w $m/model.xml --batch_size $BATCH")
              fi ;;
+    edge) CONFIGS=("default:"
+                   "onnxruntime:--backend onnxruntime -w $m/model.onnx"
+                   "openvino:--backend openvino -w $m/model.xml"
+                   "openvino_int8:--backend openvino -w $m/model_int8.xml"
+                   "litert:--backend litert -w $m/model.tflite"
+                   "litert_int8:--backend litert -w $m/model_int8.tflite") ;;
     *) CONFIGS=("default:"
                 "onnxruntime:--backend onnxruntime -w $m/model.onnx"
                 "openvino:--backend openvino -w $m/model.xml") ;;
@@ -81,6 +94,11 @@ print(get_config(parse_variant(sys.argv[1])).input_size)" "$1")
 }
 
 IFS=',' read -r -a COEF_LIST <<< "$COEFS"
+if [[ "$SET" == edge ]]; then  # the int8 exports calibrate on training images of project coco
+  CALIB_SRC=${CALIB_DATA:-$HERE/../shared/data/coco_tiny}
+  CALIB_IMAGES=${CALIB_IMAGES:-64}
+  if [[ -d "$CALIB_SRC/coco" ]]; then CALIB="$CALIB_SRC"; else mkdir -p "$OUT/calib"; ln -s "$(cd "$CALIB_SRC" && pwd)" "$OUT/calib/coco"; CALIB="$OUT/calib"; fi
+fi
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo '?')
 for COEF in "${COEF_LIST[@]}"; do
   SIZE=$(size_of "$COEF")
@@ -92,9 +110,20 @@ for COEF in "${COEF_LIST[@]}"; do
      -o "$M/model.onnx" --no_verify > /dev/null)
   (cd "$HERE" && $PY -m efficientdet.export openvino -c "$COEF" --num_classes 90 -w random --image_size "$SIZE" \
      -o "$M/model.xml" --no_verify > /dev/null) || echo "openvino export failed (pip install openvino)" >&2
+  if [[ "$SET" == edge ]]; then  # float32 LiteRT and the two int8 files (random weights, 90 classes)
+    echo "exporting $COEF at $SIZE to LiteRT float32, LiteRT int8 and OpenVINO int8 (not timed)" >&2
+    (cd "$HERE" && $PY -m efficientdet.export tflite -c "$COEF" --num_classes 90 -w random --image_size "$SIZE" \
+       -o "$M/model.tflite" --no_verify > /dev/null) || echo "litert export failed (pip install .[litert])" >&2
+    (cd "$HERE" && $PY -m efficientdet.export tflite -c "$COEF" -p coco -w random --image_size "$SIZE" --int8 \
+       --data_path "$CALIB" --calib_images "$CALIB_IMAGES" -o "$M/model_int8.tflite" --no_verify > /dev/null) \
+       || echo "litert int8 export failed" >&2
+    (cd "$HERE" && $PY -m efficientdet.export openvino -c "$COEF" -p coco -w random --image_size "$SIZE" --int8 \
+       --data_path "$CALIB" --calib_images "$CALIB_IMAGES" -o "$M/model_int8.xml" --no_verify > /dev/null) \
+       || echo "openvino int8 export failed (pip install nncf)" >&2
+  fi
   # effdet's own ONNX export, run by the same onnxruntime settings as ours (forward only): the
   # reference for what onnxruntime makes of this network on this CPU. Needs onnx in the peer venv.
-  if [[ $have_peers == 1 ]]; then
+  if [[ $have_peers == 1 && "$COEF" =~ ^[0-9]+$ ]]; then  # the peers have no Lite variants
     (cd "$OUT" && "$PEER_PY" - "$COEF" "$SIZE" "$M/effdet.onnx" > /dev/null 2>&1 <<'PY'
 import sys, torch
 from effdet import create_model
@@ -113,7 +142,7 @@ for r in $(seq 1 "$ROUNDS"); do
   for COEF in "${COEF_LIST[@]}"; do
     M="$OUT/c$COEF"
     SIZE=$(cat "$M/size")
-    if [[ $have_peers == 1 ]]; then
+    if [[ $have_peers == 1 && "$COEF" =~ ^[0-9]+$ ]]; then
       (cd "$OUT" && THREADS=$THREADS "$PEER_PY" "$PEER_SCRIPT" "$COEF" "$SIZE" "$ITERS" 2>/dev/null \
          | grep -E 'median' > "$M/peer_$r.txt") || echo "peer run failed in round $r" >&2
     fi

@@ -10,6 +10,7 @@
 | torchscript | ``torchscript`` | ``.pt`` | ``torchscript`` |
 | onnxruntime | ``onnxruntime_backend`` (graph: ``onnx_graph``) | ``.onnx`` | ``onnx`` |
 | openvino | ``openvino_backend`` | ``.xml`` + ``.bin`` (or ``.onnx``) | ``openvino`` |
+| litert | ``litert_backend`` | ``.tflite`` (LiteRT / TFLite) | ``tflite`` |
 
 A target is a module defining a :class:`~.base.Target` and calling :func:`register_target` with it
 (a target of another package does the same; ``efficientdet.plugins`` says how the scripts find
@@ -87,4 +88,4 @@ def __getattr__(name: str):  # the registries as they stand now, for code that r
     raise AttributeError(name)
 
 
-from . import eager, onnxruntime_backend, openvino_backend, torchscript  # noqa: E402,F401  (register the built-ins)
+from . import eager, litert_backend, onnxruntime_backend, openvino_backend, torchscript  # noqa: E402,F401

@@ -5,8 +5,13 @@
 export's metadata in the IR's ``rt_info`` (section ``efficientdet``). The runtime also runs a
 ``.onnx`` file from ``python -m efficientdet.export onnx`` directly.
 
+``--int8`` quantizes the IR with NNCF post-training quantization (``nncf.quantize``, preset
+MIXED), calibrated on training images of the project (``-p``, ``--data_path``, ``--calib_images``:
+``runtimes.calibration``); the anchors output is a graph constant and stays float32, as does the box
+decoding outside the graph. int8 pays off on CPUs with VNNI / AMX int8 instructions.
+
 Needs the optional ``openvino`` package (``pip install openvino`` or ``pip install
-.[openvino]``). Inference precision is float32 by default (OpenVINO would otherwise pick bf16 on
+.[openvino]``), and ``nncf`` for ``--int8``. Inference precision is float32 by default (OpenVINO would otherwise pick bf16 on
 CPUs that have it); a network per batch size is compiled on first use of that size.
 """
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -23,8 +28,9 @@ from torch import nn
 from ..errors import UserError
 from . import onnx_graph
 from .base import Runtime, SizeLike, Target, parse_meta, register_target
+from .quiet import quiet_output
 
-__all__ = ['OpenVINOModel', 'TARGET', 'require_openvino', 'reduced_precision']
+__all__ = ['OpenVINOModel', 'TARGET', 'require_openvino', 'require_nncf', 'quantize_int8', 'reduced_precision']
 
 _META_SECTION = 'efficientdet'
 
@@ -150,6 +156,28 @@ class OpenVINOModel(Runtime):
         return out
 
 
+def require_nncf():
+    """The ``nncf`` module (OpenVINO's post-training quantization), or UserError saying how to
+    install it."""
+    try:
+        import nncf
+    except ImportError:
+        raise UserError('export openvino --int8 needs the nncf package: pip install nncf (or pip install '
+                        '.[openvino])') from None
+    return nncf
+
+
+def quantize_int8(ov_model, images: Iterable[torch.Tensor], count: int):
+    """``ov_model`` quantized to int8 by NNCF post-training quantization (preset MIXED: symmetric
+    int8 weights, asymmetric activations, for swish's negative range), calibrated on the ``count``
+    ``images`` (normalised [1, 3, H, W] each; iterated more than once). The anchors output is a
+    constant of the graph: never quantized."""
+    nncf = require_nncf()
+    dataset = nncf.Dataset(images, lambda x: np.ascontiguousarray(x.detach().to('cpu', torch.float32).numpy()))
+    with quiet_output():  # NNCF's log and progress bars
+        return nncf.quantize(ov_model, dataset, preset=nncf.QuantizationPreset.MIXED, subset_size=count)
+
+
 class _OpenVINOTarget(Target):
     name = 'openvino'
     export_format = 'openvino'
@@ -159,28 +187,58 @@ class _OpenVINOTarget(Target):
     requires = ('onnx', 'openvino')
 
     def add_export_arguments(self, p: argparse.ArgumentParser) -> None:
+        from .calibration import add_calibration_arguments
         onnx_graph.add_graph_arguments(p)
+        p.add_argument('--int8', action='store_true',
+                       help='int8 by NNCF post-training quantization, calibrated on --calib_images training '
+                            'images of -p PROJECT; anchors and box decoding stay float32')
+        add_calibration_arguments(p)
 
     def export_options(self, args: argparse.Namespace) -> Dict[str, Any]:
-        return {k: getattr(args, k) for k in ('head', 'opset', 'dynamic_batch')}
+        from .calibration import calibration_from_args
+        options = {k: getattr(args, k) for k in ('head', 'opset', 'dynamic_batch')}
+        if args.int8:
+            options.update(int8=True, calibration=calibration_from_args(args))
+        return options
 
     def export(self, model: nn.Module, path: str, image_size: Optional[SizeLike] = None, verify: bool = True,
-               atol: float = 1e-4, **options) -> Dict[str, float]:
+               atol: float = 1e-4, int8: bool = False, calibration: Any = None, **options) -> Dict[str, float]:
         """IR at ``path`` (``.xml``; the weights go to the ``.bin`` beside it), through the ONNX
         graph (options: ``onnx_graph.export_graph``'s, without NMS); checked against the eager model
-        in OpenVINO unless ``verify=False``."""
+        in OpenVINO unless ``verify=False``. ``int8``: quantized with NNCF on ``calibration`` (a
+        ``runtimes.calibration.CalibrationSet`` or an iterable of normalised [N, 3, H, W] batches);
+        the float graph is verified first, then the int8 file's differences from the eager model
+        on calibration images are reported (its accuracy is measured as mAP: ``coco_eval.py``)."""
+        from ..config import resolve_normalization
+        from .calibration import calibration_images
         ov = require_openvino()
         if not path.lower().endswith('.xml'):
             raise UserError(f'-o {path}: an OpenVINO IR is an .xml file (its weights go to the .bin beside it)')
         if options.get('with_nms'):
             raise UserError('--with-nms is for the onnx export; OpenVINO runs the raw outputs')
+        if int8 and calibration is None:
+            raise UserError('--int8 calibrates on training images: pass -p PROJECT (and --data_path)')
+        if int8:
+            require_nncf()
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
+        batch = 2 if options.get('dynamic_batch', True) else 1
+        diffs: Dict[str, float] = {}
+        images = None
         with tempfile.TemporaryDirectory(dir=folder, prefix='.export_') as tmp:
             onnx_path = os.path.join(tmp, 'graph.onnx')
             reference, names, size = onnx_graph.export_graph(model, onnx_path, image_size, **options)
             meta = _read_meta(None, onnx_path)
             ov_model = ov.convert_model(onnx_path)
+            if int8:
+                if verify:  # the float graph first: the conversion is exact
+                    float_xml = os.path.join(tmp, 'float.xml')
+                    ov.save_model(ov_model, float_xml, compress_to_fp16=False)
+                    diffs = onnx_graph.verify(path, OpenVINOModel(float_xml), reference, names, size, atol, batch)
+                mean, std = resolve_normalization(model.compound_coef, options.get('mean'), options.get('std'))
+                images = calibration_images(calibration, size, mean, std)
+                ov_model = quantize_int8(ov_model, images, len(images))
+                meta.update({'quantization': 'int8', 'calib_images': str(len(images)), 'calib_data': images.description})
             for k, v in meta.items():
                 ov_model.set_rt_info(v, [_META_SECTION, k])
             tmp_xml = os.path.join(tmp, 'model.xml')
@@ -188,8 +246,11 @@ class _OpenVINOTarget(Target):
             os.replace(tmp_xml[:-4] + '.bin', path[:-4] + '.bin')  # .bin first: the .xml names it
             os.replace(tmp_xml, path)
         if not verify:
-            return {}
-        batch = 2 if options.get('dynamic_batch', True) else 1
+            return diffs
+        if int8:
+            from .calibration import compare_quantized
+            diffs.update(compare_quantized(path, OpenVINOModel(path), model, images, 'int8'))
+            return diffs
         return onnx_graph.verify(path, OpenVINOModel(path), reference, names, size, atol, batch)
 
     def load(self, path: str, threads: Optional[int] = None, device: str = 'cpu',

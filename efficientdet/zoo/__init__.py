@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
 from ..ckpt.layout import Checkpoint, describe_coef, read_checkpoint
-from ..config import Variant, get_config, parse_variant
+from ..config import Variant, get_config, resolve_variant
 from ..errors import UserError
 from .fetch import MIRROR_ENV, OFFLINE_ENV, cache_dir, cache_path, discard, fetch, offline, source_url
 from .hub import backbone_file
@@ -59,14 +59,7 @@ def _exists(spec: str) -> bool:
 
 
 def _variant(variant: Union[Variant, str, None]) -> Optional[Variant]:
-    if variant is None:
-        return None
-    try:
-        key = parse_variant(variant)
-        get_config(key)
-    except ValueError as e:
-        raise UserError(f'-c {variant}: {e}') from None
-    return key
+    return None if variant is None else resolve_variant(variant)
 
 
 def is_name(spec: object) -> bool:
