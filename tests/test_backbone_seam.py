@@ -6,8 +6,10 @@
   and a list of feature maps), because timm cannot be imported on every machine (it needs a
   torchvision built for the installed torch): the weights record the backbone, and coco_eval.py,
   efficientdet_test.py and export load them without the option; --freeze, --grad_checkpoint and
-  --backbone_weights work, --drop_connect refuses in one line;
-- the real timm (resnet18), where it imports.
+  --backbone_weights work, --drop_connect refuses in one line.
+The real timm is not exercised by the suite: it needs a torchvision built for the installed torch,
+which the package index of the test machines does not offer for this CPU torch (timm 0.5-1.0 all
+import torchvision at start-up).
 The EfficientNet backbones are unchanged: tests/test_parity.py, test_lite.py, test_model.py.
 """
 import os
@@ -263,31 +265,3 @@ def test_missing_timm_is_one_line(tiny, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, 'timm', None)  # import timm -> ImportError
     with pytest.raises(UserError, match='pip install timm'):
         _train(tiny, tmp_path / 'o', '--backbone', 'timm:resnet18', '--no_map')
-
-
-def _real_timm():
-    try:
-        import timm  # noqa: F401
-    except Exception as e:  # ImportError, or a torchvision built for another torch (RuntimeError)
-        pytest.skip(f'timm cannot be imported here ({type(e).__name__}: {str(e)[:80]})')
-    if getattr(timm, '__version__', '') == 'stand-in':
-        pytest.skip('the stand-in timm is loaded')
-    return timm
-
-
-def test_real_timm_resnet18(tmp_path):
-    _real_timm()
-    from efficientdet.factory import build_model
-    from efficientdet.loss import DetectionLoss
-    from efficientdet.training import Trainer, build_optimizer
-    torch.manual_seed(0)
-    model = build_model(0, num_classes=3, image_size=128, backbone='timm:resnet18')
-    assert model.backbone_net.out_channels == (128, 256, 512)
-    x, ann = _batch()
-    model.train()
-    r = Trainer(model, DetectionLoss(), build_optimizer(model, 'sgd', 0.01)).train_step(x, ann)
-    assert not r['skipped']
-    torch.save(model.state_dict(), str(tmp_path / 'r18.pth'))
-    again = build_model(0, num_classes=3, weights=str(tmp_path / 'r18.pth'), image_size=128)
-    assert again.backbone_net.spec_name == 'timm:resnet18'
-    assert torch.allclose(again(x)[2], model.eval()(x)[2])

@@ -147,7 +147,7 @@ def test_errors(tmp_path, gt):
     with pytest.raises(UserError, match='not in'):
         _main('-p', proj, '--data_path', data_path, '--results', str(tmp_path / 'other.json'))
     # model run: missing weights, bad image size
-    with pytest.raises(UserError, match='none.pth: no such weights file'):
+    with pytest.raises(UserError, match='none.pth: no such checkpoint file'):
         _main('-p', proj, '--data_path', data_path, '-w', str(tmp_path / 'none.pth'),
               '--output_dir', str(tmp_path), '--device', 'cpu')
     with pytest.raises(UserError, match='image_size'):
@@ -222,7 +222,7 @@ def test_recomputes_by_default_and_reuses_only_a_run_with_the_same_key(tmp_path,
     assert 'not reusing' in nometa and 'missing' in nometa
     rc, forced = _main(*base, '--reuse', '--override')
     assert 'reusing' not in forced and 'wrote' in forced
-    with pytest.raises(UserError, match='no such weights file'):  # reusing never skips the weights check
+    with pytest.raises(UserError, match='no such checkpoint file'):  # reusing never skips the weights check
         _main(*[(str(tmp_path / 'none.pth') if a == weights else a) for a in base], '--reuse')
     assert results.exists()
 
