@@ -37,6 +37,15 @@ def pytest_runtest_makereport(item, call):
                                f'and has ../shared): {reason}')
 
 
+def run_isolated(func, *args):
+    """``func(*args)`` in a fresh Python process (spawn), its result or exception handed back: for
+    native runtimes (OpenVINO's int8 kernels, NNCF) whose threads and global state must not outlive a
+    test in the long-lived pytest process. ``func`` must be a module-level function."""
+    import multiprocessing as mp
+    with mp.get_context('spawn').Pool(1) as pool:
+        return pool.apply(func, args)
+
+
 def need_shared(*parts: str) -> str:
     """Path under ../shared, or skip the test saying why."""
     path = os.path.join(SHARED, *parts)

@@ -64,13 +64,27 @@ def _check_report(r: dict, backend: str, mode: str, batch: int, iters: int) -> N
     assert r['settings']['iters'] == iters
 
 
+def _settled_rss_mb():
+    """This process's resident memory after garbage collection and glibc's trim: what stays
+    resident through a benchmark call (earlier tests' garbage, freed during the call, would
+    otherwise look like memory the call released)."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL('libc.so.6').malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    return _status_mb('VmRSS')
+
+
 def _check_peak_in_process(r: dict, rss_before_mb, hwm_after_mb) -> None:
     """benchmark.main ran in this process: its peak is this process's resident memory in MiB. It
     cannot exceed our own high-water mark read afterwards, and the memory this process already held
     before the call (torch, the test modules) stays resident, so the peak is at least most of it."""
     if rss_before_mb is None or hwm_after_mb is None:  # not Linux: no counters to compare with
         return
-    assert 0.8 * rss_before_mb <= r['peak_memory_mb'] <= hwm_after_mb + 0.1, (rss_before_mb, hwm_after_mb)
+    assert 0.8 * rss_before_mb <= r['peak_memory_mb'] <= hwm_after_mb + 0.5, (rss_before_mb, hwm_after_mb)
 
 
 def _run_measured(args, tmp_path, timeout=300):
@@ -144,7 +158,7 @@ def test_cli_no_tune_malloc(tmp_path):
 
 def test_onnxruntime_backend_batch(tmp_path):
     out = tmp_path / 'ort.json'
-    rss_before = _status_mb('VmRSS')
+    rss_before = _settled_rss_mb()
     assert benchmark.main(['-c', '0', '--image_size', '128', '--batch_size', '2', '--mode', 'forward',
                            '--backend', 'onnxruntime', '--iters', '2', '--warmup', '1', '--threads', '2',
                            '--no-tune_malloc', '--json', str(out)]) == 0

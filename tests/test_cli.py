@@ -353,7 +353,23 @@ register_target(ToyTarget())
 '''
 
 
-def test_a_format_and_a_runtime_from_outside_the_package(tmp_path, monkeypatch):
+@pytest.fixture
+def registries_restored():
+    """The formats, targets and plugins registered during a test are taken out afterwards (other
+    tests list the built-in ones)."""
+    from efficientdet import plugins
+    from efficientdet.data.formats import FORMATS
+    from efficientdet.runtimes.base import _TARGETS
+    before = (dict(FORMATS), dict(_TARGETS), list(plugins._loaded))
+    yield
+    for live, saved in zip((FORMATS, _TARGETS), before[:2]):
+        live.clear()
+        live.update(saved)
+    plugins._loaded[:] = before[2]
+    sys.modules.pop('toy_plugin', None)
+
+
+def test_a_format_and_a_runtime_from_outside_the_package(tmp_path, monkeypatch, registries_restored):
     import coco_eval
     import efficientdet_test
     from efficientdet.data.shapes import generate_split

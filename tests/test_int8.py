@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_isolated
 from efficientdet.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,10 +86,17 @@ def test_openvino_int8_export_keeps_anchors_and_detections(shapes_data, tmp_path
     pytest.importorskip('nncf')
     if not os.path.isfile(SHAPES_WEIGHTS):
         pytest.skip(f'{SHAPES_WEIGHTS} (shipped weights) is absent')
+    run_isolated(_openvino_int8_check, shapes_data, str(tmp_path))  # NNCF and OpenVINO int8: own process
+
+
+def _openvino_int8_check(shapes_data: str, tmp: str) -> None:
+    """The body of the test above, run in a fresh process."""
+    import pathlib
     from efficientdet.detector import Detector
     from efficientdet.export import main as export_main
     from efficientdet.runtimes import load_runtime
     from test_litert import _match
+    tmp_path = pathlib.Path(tmp)
     path = str(tmp_path / 'int8.xml')
     buf = io.StringIO()
     with redirect_stdout(buf):
