@@ -353,7 +353,7 @@ def test_train_and_evaluate_a_folder(fmt, tmp_path, capsys):
                            '--output_dir', str(tmp_path / 'res')]) == 0
     out = capsys.readouterr().out
     assert 'val: 2 images' in out and 'Average Precision' in out
-    res = json.loads((tmp_path / 'res' / 'val_bbox_results.json').read_text())
+    res = json.loads((tmp_path / 'res' / 'p_val_bbox_results.json').read_text())
     assert {r['image_id'] for r in res} <= {1, 2} and {r['category_id'] for r in res} <= set(range(1, 81))
     assert check_main(['-p', 'p', '--projects_dir', str(tmp_path), '--data_path', str(data),
                        '--image_size', str(SIZE)]) == 0
