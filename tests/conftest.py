@@ -91,3 +91,25 @@ def pycocotools_coco(data: dict):
     with contextlib.redirect_stdout(io.StringIO()):
         c.createIndex()
     return c
+
+
+TINY_PROJECT_YML = """project_name: tiny
+train_set: train
+val_set: val
+num_gpus: 1
+obj_list: ['rectangle', 'circle', 'triangle']
+"""
+
+
+def make_tiny_project(root, n_train: int = 6, n_val: int = 2, size: int = 128) -> str:
+    """A generated shapes project 'tiny' under ``root``: ``projects/tiny.yml`` and
+    ``data/tiny/{train,val}`` (``n_train`` / ``n_val`` images of ``size`` px, seed 0). Returns
+    ``root`` as a string (the folder to run the scripts from)."""
+    from efficientdet.data import shapes
+    root = str(root)
+    shapes.generate_split(os.path.join(root, 'data', 'tiny'), 'train', n_train, size, seed=0)
+    shapes.generate_split(os.path.join(root, 'data', 'tiny'), 'val', n_val, size, seed=0)
+    os.makedirs(os.path.join(root, 'projects'), exist_ok=True)
+    with open(os.path.join(root, 'projects', 'tiny.yml'), 'w') as f:
+        f.write(TINY_PROJECT_YML)
+    return root

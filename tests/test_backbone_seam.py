@@ -15,11 +15,13 @@ The EfficientNet backbones are unchanged: tests/test_parity.py, test_lite.py, te
 import os
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from conftest import make_tiny_project
 from efficientdet.errors import UserError
 from efficientdet.model import EfficientDetBackbone
 
@@ -187,14 +189,7 @@ def fake_timm(tmp_path, monkeypatch):
 
 @pytest.fixture(scope='module')
 def tiny(tmp_path_factory):
-    from efficientdet.data import shapes
-    root = tmp_path_factory.mktemp('seam')
-    shapes.generate_split(str(root / 'data' / 'tiny'), 'train', 4, 128, seed=0)
-    shapes.generate_split(str(root / 'data' / 'tiny'), 'val', 2, 128, seed=0)
-    (root / 'projects').mkdir()
-    (root / 'projects' / 'tiny.yml').write_text("project_name: tiny\ntrain_set: train\nval_set: val\n"
-                                                "obj_list: ['rectangle', 'circle', 'triangle']\n")
-    return root
+    return Path(make_tiny_project(tmp_path_factory.mktemp('seam'), n_train=4))
 
 
 def _train(root, out, *extra):

@@ -3,12 +3,13 @@ train_step (../shared/fixtures/tf_train_step_d0)."""
 import json
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import need_shared
+from conftest import make_tiny_project, need_shared
 from efficientdet.training import TrainConfig
 from efficientdet.training.config import RECIPES, resolve_recipe
 
@@ -85,14 +86,7 @@ def test_crowd_boxes_dropped_by_the_official_recipe_kept_as_ignored_regions_by_d
 
 @pytest.fixture(scope='module')
 def tiny(tmp_path_factory):
-    from efficientdet.data import shapes
-    root = tmp_path_factory.mktemp('recipe')
-    shapes.generate_split(str(root / 'data' / 'tiny'), 'train', 6, 128, seed=0)
-    shapes.generate_split(str(root / 'data' / 'tiny'), 'val', 2, 128, seed=0)
-    (root / 'projects').mkdir()
-    (root / 'projects' / 'tiny.yml').write_text("project_name: tiny\ntrain_set: train\nval_set: val\n"
-                                                "obj_list: ['rectangle', 'circle', 'triangle']\n")
-    return root
+    return Path(make_tiny_project(tmp_path_factory.mktemp('recipe'), n_train=6))
 
 
 def _cfg(root, out, **kw):

@@ -9,11 +9,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import make_tiny_project
 from efficientdet.checkpoint import atomic_save
 from efficientdet.engine import (EpochSampler, ModelEMA, Trainer, WarmupCosine, build_optimizer, build_scheduler,
                                  freeze_for_head_only, param_groups, rng_state, set_rng_state, set_train_mode)
@@ -188,23 +190,10 @@ def test_rng_state_roundtrip_weights_only(tmp_path):
 
 
 # ----------------------------------------------------------------------------- train.py end to end
-PROJECT_YML = """project_name: tiny
-train_set: train
-val_set: val
-num_gpus: 1
-obj_list: ['rectangle', 'circle', 'triangle']
-"""
-
 
 @pytest.fixture(scope='module')
 def tiny_data(tmp_path_factory):
-    from efficientdet.data import shapes
-    root = tmp_path_factory.mktemp('tiny')
-    shapes.generate_split(str(root / 'data' / 'tiny'), 'train', 6, 128, seed=0)
-    shapes.generate_split(str(root / 'data' / 'tiny'), 'val', 2, 128, seed=0)
-    (root / 'projects').mkdir()
-    (root / 'projects' / 'tiny.yml').write_text(PROJECT_YML)
-    return root
+    return Path(make_tiny_project(tmp_path_factory.mktemp('tiny'), n_train=6))
 
 
 def _run_train(root, out, *extra):

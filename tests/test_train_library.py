@@ -1,7 +1,7 @@
 """Training as a library: TrainConfig is train.py's command line, run_training from Python with user
 hooks (the docs' CSV example), the hook lifecycle on every exit path, Ctrl+C at the step it
 arrives in, exact resume with data-loader workers and a --save_interval save, the resume errors
-(exit 2, one line), and the issue-22 training bugs (second run over last.ckpt, --max_steps 0,
+(exit 2, one line), and the run-to-run rules (second run over last.ckpt, --max_steps 0,
 schedule change on resume, '<- better' on equal values)."""
 import argparse
 import copy
@@ -9,22 +9,17 @@ import csv
 import os
 import re
 import signal
+from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import make_tiny_project
 from efficientdet.errors import UserError, run_cli
 from efficientdet.training import Hook, TrainConfig, run_training
 from efficientdet.training.config import build_parser, config_from_args, option_fields
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROJECT_YML = """project_name: tiny
-train_set: train
-val_set: val
-num_gpus: 1
-obj_list: ['rectangle', 'circle', 'triangle']
-"""
-
 
 # ----------------------------------------------------------------------------- the configuration
 def _actions():
@@ -80,13 +75,7 @@ def test_options_become_the_config_fields():
 # ----------------------------------------------------------------------------- runs
 @pytest.fixture(scope='module')
 def tiny(tmp_path_factory):
-    from efficientdet.data import shapes
-    root = tmp_path_factory.mktemp('lib')
-    shapes.generate_split(str(root / 'data' / 'tiny'), 'train', 6, 128, seed=0)
-    shapes.generate_split(str(root / 'data' / 'tiny'), 'val', 2, 128, seed=0)
-    (root / 'projects').mkdir()
-    (root / 'projects' / 'tiny.yml').write_text(PROJECT_YML)
-    return root
+    return Path(make_tiny_project(tmp_path_factory.mktemp('lib'), n_train=6))
 
 
 def _cfg(root, out, **kw):

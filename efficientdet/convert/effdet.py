@@ -11,7 +11,7 @@ from ..ckpt.files import atomic_save
 from ..ckpt.layout import LAYOUT_NAMES, check_variant, infer_num_classes, num_parameters, read_checkpoint
 from ..ckpt.layouts import ConversionError
 from ..ckpt.layouts.effdet import effdet_key_map, effdet_to_state_dict, state_dict_to_effdet
-from ..cli import variant_type
+from ..options import variant_type
 from ..config import VARIANT_HELP, get_config
 from ..errors import UserError
 

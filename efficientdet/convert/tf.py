@@ -11,7 +11,7 @@ from ..ckpt.files import atomic_save
 from ..ckpt.layout import Checkpoint, check_variant, num_parameters
 from ..ckpt.layouts import ConversionError
 from ..ckpt.layouts.tf import bifpn_nodes, export_tf_names, read_tf_input, tf_to_state_dict
-from ..cli import variant_type
+from ..options import variant_type
 from ..config import VARIANT_HELP, get_config
 from ..errors import UserError
 

@@ -140,7 +140,7 @@ def check_figures(indices: Dict[str, CocoIndex], project: Project, variant: Any,
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from ..cli import ScriptParser, add_options, add_project_args, image_size_arg, project_name
+    from ..options import ScriptParser, add_options, add_project_args, image_size_arg, project_name
     from .anchor_fit import format_fit
     ap = ScriptParser(prog='python -m efficientdet.data.check',
                       description='Check a project\'s datasets for problems that training would skip, and how well '

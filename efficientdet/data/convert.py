@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from ..cli import ScriptParser, add_options, add_project_args, project_name
+from ..options import ScriptParser, add_options, add_project_args, project_name
 from ..errors import run_cli
 from ..project import load_project
 from .annotations import SKIPPING, CocoIndex, check_boxes

@@ -20,22 +20,13 @@ packages when it is used, so they are needed only then.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 from ..errors import UserError
-from .base import _TARGETS, Runtime, Target, register_target
+from .base import _TARGETS, Runtime, Target, backend_names, export_formats, register_target
 
 __all__ = ['register_target', 'backend_names', 'export_formats', 'get_target', 'target_for_format', 'load_runtime',
            'check_backend_options', 'Runtime', 'Target']
-
-def backend_names() -> Tuple[str, ...]:
-    """The ``--backend`` values, in registration order."""
-    return tuple(_TARGETS)
-
-
-def export_formats() -> Tuple[str, ...]:
-    """The ``python -m efficientdet.export`` sub-commands."""
-    return tuple(t.export_format for t in _TARGETS.values() if t.export_format)
 
 
 def get_target(name: str) -> Target:

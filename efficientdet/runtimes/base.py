@@ -32,7 +32,7 @@ from ..postprocess import BestClass
 
 __all__ = ['Runtime', 'Target', 'Output', 'parse_meta', 'export_metadata', 'compare_outputs', 'head_outputs',
            'HEADS', 'INPUT_NAME', 'RAW_OUTPUTS', 'BEST_OUTPUTS', 'ExportWrapper', 'check_export_size',
-           'register_target']
+           'register_target', 'backend_names', 'export_formats']
 
 INPUT_NAME = 'images'
 RAW_OUTPUTS = ('regression', 'classification', 'anchors')  # head='full'
@@ -342,3 +342,14 @@ def register_target(target: Target) -> Target:
         raise ValueError('a Target needs a name (its --backend value)')
     _TARGETS[target.name] = target
     return target
+
+
+def backend_names() -> Tuple[str, ...]:
+    """The ``--backend`` values, in registration order (the built-ins are registered when the
+    ``efficientdet.runtimes`` package is imported, which importing this module does first)."""
+    return tuple(_TARGETS)
+
+
+def export_formats() -> Tuple[str, ...]:
+    """The ``python -m efficientdet.export`` sub-commands."""
+    return tuple(t.export_format for t in _TARGETS.values() if t.export_format)

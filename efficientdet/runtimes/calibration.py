@@ -161,7 +161,7 @@ def compare_quantized(path: str, runtime: Any, model: torch.nn.Module, images: C
 def add_calibration_arguments(p: argparse.ArgumentParser) -> None:
     """``--data_path`` (the scripts' shared option) and ``--calib_images``: the int8 export options
     (``-p`` names the project)."""
-    from ..cli import add_options
+    from ..options import add_options
     add_options(p, 'data_path')
     p.add_argument('--calib_images', type=int, default=DEFAULT_CALIB_IMAGES,
                    help=f'--int8: training images of the project calibrated on (default {DEFAULT_CALIB_IMAGES}; '
@@ -175,6 +175,6 @@ def calibration_from_args(args: argparse.Namespace, flag: str = '--int8') -> Cal
     if getattr(args, 'num_classes', None) is not None:
         raise UserError(f'{flag} calibrates on training images of a project: pass -p PROJECT (and --data_path '
                         'holding its images) instead of --num_classes')
-    from ..cli import project_name
+    from ..options import project_name
     from ..project import load_project
     return CalibrationSet(load_project(project_name(args), args.projects_dir), args.data_path, args.calib_images)

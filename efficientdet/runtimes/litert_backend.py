@@ -448,7 +448,7 @@ class _LiteRTTarget(Target):
 
     def add_export_arguments(self, p: argparse.ArgumentParser) -> None:
         from .calibration import add_calibration_arguments
-        from ..cli import add_options
+        from ..options import add_options
         add_head_argument(p)
         add_options(p, 'batch_size', batch_size=1)  # the file's fixed batch; the runtime runs others in pieces
         q = p.add_mutually_exclusive_group()

@@ -83,7 +83,7 @@ class _OnnxRuntimeTarget(Target):
 
     def add_export_arguments(self, p: argparse.ArgumentParser) -> None:
         onnx_graph.add_graph_arguments(p)
-        from ..cli import add_options
+        from ..options import add_options
         p.add_argument('--with_nms', '--with-nms', dest='with_nms', action='store_true',
                        help='include decoding + per-class NMS (ONNX NonMaxSuppression); outputs boxes, '
                             'scores, labels, num_detections')

@@ -14,7 +14,7 @@ import argparse
 import os
 from typing import List, Optional
 
-from ..cli import variant_type
+from ..options import variant_type
 from ..config import VARIANT_HELP
 from ..errors import UserError, run_cli
 from . import cache_dir, cache_path, fetch, load_table, lookup

@@ -10,16 +10,24 @@ project's keys, which Yet-Another's other files share) and ``effdet`` (rwightman
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple, TypeVar
+from typing import Any, Dict, List, Mapping, Optional, Protocol, Tuple, TypeVar
 
 from ...config import Variant
 from ..files import StateDict
 from ..signature import SignatureSpec, matching_variants
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..layout import Checkpoint
-
 UNKNOWN = 'unknown'
+
+
+class CheckpointView(Protocol):
+    """What an adapter reads of a :class:`efficientdet.ckpt.layout.Checkpoint` (which satisfies it;
+    the adapters sit below that module and never import it)."""
+    state_dict: StateDict
+    dropped: Dict[str, str]
+    training: Optional[Dict[str, Any]]
+
+    @property
+    def candidates(self) -> List[Variant]: ...
 
 
 class ConversionError(ValueError):
@@ -65,7 +73,7 @@ class Layout(ABC):
         """``sd`` under this project's keys for ``variant``, and the keys left out on purpose (key →
         reason). Strict: any other unmapped, missing or mis-shaped tensor raises ConversionError."""
 
-    def origin(self, ck: 'Checkpoint') -> str:
+    def origin(self, ck: CheckpointView) -> str:
         """Where a checkpoint of this layout comes from, in words (``inspect``)."""
         return self.title
 

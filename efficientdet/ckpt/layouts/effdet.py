@@ -33,7 +33,7 @@ from ...layers import Conv2dStaticSamePadding, SeparableConvBlock
 from ...model import EfficientDetBackbone
 from ..files import StateDict
 from ..signature import describe_variants, matching_variants
-from . import ConversionError, Layout, register_layout
+from . import CheckpointView, ConversionError, Layout, register_layout
 from .tf import bifpn_nodes
 
 PREFIXES = ('backbone.conv_stem', 'backbone.blocks.', 'fpn.cell.', 'fpn.resample.', 'class_net.', 'box_net.')
@@ -207,7 +207,7 @@ class Effdet(Layout):
     def to_ours(self, sd: StateDict, variant: Variant) -> Tuple[StateDict, Dict[str, str]]:
         return effdet_to_state_dict(sd, variant), {}
 
-    def origin(self, ck) -> str:
+    def origin(self, ck: CheckpointView) -> str:
         bench = ' DetBench' if ck.dropped else ''
         return f'rwightman efficientdet-pytorch (effdet tf_efficientdet_*{bench} state_dict)'
 

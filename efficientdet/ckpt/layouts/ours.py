@@ -7,7 +7,7 @@ from typing import Any, Dict, Mapping, Tuple
 
 from ...config import Variant, get_config
 from ..files import StateDict
-from . import Layout, register_layout
+from . import CheckpointView, Layout, register_layout
 
 PREFIXES = ('backbone_net.', 'bifpn.', 'regressor.', 'classifier.')
 SIGNATURE = dict(
@@ -40,7 +40,7 @@ class Ours(Layout):
     def to_ours(self, sd: StateDict, variant: Variant) -> Tuple[StateDict, Dict[str, str]]:
         return dict(sd), {}
 
-    def origin(self, ck) -> str:
+    def origin(self, ck: CheckpointView) -> str:
         cands = ck.candidates
         if cands and all(get_config(c).is_lite for c in cands):  # Yet-Another has no Lite variants
             return 'this project (full training checkpoint)' if ck.training is not None else 'this project'

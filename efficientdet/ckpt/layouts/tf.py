@@ -19,7 +19,7 @@ from ...config import Variant, get_config
 from ...model import EfficientDetBackbone
 from ...errors import UserError
 from ..files import StateDict
-from . import ConversionError, Layout, register_layout
+from . import CheckpointView, ConversionError, Layout, register_layout
 
 SCOPES = ('efficientnet-', 'fpn_cells', 'class_net', 'box_net', 'resample_p6')
 SIGNATURE = dict(
@@ -284,7 +284,7 @@ class TF(Layout):
     def to_ours(self, sd: StateDict, variant: Variant) -> Tuple[StateDict, Dict[str, str]]:
         return tf_to_state_dict({k: v.float().numpy() for k, v in sd.items()}, variant), {}
 
-    def origin(self, ck) -> str:
+    def origin(self, ck: CheckpointView) -> str:
         return 'official TensorFlow, google/automl (official variable names)'
 
 

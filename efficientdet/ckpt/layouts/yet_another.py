@@ -10,7 +10,7 @@ from typing import Any, Dict, Mapping, Tuple
 from ...config import Variant, get_config
 from ..files import StateDict
 from ..signature import matching_variants
-from . import register_layout
+from . import CheckpointView, register_layout
 from .ours import SIGNATURE, Ours, has_our_keys
 
 # the fusion weights Yet-Another keeps in every BiFPN cell: name → number of inputs
@@ -47,7 +47,7 @@ class YetAnother(Ours):
         drop = unused_fusion(sd, variant)
         return {k: v for k, v in sd.items() if k not in drop}, drop
 
-    def origin(self, ck) -> str:
+    def origin(self, ck: CheckpointView) -> str:
         found = {k: s for c in ck.candidates for k, s in fusion_keys(c).items() if k in ck.state_dict}
         values = sum(math.prod(s) for s in found.values())
         return (f'Yet-Another-EfficientDet-Pytorch (holds {len(found)} BiFPN fusion weights, {values} values, '
