@@ -566,7 +566,7 @@ class FusedEfficientDet(nn.Module):
 
 @torch.no_grad()
 def fuse_model(model: nn.Module, channels_last: bool = True, image_size: Optional[SizeLike] = None,
-               fast: Optional[bool] = None) -> FusedEfficientDet:
+               fast: Optional[bool] = None, allowed: Optional[torch.Tensor] = None) -> FusedEfficientDet:
     """Fold ``model`` (an :class:`~efficientdet.model.EfficientDetBackbone`) for inference.
 
     Returns a NEW eval-mode :class:`FusedEfficientDet` on the model's device and dtype, with
@@ -576,6 +576,9 @@ def fuse_model(model: nn.Module, channels_last: bool = True, image_size: Optiona
     channels-last (inputs are converted in ``forward``). ``fast`` switches the CPU fast path
     (``efficientdet.onednn``); None: on when the model is a float32 CPU model and this torch
     build's oneDNN ops pass a self-check. Tracing and export always use the plain ops.
+    ``allowed`` (bool [C], ``postprocess.class_mask``): the classes left out of it (placeholder slots)
+    get logits lowered by ``head.MASKED_LOGIT`` in the class head's bias (``Classifier.leave_out_``),
+    a constant: they are never an anchor's best class, at no cost per call.
     """
     if not hasattr(model, 'backbone_net') or not hasattr(model, 'regressor'):
         raise TypeError(f'fuse_model expects an EfficientDetBackbone, got {type(model).__name__}')
@@ -587,6 +590,8 @@ def fuse_model(model: nn.Module, channels_last: bool = True, image_size: Optiona
         raise UserError(f'image_size: {e}') from None
     p = next(model.parameters())
     src = copy.deepcopy(model).eval()  # the rewrite swaps modules: never touch the caller's model
+    if allowed is not None:
+        src.classifier.leave_out_(allowed)
     fused = FusedEfficientDet(_rewrite(src), src, size).to(device=p.device, dtype=p.dtype).eval()
     for q in fused.parameters():
         q.requires_grad_(False)

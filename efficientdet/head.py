@@ -15,6 +15,8 @@ from torch import nn
 
 from .layers import SeparableConvBlock, batch_norm, make_activation
 
+MASKED_LOGIT = -1e4  # added to the logits of left-out (placeholder) classes: sigmoid exactly 0 in float32
+
 
 class _HeadNet(nn.Module):
     def __init__(self, in_channels: int, num_anchors: int, num_outputs: int, num_layers: int,
@@ -61,6 +63,15 @@ class Classifier(_HeadNet):
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.sigmoid(self.forward_raw(features))
+
+    @torch.no_grad()
+    def leave_out_(self, allowed: torch.Tensor) -> None:
+        """In place, for an inference copy (``fuse.fuse_model``): the logits of the classes not in
+        ``allowed`` (bool [C], ``postprocess.class_mask``) lowered by :data:`MASKED_LOGIT` through the
+        header's bias (channel = anchor * C + class), so they are never an anchor's best class and
+        their sigmoid is 0; no work per call."""
+        bias = self.header.pointwise_conv.conv.bias
+        bias.view(-1, self.num_classes)[:, ~allowed.to(bias.device)] += MASKED_LOGIT
 
 
 def variance_scaling_(weight: torch.Tensor, scale: float = 1.0) -> torch.Tensor:

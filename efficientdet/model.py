@@ -122,8 +122,10 @@ class EfficientDetBackbone(nn.Module):
             if isinstance(m, nn.BatchNorm2d):
                 m.eval()
 
-    def fuse(self, channels_last: bool = True, image_size=None, fast: Optional[bool] = None) -> nn.Module:
+    def fuse(self, channels_last: bool = True, image_size=None, fast: Optional[bool] = None,
+             allowed: Optional[torch.Tensor] = None) -> nn.Module:
         """A new inference-only module: BN folded into convs, static paddings and anchors fixed,
-        plain swish, optional channels_last and the CPU fast path. Same outputs (see ``fuse``)."""
+        plain swish, optional channels_last and the CPU fast path. Same outputs (see ``fuse``);
+        ``allowed``: classes left out of it never win an anchor's best class."""
         from .fuse import fuse_model
-        return fuse_model(self, channels_last=channels_last, image_size=image_size, fast=fast)
+        return fuse_model(self, channels_last=channels_last, image_size=image_size, fast=fast, allowed=allowed)

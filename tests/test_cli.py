@@ -174,28 +174,34 @@ def test_benchmark_takes_an_exported_file_with_w(tmp_path):
 
 
 def _biased_placeholder_model():
-    """D0 with 90 classes whose placeholder slots (COCO's unused ids) have a high class bias: every
-    anchor's top slot is a placeholder, while the real classes still score."""
-    from efficientdet.model import EfficientDetBackbone
-    from efficientdet.project import load_project
-    obj_list = load_project('coco').obj_list
-    torch.manual_seed(0)
-    model = EfficientDetBackbone(num_classes=90, compound_coef=0).eval()
-    bias = model.classifier.header.pointwise_conv.conv.bias
+    """The shipped shapes D0 with its 'circle' slot made a placeholder ('') whose class bias is raised
+    by 8: nearly every anchor's top slot is then the placeholder, while the real classes still score."""
+    from efficientdet.factory import build_model
+    model = build_model(0, project='shape', weights=os.path.join(ROOT, 'weights', 'efficientdet-d0-shape.pth')).eval()
+    obj_list = ['rectangle', '', 'triangle']
     with torch.no_grad():
-        per_class = torch.tensor([6.0 if n == '' else -0.5 for n in obj_list])
-        bias.copy_(per_class.repeat(bias.numel() // 90))
+        model.classifier.header.pointwise_conv.conv.bias.view(-1, 3)[:, 1] += 8.0
     return model, obj_list
 
 
 def test_placeholder_classes_are_left_out_before_the_best_class():
+    """Fused (the class head's bias carries the rule, fuse_model) and eager (BestClass masks): the
+    best real class, the same detections, and the caller's model untouched."""
     from efficientdet.detector import Detector
     model, obj_list = _biased_placeholder_model()
+    before = model.classifier.header.pointwise_conv.conv.bias.clone()
     image = (np.random.default_rng(0).random((128, 160, 3)) * 255).astype(np.uint8)
-    det = Detector(model, obj_list, 128, threshold=0.0, iou=0.5, max_det=50)([image])[0]
-    assert len(det) == 50  # real classes score ~sigmoid(-0.5): kept, though every top slot is a placeholder
-    assert all(obj_list[c] != '' for c in det.class_ids)
-    assert det.scores.max() < 0.6
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255  # any input: how often the slot wins
+    with torch.no_grad():
+        logits = model(x[..., :128, :128], return_logits=True)[2]
+    assert (logits.argmax(-1) == 1).float().mean() > 0.9  # the placeholder is nearly every anchor's top slot
+    fused, eager = (Detector(model, obj_list, 128, threshold=0.0, iou=0.5, max_det=50, fuse=f)([image])[0]
+                    for f in (True, False))
+    for det in (fused, eager):
+        assert len(det) == 50 and all(obj_list[c] != '' for c in det.class_ids)
+    np.testing.assert_array_equal(fused.class_ids, eager.class_ids)
+    np.testing.assert_allclose(fused.scores, eager.scores, atol=1e-4)
+    assert torch.equal(model.classifier.header.pointwise_conv.conv.bias, before)
 
 
 def test_placeholder_rule_in_exported_best_head(tmp_path):
@@ -215,7 +221,31 @@ def test_placeholder_rule_in_exported_best_head(tmp_path):
     bare = str(tmp_path / 'bare.onnx')
     get_target('onnxruntime').export(model, bare, 128, verify=False)
     with pytest.raises(UserError, match='placeholder'):
-        Detector.from_exported(bare, project='coco')
+        Detector.from_exported(bare, obj_list=obj_list)
+    nms_path = str(tmp_path / 'nms.onnx')  # the in-graph NMS takes the same best class
+    get_target('onnxruntime').export(model, nms_path, 128, obj_list=obj_list, with_nms=True, score_threshold=0.0,
+                                     iou_threshold=0.5, max_det=50)
+    from efficientdet.runtimes import load_runtime
+    x = torch.from_numpy(np.random.default_rng(1).standard_normal((1, 3, 128, 128), dtype=np.float32))
+    out = load_runtime('onnxruntime', nms_path).run(x)
+    n = int(out['num_detections'][0])
+    assert n == 50 and not (np.asarray(out['labels'])[0, :n] == 1).any()  # never the placeholder slot
+
+
+@pytest.mark.slow
+def test_placeholder_rule_in_litert_best_head(tmp_path):
+    """The .tflite best head leaves out the placeholder classes too (metadata and graph agree)."""
+    pytest.importorskip('litert_torch')
+    from efficientdet.detector import Detector
+    from efficientdet.runtimes import get_target
+    model, obj_list = _biased_placeholder_model()
+    image = (np.random.default_rng(0).random((128, 160, 3)) * 255).astype(np.uint8)
+    path = str(tmp_path / 'm.tflite')
+    get_target('litert').export(model, path, 128, obj_list=obj_list)
+    det = Detector.from_exported(path, backend='litert', threshold=0.0, iou=0.5, max_det=50)([image])[0]
+    ref = Detector(model, obj_list, 128, threshold=0.0, iou=0.5, max_det=50)([image])[0]
+    assert len(det) == len(ref) == 50 and all(obj_list[c] != '' for c in det.class_ids)
+    np.testing.assert_allclose(det.scores, ref.scores, atol=1e-4)
 
 
 def test_one_detection_path_for_test_script_eval_and_training(tmp_path):

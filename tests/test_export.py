@@ -329,9 +329,10 @@ class _FixedHeads(torch.nn.Module):
         self.register_buffer('cls', cls)
         self.register_buffer('anc', anchors)
 
-    def forward(self, x):
+    def forward(self, x, return_logits=False):
         b = x.shape[0]
-        return None, self.reg[:b] + 0 * x.sum(), self.cls[:b], self.anc
+        cls = torch.logit(self.cls[:b]) if return_logits else self.cls[:b]  # stored as probabilities
+        return None, self.reg[:b] + 0 * x.sum(), cls, self.anc
 
 
 def test_onnx_nms_graph_equals_detect(tmp_path):

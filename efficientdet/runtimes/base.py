@@ -28,17 +28,16 @@ from torch import nn
 
 from ..config import as_hw
 from ..errors import UserError
-from ..postprocess import BestClass
+from ..postprocess import BestClass, class_mask
 
 __all__ = ['Runtime', 'Target', 'Output', 'parse_meta', 'export_metadata', 'compare_outputs', 'head_outputs',
            'HEADS', 'INPUT_NAME', 'RAW_OUTPUTS', 'BEST_OUTPUTS', 'ExportWrapper', 'check_export_size',
-           'register_target', 'backend_names', 'export_formats']
+           'register_target', 'backend_names', 'export_formats', 'real_classes', 'best_real_class']
 
 INPUT_NAME = 'images'
 RAW_OUTPUTS = ('regression', 'classification', 'anchors')  # head='full'
 BEST_OUTPUTS = ('regression', 'scores', 'labels', 'anchors')  # head='best' (the default)
 HEADS = ('best', 'full')
-MASKED_LOGIT = -1e4  # added in-graph to the logits of placeholder classes (sigmoid: exactly 0 in float32)
 Output = Tuple[None, torch.Tensor, Union[torch.Tensor, BestClass], torch.Tensor]
 SizeLike = Union[int, Sequence[int]]
 
@@ -52,14 +51,13 @@ class ExportWrapper(nn.Module):
     head='full': ``(regression, classification [B, A, C] after sigmoid, anchors)``.
 
     ``obj_list``: with '' placeholder slots, head='best' takes the best class among the real ones
-    (:data:`MASKED_LOGIT` added to the placeholders' logits in the graph; the file's metadata lists
-    them as ``excluded_classes``), the rule of ``postprocess.BestClass``."""
+    only (:func:`best_real_class`; the file's metadata lists the others as ``excluded_classes``), the
+    rule of ``postprocess.BestClass``."""
 
     def __init__(self, model: nn.Module, image_size: SizeLike, head: str = 'best',
                  obj_list: Optional[Sequence[str]] = None):
         super().__init__()
         from ..anchors import Anchors
-        from ..postprocess import class_mask
         if head not in HEADS:
             raise UserError(f'--head {head!r}: choose one of {", ".join(HEADS)}')
         self.model = model
@@ -68,22 +66,38 @@ class ExportWrapper(nn.Module):
         p = next(model.parameters())
         # a (persistent) buffer: the graph's anchors are then an initializer the exporter accepts as an output
         self.register_buffer('anchors', gen.for_size(*as_hw(image_size), p.device, p.dtype).clone())
-        allowed = class_mask(list(obj_list), model.num_classes) if obj_list is not None else None
-        self.class_bias: Optional[torch.Tensor]
-        if head == 'best' and allowed is not None:
-            self.register_buffer('class_bias', torch.where(allowed, 0.0, MASKED_LOGIT).to(device=p.device, dtype=p.dtype))
-        else:
-            self.class_bias = None
+        self.real: Optional[torch.Tensor]
+        self.register_buffer('real', real_classes(obj_list, model.num_classes, p.device) if head == 'best' else None)
 
     def forward(self, x: torch.Tensor):
         if self.head == 'full':
             _, regression, classification, _ = self.model(x)
             return regression, classification, self.anchors
         _, regression, logits, _ = self.model(x, return_logits=True)
-        if self.class_bias is not None:
-            logits = logits + self.class_bias
-        best, labels = logits.topk(1, dim=-1)
-        return regression, torch.sigmoid(best.squeeze(-1)), labels.squeeze(-1), self.anchors
+        scores, labels = best_real_class(logits, self.real)
+        return regression, scores, labels, self.anchors
+
+
+def real_classes(obj_list: Optional[Sequence[str]], num_classes: int,
+                 device: Optional[torch.device] = None) -> Optional[torch.Tensor]:
+    """long [R]: the indices of the real classes of ``obj_list`` (``postprocess.class_mask``: ''
+    placeholder slots left out), for :func:`best_real_class`; None when every class is real."""
+    from ..postprocess import class_mask
+    allowed = class_mask(list(obj_list), num_classes) if obj_list is not None else None
+    return None if allowed is None else allowed.nonzero().squeeze(1).to(device)
+
+
+def best_real_class(logits: torch.Tensor, real: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Each anchor's best class of [B, A, C] ``logits`` among the ``real`` classes (long [R],
+    :func:`real_classes`; None: all): (scores [B, A] after sigmoid, labels [B, A] long, class
+    indices of the C). In-graph form of every exported best head: a gather of the real columns
+    (exact exclusion, no constant that a quantized range would have to hold), one TopK, the sigmoid
+    on [B, A] values only."""
+    if real is not None:
+        logits = logits.index_select(-1, real)
+    best, labels = logits.topk(1, dim=-1)
+    labels = labels.squeeze(-1)
+    return torch.sigmoid(best.squeeze(-1)), (real[labels] if real is not None else labels)
 
 
 def head_outputs(head: str) -> Tuple[str, ...]:
@@ -140,9 +154,9 @@ def export_metadata(model: nn.Module, size: Tuple[int, int], head: str, obj_list
             'mean': json.dumps([float(v) for v in mean]), 'std': json.dumps([float(v) for v in std])}
     if obj_list is not None:
         meta['obj_list'] = json.dumps(list(obj_list))
-        excluded = [i for i, name in enumerate(obj_list) if name == '']
-        if head == 'best' and excluded:
-            meta['excluded_classes'] = json.dumps(excluded)
+        allowed = class_mask(list(obj_list), model.num_classes)
+        if head == 'best' and allowed is not None:  # what best_real_class leaves out in the graph
+            meta['excluded_classes'] = json.dumps((~allowed).nonzero().squeeze(1).tolist())
     meta.update({k: str(v) for k, v in (extra or {}).items()})
     return meta
 

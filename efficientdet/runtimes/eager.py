@@ -61,8 +61,10 @@ class TorchModel:
             fuse = hasattr(model, 'fuse') and self.half is None
         self.fused = bool(fuse)
         self.channels_last = channels_last
+        # fused: the left-out classes are folded into the class head's bias (no masking per call)
         self.net = model.fuse(channels_last=channels_last, image_size=image_size,
-                              fast=False if compile else fast) if fuse else model  # compiled: inductor's convs
+                              fast=False if compile else fast,  # compiled: inductor's convs
+                              allowed=allowed) if fuse else model
         if not fuse and channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.image_size = getattr(self.net, 'image_size', None)
@@ -96,7 +98,7 @@ class TorchModel:
         with ctx:
             if self.fused:  # class logits level by level: no [B, A, C] concatenation
                 _, regression, levels, anchors = self.net(x, return_logits=True, class_levels=True)
-                best = BestClass.from_level_logits(levels, self.allowed)
+                best = BestClass.from_level_logits(levels)  # left-out classes folded in (fuse_model)
             elif self.gives_logits:
                 _, regression, logits, anchors = self.net(x, return_logits=True)
                 best = BestClass.from_logits(logits, self.allowed)

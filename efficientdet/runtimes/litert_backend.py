@@ -45,8 +45,9 @@ from torch import nn
 
 from ..ckpt.files import atomic_write
 from ..errors import UserError
-from .base import (HEADS, Runtime, SizeLike, Target, add_head_argument, check_export_size, compare_outputs, export_metadata,
-                   head_outputs, parse_meta, random_batch, register_target)
+from .base import (HEADS, Runtime, SizeLike, Target, add_head_argument, best_real_class, check_export_size,
+                   compare_outputs, export_metadata, head_outputs, parse_meta, random_batch, real_classes,
+                   register_target)
 from .quiet import quiet_output
 
 __all__ = ['LiteRTModel', 'LiteRTExportWrapper', 'TARGET', 'QUANTIZATIONS', 'read_metadata', 'with_metadata',
@@ -291,21 +292,23 @@ class LiteRTModel(Runtime):
 # --------------------------------------------------------------------------- export
 class LiteRTExportWrapper(nn.Module):
     """``model`` (eager or fused) → the file's outputs (module docstring) from a [B, H, W, 3] input;
-    no anchors."""
+    no anchors. head 'best': the best class among the real classes of ``obj_list``
+    (``base.best_real_class``, as every exported best head)."""
 
-    def __init__(self, model: nn.Module, head: str = 'best'):
+    def __init__(self, model: nn.Module, head: str = 'best', obj_list: Optional[Sequence[str]] = None):
         super().__init__()
         if head not in HEADS:
             raise UserError(f'--head {head!r}: choose one of {", ".join(HEADS)}')
         self.model = model
         self.head = head
+        self.real: Optional[torch.Tensor]
+        self.register_buffer('real', real_classes(obj_list, model.num_classes) if head == 'best' else None)
 
     def forward(self, x: torch.Tensor):
         _, regression, logits, _ = self.model(x.permute(0, 3, 1, 2), return_logits=True)
         if self.head == 'full':
             return regression, torch.sigmoid(logits)
-        best, labels = logits.topk(1, dim=-1)
-        return regression, torch.sigmoid(best.squeeze(-1)), labels.squeeze(-1)
+        return (regression, *best_real_class(logits, self.real))
 
 
 def _anchor_metadata(model: nn.Module) -> Dict[str, str]:
@@ -316,9 +319,9 @@ def _anchor_metadata(model: nn.Module) -> Dict[str, str]:
 
 
 def convert(model: nn.Module, image_size: Tuple[int, int], head: str = 'best', batch_size: int = 1,
-            fuse: bool = True) -> bytes:
+            fuse: bool = True, obj_list: Optional[Sequence[str]] = None) -> bytes:
     """The float32 .tflite flatbuffer (no metadata) of ``model`` (an EfficientDetBackbone) at one
-    (H, W) and batch size."""
+    (H, W) and batch size; ``obj_list``: its '' placeholder classes are never a best class."""
     from ..fuse import fuse_model
     litert_torch = _require('litert_torch', 'export tflite')
     p = next(model.parameters())
@@ -326,7 +329,7 @@ def convert(model: nn.Module, image_size: Tuple[int, int], head: str = 'best', b
         model = copy.deepcopy(model).to('cpu', torch.float32)
     model = model.eval()
     net = fuse_model(model, channels_last=False, image_size=image_size, fast=False) if fuse else model
-    wrapper = LiteRTExportWrapper(net, head).eval()
+    wrapper = LiteRTExportWrapper(net, head, obj_list).eval()
     x = torch.zeros(batch_size, *image_size, 3)
     litert_torch.config.show_progress = False
     with quiet_output(), torch.no_grad():
@@ -504,7 +507,7 @@ class _LiteRTTarget(Target):
         extra: Dict[str, Any] = {'outputs': json.dumps(list(head_outputs(head)[:-1])), 'batch_size': batch_size,
                                  'input_layout': 'NHWC', 'quantization': 'float32', **_anchor_metadata(model)}
         meta = export_metadata(model, size, head, obj_list, mean, std, extra)
-        data = with_metadata(convert(model, size, head, batch_size, fuse), meta)
+        data = with_metadata(convert(model, size, head, batch_size, fuse, obj_list), meta)
         diffs: Dict[str, float] = {}
         if verify:
             diffs = self._verify(path, model, data, size, batch_size + 1, atol)
@@ -529,7 +532,7 @@ class _LiteRTTarget(Target):
             ref = model(x.to(device=p.device, dtype=p.dtype))
         out = runtime.run(x)
         names = runtime.output_names
-        return compare_outputs(path, names, [out[n] for n in names], ref, atol)
+        return compare_outputs(path, names, [out[n] for n in names], ref, atol, runtime.allowed)
 
     def load(self, path: str, threads: Optional[int] = None, device: str = 'cpu',
              providers: Optional[Sequence[str]] = None, half: bool = False) -> LiteRTModel:

@@ -30,8 +30,8 @@ from ..config import as_hw
 from ..errors import UserError
 from ..onnx_ops import onnx_nms
 from ..postprocess import PRE_NMS_TOPK, candidates
-from .base import (INPUT_NAME, ExportWrapper, SizeLike, add_head_argument, check_export_size, export_metadata,
-                   head_outputs)
+from .base import (INPUT_NAME, ExportWrapper, SizeLike, add_head_argument, best_real_class, check_export_size,
+                   export_metadata, head_outputs, real_classes)
 
 __all__ = ['export_graph', 'NMSExportWrapper', 'NMS_OUTPUTS', 'DEFAULT_OPSET', 'compare_detections']
 
@@ -48,14 +48,9 @@ class NMSExportWrapper(nn.Module):
                  iou_threshold: float = 0.5, max_det: int = 100, pre_nms_topk: int = PRE_NMS_TOPK,
                  obj_list: Optional[Sequence[str]] = None):
         super().__init__()
-        from ..postprocess import class_mask
         self.model = model
-        allowed = class_mask(list(obj_list), num_classes) if obj_list is not None else None
-        self.class_keep: Optional[torch.Tensor]  # 1 for real classes, 0 for '' placeholders (never a best class)
-        if allowed is not None:
-            self.register_buffer('class_keep', allowed.float())
-        else:
-            self.class_keep = None
+        self.real: Optional[torch.Tensor]  # the real classes of obj_list ('' placeholders are never a best class)
+        self.register_buffer('real', real_classes(obj_list, num_classes))
         self.image_size = as_hw(image_size)
         self.num_classes = int(num_classes)
         self.score_threshold = float(score_threshold)
@@ -64,10 +59,8 @@ class NMSExportWrapper(nn.Module):
         self.pre_nms_topk = int(pre_nms_topk)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        _, regression, classification, anchors = self.model(x)
-        if self.class_keep is not None:
-            classification = classification * self.class_keep
-        best, labels = classification.max(-1)  # [B, A]
+        _, regression, logits, anchors = self.model(x, return_logits=True)
+        best, labels = best_real_class(logits, self.real)  # [B, A]
         k = min(self.pre_nms_topk, best.shape[1])
         top_scores, boxes, cand_labels = candidates(best, labels, regression, anchors, self.image_size,
                                                     self.score_threshold, k)  # boxes xyxy, anchor order
