@@ -198,7 +198,7 @@ def build_runner(args: argparse.Namespace, dev: torch.device, workdir: str
     (obj_list, image_size, mean, std) and notes for the report. ``-w`` may be an exported file of
     the backend (run as it is) or a checkpoint / random weights (built, and for an exported
     backend exported to ``workdir`` first)."""
-    from efficientdet.runtimes import check_backend_options, load_runtime
+    from efficientdet.runtimes import check_backend_options
     notes: Dict[str, Any] = {}
     target = check_backend_options(args.backend, args.providers, args.half, args.compile)
     if args.backend != 'torch' and args.cuda_graphs:
@@ -213,28 +213,25 @@ def build_runner(args: argparse.Namespace, dev: torch.device, workdir: str
                 'std': detector.std, 'variant': model.compound_coef}
         notes['num_classes'] = model.num_classes
     if args.backend != 'torch':
-        path = weights.path if exported else None
-        if not exported:
-            path = os.path.join(workdir, 'model' + target.suffix)
+        path = weights.path if exported else os.path.join(workdir, 'model' + target.suffix)
+        if not exported:  # with the class list and normalisation the pipeline uses
             t = time.perf_counter()
             target.export_to_run(model, path, spec['image_size'], dev, fuse=args.fuse, verify=args.verify,
-                                 channels_last=args.channels_last)
+                                 channels_last=args.channels_last, obj_list=spec['obj_list'], mean=spec['mean'],
+                                 std=spec['std'])
             notes['export_s'] = round(time.perf_counter() - t, 2)
-        runner = load_runtime(args.backend, path, threads=args.threads, device=str(dev),
-                              providers=args.providers, half=args.half)
+        # the file loaded once: classes, size and normalisation from its metadata unless -p is given
+        detector = Detector.from_exported(path, backend=args.backend,
+                                          project=project_name(args) if args.project else None,
+                                          projects_dir=args.projects_dir, threads=args.threads,
+                                          providers=args.providers, half=args.half)
+        runner = detector.runner
         if args.half:
             notes['half'] = f'{args.backend} {getattr(runner, "precision", "reduced precision")}; anchors and decoding float32'
-        if runner.with_nms:
-            raise UserError(f'{path} was exported --with_nms; benchmark a raw export (no --with_nms)')
         notes['quantization'] = (getattr(runner, 'meta', None) or {}).get('quantization', 'float32')
-        if exported:
-            detector = Detector.from_exported(path, backend=args.backend,
-                                              project=project_name(args) if args.project else None,
-                                              projects_dir=args.projects_dir, threads=args.threads,
-                                              providers=args.providers, half=args.half)
-            spec = {'obj_list': detector.obj_list, 'image_size': detector.image_size, 'mean': detector.mean,
-                    'std': detector.std, 'variant': runner.compound_coef}
-            notes['num_classes'] = len(detector.obj_list)
+        spec = {'obj_list': detector.obj_list, 'image_size': detector.image_size, 'mean': detector.mean,
+                'std': detector.std, 'variant': runner.compound_coef}
+        notes['num_classes'] = len(detector.obj_list)
         return runner, spec, notes
 
     from efficientdet.runtimes.eager import TorchModel

@@ -170,6 +170,17 @@ def test_onnxruntime_backend_batch(tmp_path):
     assert 'onnxruntime_version' in r and 'stage_ms_median' not in r
 
 
+def test_exported_backend_with_a_placeholder_project(tmp_path):
+    """-p coco (ten '' placeholder slots) on an exported backend: the temporary export leaves out the
+    same classes as the pipeline (it was refused before), and the file is loaded once."""
+    out = tmp_path / 'coco.json'
+    assert benchmark.main(['-c', '0', '-p', 'coco', '-w', 'random', '--image_size', '128', '--backend', 'onnxruntime',
+                           '--iters', '1', '--warmup', '0', '--threads', '2', '--no-tune_malloc',
+                           '--json', str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r['backend'] == 'onnxruntime' and r['note_num_classes'] == 90
+
+
 def test_openvino_backend_end2end(tmp_path):
     """--backend openvino: exported to a temp IR, run stage by stage, its version reported."""
     pytest.importorskip('openvino')

@@ -323,10 +323,13 @@ class Target:
         return out
 
     def export_to_run(self, model: nn.Module, path: str, image_size: SizeLike, device: torch.device,
-                      fuse: bool = True, verify: bool = False, channels_last: bool = True) -> Dict[str, float]:
+                      fuse: bool = True, verify: bool = False, channels_last: bool = True,
+                      **metadata: Any) -> Dict[str, float]:
         """Export ``model`` to run it right away on ``device`` (``benchmark.py`` without an exported
-        file): :meth:`export` with the options that matter for running there."""
-        return self.export(model, path, image_size, fuse=fuse, verify=verify)
+        file): :meth:`export` with the options that matter for running there; ``metadata``:
+        ``obj_list``, ``mean``, ``std`` as for :meth:`export` (the class list decides which classes
+        the best head leaves out)."""
+        return self.export(model, path, image_size, fuse=fuse, verify=verify, **metadata)
 
     def add_export_arguments(self, parser: argparse.ArgumentParser) -> None:
         """The target's own export options (common ones are added by ``efficientdet.export``)."""

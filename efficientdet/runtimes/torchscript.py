@@ -115,9 +115,11 @@ class _TorchScriptTarget(Target):
         return compare_outputs(path, names, [out[n] for n in names], ref, atol, ts.allowed)
 
     def export_to_run(self, model: nn.Module, path: str, image_size: SizeLike, device: torch.device,
-                      fuse: bool = True, verify: bool = False, channels_last: bool = True) -> Dict[str, float]:
+                      fuse: bool = True, verify: bool = False, channels_last: bool = True,
+                      **metadata: Any) -> Dict[str, float]:
         """Traced on ``device`` (a CUDA trace runs on CUDA), in the memory layout asked for."""
-        return self.export(model.to(device), path, image_size, fuse=fuse, verify=verify, channels_last=channels_last)
+        return self.export(model.to(device), path, image_size, fuse=fuse, verify=verify, channels_last=channels_last,
+                           **metadata)
 
     def load(self, path: str, threads: Optional[int] = None, device: str = 'cpu',
              providers: Optional[Sequence[str]] = None, half: bool = False) -> TorchScriptModel:
