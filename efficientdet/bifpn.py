@@ -11,7 +11,8 @@ Names match Yet-Another-EfficientDet-Pytorch: ``conv6_up``, ``conv4_down``, ``p6
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+import functools
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -22,13 +23,14 @@ from .config import FUSION_EPS
 from .layers import Conv2dStaticSamePadding, MaxPool2dStaticSamePadding, SeparableConvBlock, batch_norm, make_activation
 
 
-def nearest_indices(src: int, dst: int) -> List[int]:
+@functools.lru_cache(maxsize=None)
+def nearest_indices(src: int, dst: int) -> Tuple[int, ...]:
     """Source index of each of ``dst`` output positions of TF1's ``resize_nearest_neighbor``
     (align_corners=False, half_pixel_centers=False), computed as TF does: ``min(floor(i *
     float32(src / dst)), src - 1)`` in float32."""
     scale = np.float32(src) / np.float32(dst)
     idx = np.floor(np.arange(dst, dtype=np.float32) * scale).astype(np.int64)
-    return np.minimum(idx, src - 1).tolist()
+    return tuple(np.minimum(idx, src - 1).tolist())
 
 
 def upsample_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -516,3 +516,16 @@ def test_cli_user_errors(d0, tmp_path):
     with pytest.raises(UserError):
         main(['onnx', '-c', '0', '-w', w, '--num_classes', '5', '-o', str(tmp_path / 'x.onnx')])
     assert not os.path.exists(tmp_path / 'x.onnx')
+
+
+def test_export_metadata_takes_the_weights_normalisation():
+    """A model whose weights expect another normalisation (AdvProp ports: 0.5 / 0.5, carried by
+    build_model as input_mean / input_std) is exported with it when no mean/std is given."""
+    from efficientdet.model import EfficientDetBackbone
+    from efficientdet.runtimes.base import export_metadata, parse_meta
+    model = EfficientDetBackbone(num_classes=3, compound_coef=0).eval()
+    model.input_mean, model.input_std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    meta = parse_meta(export_metadata(model, (128, 128), 'best'))
+    assert meta['mean'] == [0.5, 0.5, 0.5] and meta['std'] == [0.5, 0.5, 0.5]
+    meta = parse_meta(export_metadata(model, (128, 128), 'best', mean=(0.1, 0.2, 0.3), std=(1, 1, 1)))
+    assert meta['mean'] == [0.1, 0.2, 0.3]  # given values win

@@ -131,7 +131,7 @@ def test_up_sampling_gather_indices_equal_torch_nearest_at_every_ratio():
         x = torch.arange(float(src)).view(1, 1, src, 1)
         for dst in range(src, 81):
             ref = torch.nn.functional.interpolate(x, size=(dst, 1), mode='nearest').flatten().long().tolist()
-            assert nearest_indices(src, dst) == ref, (src, dst)
+            assert list(nearest_indices(src, dst)) == ref, (src, dst)
     x = torch.randn(1, 2, 3, 4)
     got = upsample_to(x, torch.empty(1, 2, 5, 4))  # rows only: columns unchanged, a fresh tensor
     np.testing.assert_array_equal(got.numpy(), _tf_nearest(x.numpy(), 5, 4))

@@ -145,9 +145,9 @@ def export_metadata(model: nn.Module, size: Tuple[int, int], head: str, obj_list
                     mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
                     extra: Optional[Dict[str, Any]] = None) -> Dict[str, str]:
     """What an exported file says about itself (strings): variant, classes, input size, outputs,
-    normalisation. ``mean``/``std`` default to the variant's (``config.resolve_normalization``)."""
+    normalisation. ``mean``/``std`` default to what the weights expect (``config.resolve_normalization(model)``)."""
     from ..config import resolve_normalization
-    mean, std = resolve_normalization(model.compound_coef, mean, std)
+    mean, std = resolve_normalization(model, mean, std)
     meta = {'compound_coef': str(model.compound_coef), 'num_classes': str(model.num_classes),
             'image_size': json.dumps(list(size)), 'head': head, 'with_nms': 'false',
             'box_format': 'yxyx anchors, (ty, tx, th, tw) regression', 'producer': 'efficientdet.export',

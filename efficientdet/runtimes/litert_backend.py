@@ -503,7 +503,7 @@ class _LiteRTTarget(Target):
         if quantization != 'float32' and calibration is None:
             raise UserError(f'--{quantization} calibrates on training images: pass -p PROJECT (and --data_path)')
         size = check_export_size(model, image_size)
-        mean, std = resolve_normalization(model.compound_coef, mean, std)
+        mean, std = resolve_normalization(model, mean, std)
         extra: Dict[str, Any] = {'outputs': json.dumps(list(head_outputs(head)[:-1])), 'batch_size': batch_size,
                                  'input_layout': 'NHWC', 'quantization': 'float32', **_anchor_metadata(model)}
         meta = export_metadata(model, size, head, obj_list, mean, std, extra)

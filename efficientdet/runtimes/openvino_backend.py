@@ -235,7 +235,7 @@ class _OpenVINOTarget(Target):
                     float_xml = os.path.join(tmp, 'float.xml')
                     ov.save_model(ov_model, float_xml, compress_to_fp16=False)
                     diffs = onnx_graph.verify(path, OpenVINOModel(float_xml), reference, names, size, atol, batch)
-                mean, std = resolve_normalization(model.compound_coef, options.get('mean'), options.get('std'))
+                mean, std = resolve_normalization(model, options.get('mean'), options.get('std'))
                 images = calibration_images(calibration, size, mean, std)
                 ov_model = quantize_int8(ov_model, images, len(images))
                 meta.update({'quantization': 'int8', 'calib_images': str(len(images)), 'calib_data': images.description})
