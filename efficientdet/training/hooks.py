@@ -225,19 +225,16 @@ class SignalHook(Hook):
 class DataOrderHook(Hook):
     """Positions the training data at the trainer's counters at each epoch start, so that a resumed
     run sees exactly the batches it had not seen: the :class:`~.sampler.EpochSampler` skips the
-    images already used in the epoch and the loader's worker seeds derive from (seed, rank, epoch,
-    step in the epoch)."""
+    images already used in the epoch (each image's augmentation is seeded from its place in the
+    order, :class:`~.sampler.SeededItems`, so no worker random state needs restoring)."""
 
     name = 'data'
 
-    def __init__(self, loader: Any, seed: int, rank: int, images_per_step: int):
-        self.loader, self.seed, self.rank, self.images_per_step = loader, int(seed), int(rank), int(images_per_step)
+    def __init__(self, loader: Any, images_per_step: int):
+        self.loader, self.images_per_step = loader, int(images_per_step)
 
     def on_epoch_start(self, trainer):
         self.loader.sampler.set_epoch(trainer.epoch, trainer.epoch_step * self.images_per_step)
-        gen = getattr(self.loader, 'generator', None)
-        if gen is not None:
-            gen.manual_seed(self.seed * 1000003 + self.rank * 10007 + trainer.epoch * 101 + trainer.epoch_step)
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -355,9 +352,9 @@ class ValidationHook(Hook):
     ``evaluate_candidates()`` returns ``{name: {'metrics': {...}, 'state_dict': ...}}`` for the
     raw weights and/or the EMA (see :func:`~.validation.evaluate_candidates`); the better one by
     ``metric`` ('map': higher ``AP``, 'loss': lower ``loss``) among ``('raw', 'ema')`` is chosen
-    (on a tie the first; the log marks ``<- better`` only a strictly better one). With
-    ``every_rank`` (default) every process calls it (a distributed evaluation: each process
-    evaluates its shard); otherwise rank 0 alone does and the others wait.
+    (on a tie the first; the log marks ``<- better`` only a strictly better one). Every process
+    calls it (a distributed evaluation: each process evaluates its shard); rank 0's pick is
+    broadcast, so every process acts on the same one.
     Sends ``on_validation(report)`` to every hook with ``report`` = ``{'epoch', 'step', 'metric',
     'value' (float or None), 'source' ('raw' | 'ema'), 'results' ({name: metrics}, rank 0),
     'state_dict' (the chosen weights as evaluated, rank 0)}``; value and source are broadcast.
@@ -366,11 +363,9 @@ class ValidationHook(Hook):
     name = 'validation'
 
     def __init__(self, evaluate_candidates: Callable[[], Dict[str, Dict[str, Any]]], metric: str = 'map',
-                 interval: int = 1, num_epochs: Optional[int] = None, is_main: bool = True, log: Log = print,
-                 every_rank: bool = True):
+                 interval: int = 1, num_epochs: Optional[int] = None, is_main: bool = True, log: Log = print):
         self.evaluate_candidates, self.metric = evaluate_candidates, metric
         self.interval, self.num_epochs, self.is_main, self.log = max(int(interval), 1), num_epochs, is_main, log
-        self.every_rank = every_rank
 
     def _value(self, metrics: Dict[str, float]) -> Optional[float]:
         v = metrics.get('AP' if self.metric == 'map' else 'loss')
@@ -385,32 +380,30 @@ class ValidationHook(Hook):
         report: Dict[str, Any] = {'epoch': epoch, 'step': trainer.step, 'metric': self.metric, 'value': None,
                                   'source': 'raw', 'results': None, 'state_dict': None}
         order = ('raw', 'ema')
-        flags = torch.tensor([math.nan, 0.0], dtype=torch.float64)
-        if self.is_main or self.every_rank:
-            saved = rng_state()
-            t0 = time.time()
-            try:
-                res = self.evaluate_candidates()
-            finally:
-                set_rng_state(saved)
-            values = {k: self._value(res[k]['metrics']) for k in order if k in res}
-            sign = 1.0 if self.metric == 'map' else -1.0
-            pick = max(values, key=lambda k: -math.inf if values[k] is None else sign * values[k])
-            strictly = values[pick] is not None and all(
-                v is None or sign * values[pick] > sign * v for k, v in values.items() if k != pick)
-            if self.is_main:
-                for name, r in res.items():
-                    mt = r['metrics']
-                    msg = (f'val epoch {epoch} {name}: loss {mt["loss"]:.5f} (cls {mt["cls_loss"]:.5f}, '
-                           f'box {mt["box_loss"]:.6f})')
-                    if 'AP' in mt:
-                        msg += f', mAP {mt["AP"]:.4f}, AP50 {mt.get("AP50", float("nan")):.4f}'
-                    self.log(msg + (' <- better' if name == pick and len(values) > 1 and strictly else ''))
-                self.log(f'[info] validation at step {trainer.step} took {time.time() - t0:.0f}s')
-                report.update(results={k: r['metrics'] for k, r in res.items()}, state_dict=res[pick]['state_dict'])
-            report.update(value=values[pick], source=pick)
-            flags = torch.tensor([math.nan if values[pick] is None else values[pick], float(order.index(pick))],
-                                 dtype=torch.float64)
+        saved = rng_state()
+        t0 = time.time()
+        try:
+            res = self.evaluate_candidates()
+        finally:
+            set_rng_state(saved)
+        values = {k: self._value(res[k]['metrics']) for k in order if k in res}
+        sign = 1.0 if self.metric == 'map' else -1.0
+        pick = max(values, key=lambda k: -math.inf if values[k] is None else sign * values[k])
+        strictly = values[pick] is not None and all(
+            v is None or sign * values[pick] > sign * v for k, v in values.items() if k != pick)
+        if self.is_main:
+            for name, r in res.items():
+                mt = r['metrics']
+                msg = (f'val epoch {epoch} {name}: loss {mt["loss"]:.5f} (cls {mt["cls_loss"]:.5f}, '
+                       f'box {mt["box_loss"]:.6f})')
+                if 'AP' in mt:
+                    msg += f', mAP {mt["AP"]:.4f}, AP50 {mt.get("AP50", float("nan")):.4f}'
+                self.log(msg + (' <- better' if name == pick and len(values) > 1 and strictly else ''))
+            self.log(f'[info] validation at step {trainer.step} took {time.time() - t0:.0f}s')
+            report.update(results={k: r['metrics'] for k, r in res.items()}, state_dict=res[pick]['state_dict'])
+        report.update(value=values[pick], source=pick)
+        flags = torch.tensor([math.nan if values[pick] is None else values[pick], float(order.index(pick))],
+                             dtype=torch.float64)
         _, world = dist_info()
         if world > 1:
             flags = flags.to(trainer.device)

@@ -13,7 +13,18 @@ from typing import Any, Dict
 import numpy as np
 import torch
 
-__all__ = ['rng_state', 'set_rng_state']
+__all__ = ['rng_state', 'set_rng_state', 'seed_generators']
+
+
+def seed_generators(seed: int, cuda: bool = True) -> None:
+    """Python, numpy and torch generators from ``seed``; ``cuda=False`` seeds the CPU generator only
+    and leaves the CUDA generators (dropout / drop-connect masks of a GPU run) alone."""
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    if cuda:
+        torch.manual_seed(seed)
+    else:
+        torch.default_generator.manual_seed(seed)
 
 
 def rng_state() -> Dict[str, Any]:

@@ -22,11 +22,9 @@ import copy
 import datetime
 import math
 import os
-import random
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
@@ -40,6 +38,7 @@ from .freeze import freeze_for_head_only, freeze_parameters, set_train_mode
 from .hooks import (BestCheckpointHook, CheckpointHook, DataOrderHook, EarlyStoppingHook, Hook, ProgressHook,
                     SignalHook, TensorBoardHook, ValidationHook)
 from .optim import build_optimizer, build_scheduler, schedule_change
+from .rng import seed_generators
 from .sampler import EpochSampler, SeededItems
 from .trainer import Trainer
 from .validation import BNCalibrator, evaluate, evaluate_candidates
@@ -79,10 +78,8 @@ class TrainResult:
 
 
 def seed_everything(seed: int) -> None:
-    """Python, numpy and torch generators from ``seed``."""
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
+    """Python, numpy and torch (and CUDA) generators from ``seed``."""
+    seed_generators(seed)
 
 
 def subset_indices(n: int, fraction: Optional[float], seed: int) -> Optional[List[int]]:
@@ -442,7 +439,7 @@ def default_hooks(run: Run, extra: Sequence[Hook] = ()) -> List[Hook]:
     tb_dir = os.path.join(cfg.log_path, run.project.project_name, 'tensorboard',
                           datetime.datetime.now().strftime('%Y%m%d-%H%M%S'))
     hooks: List[Hook] = [
-        DataOrderHook(data.train_loader, cfg.seed, ctx.rank, run.images_per_step),
+        DataOrderHook(data.train_loader, run.images_per_step),
         ProgressHook(run.steps_per_epoch, cfg.num_epochs, enabled=is_main, log=log, epoch_summary=data.train_ds.summary),
         TensorBoardHook(tb_dir, enabled=is_main, log=log),
         ValidationHook(candidates, run.es_metric, cfg.val_interval, cfg.num_epochs, is_main=is_main, log=log),

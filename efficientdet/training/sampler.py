@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from .rng import seed_generators
+
 __all__ = ['EpochSampler', 'SeededItems', 'item_seed', 'CROWD_CLASS']
 
 CROWD_CLASS = -2  # the class of crowd boxes in annotation tensors (efficientdet.data)
@@ -128,9 +130,7 @@ class SeededItems(Dataset):
             index, seed = int(key), item_seed(self.base_seed, _BN_EPOCH, int(key))
         saved = (random.getstate(), np.random.get_state(), torch.get_rng_state())
         try:
-            random.seed(seed)
-            np.random.seed(seed % 2 ** 32)
-            torch.manual_seed(seed)
+            seed_generators(seed, cuda=False)  # only the CPU states are saved and restored here
             item = self.dataset[index]
         finally:
             random.setstate(saved[0])

@@ -28,6 +28,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.utils import clip_grad_norm_, get_total_norm
 
 from ..errors import UserError
 from .ema import ModelEMA
@@ -291,8 +292,8 @@ class Trainer:
         total = 0.0
         for params, wd in self.l2_groups:
             if params:
-                norms = torch._foreach_norm([p.detach() for p in params])
-                total += 0.5 * wd * float(torch.stack([n.double() ** 2 for n in norms]).sum())
+                norms = torch.stack(torch._foreach_norm([p.detach() for p in params])).double()
+                total += 0.5 * wd * float(norms.square().sum())
         return total
 
     @torch.no_grad()
@@ -307,17 +308,13 @@ class Trainer:
         if not grads:
             return torch.zeros(())
         c = self.clip_grad_norm
-        if c and self.clip_per_tensor:
-            norms = torch._foreach_norm(grads)
-            # tf.clip_by_norm: t * c / max(||t||, c)
-            torch._foreach_mul_(grads, [c / torch.clamp(n, min=c) for n in norms])
-        norms = torch._foreach_norm(grads)
-        total = torch.linalg.vector_norm(torch.stack([n.to(torch.float32) for n in norms]))
-        if c:
-            if self.clip_per_tensor:  # tf.clip_by_global_norm: c / max(global, c)
-                torch._foreach_mul_(grads, c / torch.clamp(total, min=c))
-            else:  # torch's clip_grad_norm_ rule (c / (total + 1e-6), at most 1)
-                torch._foreach_mul_(grads, torch.clamp(c / (total + 1e-6), max=1.0))
+        if not (c and self.clip_per_tensor):  # torch's rule: c / (total + 1e-6), at most 1
+            return clip_grad_norm_([p for p in self.params if p.grad is not None], c) if c else get_total_norm(grads)
+        norms = torch.stack(torch._foreach_norm(grads)).float()
+        # tf.clip_by_norm of each tensor: t * c / max(||t||, c); its norm is then min(||t||, c)
+        torch._foreach_mul_(grads, list((c / norms.clamp(min=c)).unbind()))
+        total = torch.linalg.vector_norm(norms.clamp(max=c))
+        torch._foreach_mul_(grads, c / torch.clamp(total, min=c))  # tf.clip_by_global_norm: c / max(global, c)
         return total
 
     def _no_sync(self):
