@@ -32,12 +32,11 @@ def load_plugins() -> List[str]:
     points (each once per process); returns the modules imported so far. A module that fails to
     import is a UserError naming it and where it was named."""
     names = [(n.strip(), ENV_VAR) for n in os.environ.get(ENV_VAR, '').split(',') if n.strip()]
-    try:
-        from importlib.metadata import entry_points
-        names += [(ep.value, f'entry point {ep.name!r} ({ENTRY_POINT_GROUP})')
-                  for ep in entry_points(group=ENTRY_POINT_GROUP)]
-    except Exception:  # no metadata backend: environment variable only
-        pass
+    from importlib.metadata import entry_points
+    found = entry_points()
+    group = (found.select(group=ENTRY_POINT_GROUP) if hasattr(found, 'select')  # Python 3.10+
+             else found.get(ENTRY_POINT_GROUP, []))  # Python 3.9: a dict of groups
+    names += [(ep.value, f'entry point {ep.name!r} ({ENTRY_POINT_GROUP})') for ep in group]
     for name, where in names:
         module = name.split(':')[0]
         if module in _loaded:

@@ -28,7 +28,6 @@ from .signature import shape_signature as _shape_signature
 Source = Union[str, 'os.PathLike[str]', Mapping[str, Any]]
 
 _BN_STATS = ('running_mean', 'running_var', 'num_batches_tracked', 'moving_mean', 'moving_variance')
-LAYOUT_NAMES = layout_names()
 
 __all__ = ['Checkpoint', 'read_checkpoint', 'check_variant', 'detect_layout', 'shape_signature', 'expected_signature',
            'compound_coef_candidates', 'infer_compound_coef', 'describe_coef', 'coef_flags', 'infer_num_classes',
@@ -141,3 +140,9 @@ def check_variant(ck: Checkpoint, variant) -> None:
     if variant not in cands:
         raise UserError(f'{ck.name}: this file is {describe_coef(cands)} (from its tensor shapes) but -c {variant} '
                         f'({get_config(variant).name}) was asked; pass {coef_flags(cands)}')
+
+
+def __getattr__(name: str):  # LAYOUT_NAMES for code that read the constant: the registry as it stands now
+    if name == 'LAYOUT_NAMES':
+        return layout_names()
+    raise AttributeError(name)

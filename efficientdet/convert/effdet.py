@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 
 from ..ckpt.files import atomic_save
-from ..ckpt.layout import LAYOUT_NAMES, check_variant, infer_num_classes, num_parameters, read_checkpoint
-from ..ckpt.layouts import ConversionError
+from ..ckpt.layout import check_variant, infer_num_classes, num_parameters, read_checkpoint
+from ..ckpt.layouts import ConversionError, get_layout, layout_names
 from ..ckpt.layouts.effdet import effdet_key_map, effdet_to_state_dict, state_dict_to_effdet
 from ..options import variant_type
 from ..config import VARIANT_HELP, get_config
@@ -20,11 +20,12 @@ __all__ = ['effdet_key_map', 'effdet_to_state_dict', 'state_dict_to_effdet', 're
 
 def _cmd_effdet(args: argparse.Namespace) -> int:
     ck = read_checkpoint(args.input)
-    if ck.layout != 'effdet':
-        hint = {'ours': 'it already uses this project\'s keys: load it directly (-w)',
-                'tf': f'convert it with: python -m efficientdet.convert tf {args.input} -c C -o OUT.pth'}
-        raise UserError(f'{args.input}: not an effdet checkpoint (looks like {LAYOUT_NAMES[ck.layout]}); '
-                        + hint.get(ck.layout, 'expected keys such as backbone.conv_stem.weight, fpn.cell.0…'))
+    if ck.layout != 'effdet':  # what the file is, and what to do with it, from the layout registry
+        layout = get_layout(ck.layout)
+        hint = ('expected keys such as backbone.conv_stem.weight, fpn.cell.0…' if layout is None else
+                f'convert it with: python -m efficientdet.convert {layout.convert_command} {args.input} -c C -o OUT.pth'
+                if layout.convert_command else 'it loads directly (-w)')
+        raise UserError(f'{args.input}: not an effdet checkpoint (looks like {layout_names()[ck.layout]}); {hint}')
     check_variant(ck, args.compound_coef)
     try:
         sd = effdet_to_state_dict(ck.state_dict, args.compound_coef, args.num_classes)

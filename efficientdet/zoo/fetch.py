@@ -80,16 +80,18 @@ def sha256_of(path: str) -> str:
     return h.hexdigest()
 
 
-def check_file(entry: Entry, path: str, hashed: bool = True) -> None:
+def check_file(entry: Entry, path: str, hashed: bool = True, structure: bool = True) -> None:
     """UserError unless ``path`` is ``entry``'s file: its sha256 starts with the published prefix
-    (``hashed``), it has the published size (when known), and it reads safely as a checkpoint whose
-    tensors fit ``entry``'s variant."""
+    (``hashed``), it has the published size (when known), and (``structure``) it reads safely as a
+    checkpoint whose tensors fit ``entry``'s variant."""
     if entry.size_bytes is not None and os.path.getsize(path) != entry.size_bytes:
         raise UserError(f'{os.path.getsize(path)} bytes, {entry.size_bytes} expected (an incomplete transfer)')
     if hashed and entry.sha256_prefix:
         digest = sha256_of(path)
         if not digest.startswith(entry.sha256_prefix):
             raise UserError(f'its sha256 is {digest[:16]}…, the published one starts with {entry.sha256_prefix}')
+    if not structure:
+        return
     try:
         found = read_checkpoint(path).candidates
     except UserError as e:
@@ -112,7 +114,10 @@ def _download(entry: Entry, dest: str, progress: bool) -> None:
             print(f'downloading {entry.name} ({entry.variant_name}, {entry.source}) from {url} to {dest}',
                   file=sys.stderr)
         torch.hub.download_url_to_file(url, tmp, hash_prefix=entry.sha256_prefix, progress=progress)
-        check_file(entry, tmp, hashed=False)  # torch.hub checked the hash while writing
+        # torch.hub checked the hash while writing. A file without a published hash is read once here,
+        # so that a wrong file never enters the cache; a hashed one is the publisher's file, read (and
+        # its structure checked, ``zoo.open_weights``) when it is used, not twice
+        check_file(entry, tmp, hashed=False, structure=not entry.sha256_prefix)
         os.replace(tmp, dest)
     except urllib.error.HTTPError as e:
         raise UserError(f'{fail}: HTTP {e.code} {e.reason}; {_by_hand(entry, dest)}') from None
