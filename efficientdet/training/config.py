@@ -16,7 +16,7 @@ import argparse
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 from ..cli import (OPTIONS, ScriptParser, add_data_args, add_model_args, add_project_args, add_weights_arg,
                    str2bool)
@@ -267,7 +267,3 @@ def resolve_recipe(cfg: TrainConfig) -> Tuple[Recipe, TrainConfig]:
                if getattr(cfg, k) is None}
     return recipe, dataclasses.replace(cfg, **changes)
 
-
-def shared_option_names() -> Sequence[str]:
-    """The TrainConfig fields that are shared options (:data:`efficientdet.cli.OPTIONS`)."""
-    return [n for n, f in option_fields().items() if f.metadata.get('shared') and n in OPTIONS]

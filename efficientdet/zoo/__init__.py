@@ -27,9 +27,9 @@ from ..config import Variant, get_config, resolve_variant
 from ..errors import UserError
 from .fetch import MIRROR_ENV, OFFLINE_ENV, cache_dir, cache_path, discard, fetch, offline, source_url
 from .hub import backbone_file
-from .table import COCO, TABLE_ENV, Backbone, Entry, Table, entries, load_table
+from .table import COCO, TABLE_ENV, Backbone, Entry, Table, load_table
 
-__all__ = ['Entry', 'Backbone', 'Table', 'ResolvedWeights', 'COCO', 'entries', 'load_table', 'is_name', 'variant_of',
+__all__ = ['Entry', 'Backbone', 'Table', 'ResolvedWeights', 'COCO', 'load_table', 'is_name', 'variant_of',
            'lookup', 'resolve', 'open_weights', 'fetch', 'cache_dir', 'cache_path', 'source_url', 'offline',
            'backbone_file', 'OFFLINE_ENV', 'MIRROR_ENV', 'TABLE_ENV']
 

@@ -12,7 +12,7 @@ import functools
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 from ..config import COMPAT_MODES, Variant, get_config, parse_variant
 from ..errors import UserError
@@ -150,7 +150,3 @@ def load_table(path: Optional[str] = None) -> Table:
         raise UserError(f'{path}: weights table not found{where}') from None
     return _read(os.path.abspath(path), mtime)
 
-
-def entries(path: Optional[str] = None) -> List[Entry]:
-    """Every row of the table, in its order."""
-    return list(load_table(path).entries)

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Mapping, Optional, Protocol, Tuple, TypeVar
 
 from ...config import Variant
 from ..files import StateDict
-from ..signature import SignatureSpec, matching_variants
+from ..signature import FEATURES, SignatureSpec
 
 UNKNOWN = 'unknown'
 
@@ -64,10 +64,6 @@ class Layout(ABC):
         checkpoint folder); None for anything else (read by :func:`efficientdet.ckpt.files.read_file`)."""
         return None
 
-    def variants(self, sd: Mapping[str, Any]) -> List[Variant]:
-        """The variants whose tensor shapes agree with ``sd``."""
-        return matching_variants(sd, self.signature)
-
     @abstractmethod
     def to_ours(self, sd: StateDict, variant: Variant) -> Tuple[StateDict, Dict[str, str]]:
         """``sd`` under this project's keys for ``variant``, and the keys left out on purpose (key →
@@ -83,7 +79,11 @@ L = TypeVar('L', bound=Layout)
 
 
 def register_layout(layout: L) -> L:
-    """Make ``layout`` known to :func:`detect_layout` (asked in ``order``)."""
+    """Make ``layout`` known to :func:`detect_layout` (asked in ``order``); its ``signature`` may
+    name the features of :data:`efficientdet.ckpt.signature.FEATURES` only."""
+    unknown = sorted(set(layout.signature) - set(FEATURES))
+    if unknown:
+        raise ValueError(f'layout {layout.name!r}: signature features {unknown} are not among {FEATURES}')
     LAYOUTS[layout.name] = layout
     ordered = sorted(LAYOUTS.values(), key=lambda x: x.order)
     LAYOUTS.clear()
