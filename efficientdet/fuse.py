@@ -209,10 +209,7 @@ class PrePaddedPair(nn.Module):
 
 class FusedMaxPool(MaxPool2dStaticSamePadding):
     """The eager "SAME" max-pool; under ONNX export with TF's -inf padding, one ``MaxPool`` node
-    with explicit ``pads`` (``efficientdet.onnx_ops.padded_max_pool``), which every runtime takes.
-    Otherwise, with -inf padding equal on both sides of each axis (odd sizes: 5x5 -> 3x3), the
-    pool's own implicit padding, which is -inf too: no padded copy, and the LiteRT converter makes
-    it one "SAME" ``MAX_POOL_2D`` instead of a pad with an -inf constant that int8 cannot quantize."""
+    with explicit ``pads`` (``efficientdet.onnx_ops.padded_max_pool``), which every runtime takes."""
 
     def __init__(self, src: MaxPool2dStaticSamePadding):
         super().__init__(src.kernel_size, src.stride, src.pad_value)
@@ -224,9 +221,6 @@ class FusedMaxPool(MaxPool2dStaticSamePadding):
         pw = same_pad_amounts(x.shape[-1], self.kernel_size[1], self.stride[1])
         if exporting():
             return padded_max_pool(x, self.kernel_size, self.stride, (pw[0], pw[1], ph[0], ph[1]))
-        if ph[0] == ph[1] and pw[0] == pw[1] and 0 < max(ph[0], pw[0]) and \
-                2 * ph[0] <= self.kernel_size[0] and 2 * pw[0] <= self.kernel_size[1]:
-            return F.max_pool2d(x, self.kernel_size, self.stride, padding=(ph[0], pw[0]))
         return super().forward(x)
 
 

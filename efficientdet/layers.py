@@ -110,10 +110,17 @@ class MaxPool2dStaticSamePadding(nn.Module):
         h, w = x.shape[-2:]
         ph = same_pad_amounts(h, self.kernel_size[0], self.stride[0])
         pw = same_pad_amounts(w, self.kernel_size[1], self.stride[1])
-        if self.pad_value == float('-inf') and ph[0] == 0 and pw[0] == 0:
-            # trailing-only padding: ceil_mode windows that run past the end ignore the
-            # missing cells, which is exactly -inf padding, without a padded copy.
-            return F.max_pool2d(x, self.kernel_size, self.stride, ceil_mode=True)
+        if self.pad_value == float('-inf'):  # TF's padding: two forms that need no padded copy
+            if ph[0] == 0 and pw[0] == 0:
+                # trailing-only padding: ceil_mode windows that run past the end ignore the
+                # missing cells, which is exactly -inf padding
+                return F.max_pool2d(x, self.kernel_size, self.stride, ceil_mode=True)
+            if ph[0] == ph[1] and pw[0] == pw[1] and 2 * ph[0] <= self.kernel_size[0] \
+                    and 2 * pw[0] <= self.kernel_size[1]:
+                # equal on both sides (odd sizes: 5x5 -> 3x3): the pool's own implicit padding, -inf too
+                # (the LiteRT converter makes it one SAME MAX_POOL_2D, not a pad with an -inf constant
+                # that int8 cannot quantize)
+                return F.max_pool2d(x, self.kernel_size, self.stride, padding=(ph[0], pw[0]))
         x = F.pad(x, (pw[0], pw[1], ph[0], ph[1]), value=self.pad_value)
         return F.max_pool2d(x, self.kernel_size, self.stride)
 

@@ -142,23 +142,28 @@ def test_fuse_bad_size(d0):
         fuse_model(d0, image_size=(64, 2048))  # P6 would be 1x32: the official model cannot run it
 
 
-def test_fused_max_pool_uses_the_pools_own_padding_where_it_is_symmetric():
-    """FusedMaxPool equals the eager TF "SAME" max-pool (-inf padding) at every small size; where
-    the padding is the same on both sides (odd sizes) it is the pool's implicit -inf padding, no
-    padded copy (what the LiteRT converter turns into one SAME MAX_POOL_2D)."""
+def test_same_max_pool_needs_no_padded_copy_where_it_can():
+    """The TF "SAME" max-pool (-inf padding; eager and fused alike) equals an explicit -inf pad +
+    pool at every small size; trailing-only padding (ceil_mode) and padding equal on both sides
+    (odd sizes: the pool's implicit -inf padding, what the LiteRT converter turns into one SAME
+    MAX_POOL_2D) make no padded copy."""
+    import torch.nn.functional as F
     from efficientdet.fuse import FusedMaxPool
-    from efficientdet.layers import MaxPool2dStaticSamePadding
+    from efficientdet.layers import MaxPool2dStaticSamePadding, same_pad_amounts
     src = MaxPool2dStaticSamePadding(3, 2)
-    pool = FusedMaxPool(src)
-    for h in range(1, 12):
-        for w in (1, 2, 5, 8):
-            x = torch.randn(1, 2, h, w) - 5  # all negative: a zero padding would win the max
-            assert torch.equal(pool(x), src(x)), (h, w)
+    for pool in (src, FusedMaxPool(src)):
+        for h in range(1, 12):
+            for w in (1, 2, 5, 8):
+                x = torch.randn(1, 2, h, w) - 5  # all negative: a zero padding would win the max
+                ph, pw = same_pad_amounts(h, 3, 2), same_pad_amounts(w, 3, 2)
+                ref = F.max_pool2d(F.pad(x, (pw[0], pw[1], ph[0], ph[1]), value=float('-inf')), 3, 2)
+                assert torch.equal(pool(x), ref), (h, w)
     calls = []
     real = torch.nn.functional.pad
     try:
         torch.nn.functional.pad = lambda *a, **k: calls.append(a) or real(*a, **k)
-        pool(torch.randn(1, 2, 5, 5))
+        for size in (5, 8):  # symmetric (1, 1) and trailing-only (0, 1)
+            src(torch.randn(1, 2, size, size))
     finally:
         torch.nn.functional.pad = real
     assert not calls
