@@ -18,6 +18,7 @@ post-processing function takes alike. It also answers ``eval()``, ``to()``, ``pa
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -32,7 +33,7 @@ from ..postprocess import BestClass, class_mask
 
 __all__ = ['Runtime', 'Target', 'Output', 'parse_meta', 'export_metadata', 'compare_outputs', 'head_outputs',
            'HEADS', 'INPUT_NAME', 'RAW_OUTPUTS', 'BEST_OUTPUTS', 'ExportWrapper', 'check_export_size',
-           'register_target', 'backend_names', 'export_formats', 'real_classes', 'best_real_class']
+           'register_target', 'backend_names', 'export_formats', 'real_classes', 'best_real_class', 'verify_export', 'require']
 
 INPUT_NAME = 'images'
 RAW_OUTPUTS = ('regression', 'classification', 'anchors')  # head='full'
@@ -206,6 +207,35 @@ def random_batch(image_size: SizeLike, batch: int = 2, seed: int = 0) -> torch.T
     """A fixed random normalised batch [batch, 3, H, W] for verifying exports."""
     h, w = as_hw(image_size)
     return torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def require(module: str, what: str, install: str, package: Optional[str] = None, quiet: bool = False) -> Any:
+    """``module`` imported (``quiet``: with the library-loading notes some print silenced), or
+    UserError: "``what`` needs the ``package`` package: pip install ``install``". Every optional
+    runtime dependency is reached through it."""
+    try:
+        if quiet:
+            from .quiet import quiet_output
+            with quiet_output():
+                return importlib.import_module(module)
+        return importlib.import_module(module)
+    except ImportError:
+        package = package or module.split('.')[0].replace('_', '-')
+        raise UserError(f'{what} needs the {package} package: pip install {install}') from None
+
+
+def verify_export(path: str, runtime: 'Runtime', reference: nn.Module, size: SizeLike, atol: float,
+                  batch: int = 2) -> Dict[str, float]:
+    """``runtime`` (the loaded export of ``path``) against the eager ``reference`` on a fixed random
+    batch of ``batch`` images (:func:`compare_outputs`, with the classes the file leaves out);
+    every target's verification."""
+    x = random_batch(size, batch)
+    p = next(reference.parameters())
+    with torch.inference_mode():
+        ref = reference(x.to(device=p.device, dtype=p.dtype))
+    out = runtime.run(x)
+    names = runtime.output_names
+    return compare_outputs(path, names, [out[n] for n in names], ref, atol, runtime.allowed)
 
 
 def add_head_argument(p: argparse.ArgumentParser) -> None:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
 import json
 import mmap
 import os
@@ -46,8 +45,8 @@ from torch import nn
 from ..ckpt.files import atomic_write
 from ..errors import UserError
 from .base import (HEADS, Runtime, SizeLike, Target, add_head_argument, best_real_class, check_export_size,
-                   compare_outputs, export_metadata, head_outputs, parse_meta, random_batch, real_classes,
-                   register_target)
+                   export_metadata, head_outputs, parse_meta, real_classes, register_target, require,
+                   verify_export)
 from .quiet import quiet_output
 
 __all__ = ['LiteRTModel', 'LiteRTExportWrapper', 'TARGET', 'QUANTIZATIONS', 'read_metadata', 'with_metadata',
@@ -55,28 +54,20 @@ __all__ = ['LiteRTModel', 'LiteRTExportWrapper', 'TARGET', 'QUANTIZATIONS', 'rea
 
 META_NAME = 'efficientdet'
 QUANTIZATIONS = ('float32', 'int8', 'int16x8')
-INSTALL = 'pip install ai-edge-litert litert-torch ai-edge-quantizer (or pip install .[litert])'
+INSTALL = 'ai-edge-litert litert-torch ai-edge-quantizer (or pip install .[litert])'
 
 
 # --------------------------------------------------------------------------- optional packages
 def require_interpreter():
     """``ai_edge_litert.interpreter.Interpreter``, or UserError saying what to install."""
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:
-        raise UserError('--backend litert needs the ai-edge-litert package: pip install ai-edge-litert '
-                        '(or pip install .[litert])') from None
-    return Interpreter
+    return require('ai_edge_litert.interpreter', '--backend litert',
+                   'ai-edge-litert (or pip install .[litert])').Interpreter
 
 
 def _require(module: str, what: str):
     """``module`` imported quietly (the converter's import prints library-loading notes), or
     UserError saying what to install."""
-    try:
-        with quiet_output():
-            return importlib.import_module(module)
-    except ImportError:
-        raise UserError(f'{what} needs the {module.replace("_", "-").split(".")[0]} package: {INSTALL}') from None
+    return require(module, what, INSTALL, quiet=True)
 
 
 # --------------------------------------------------------------------------- metadata
@@ -510,7 +501,7 @@ class _LiteRTTarget(Target):
         data = with_metadata(convert(model, size, head, batch_size, fuse, obj_list), meta)
         diffs: Dict[str, float] = {}
         if verify:
-            diffs = self._verify(path, model, data, size, batch_size + 1, atol)
+            diffs = verify_export(path, LiteRTModel(path, content=data), model, size, atol, batch_size + 1)
         if quantization != 'float32':
             images = calibration_images(calibration, size, mean, std)
             nhwc = (b.permute(0, 2, 3, 1).numpy() for b in images.batches(batch_size))
@@ -521,18 +512,6 @@ class _LiteRTTarget(Target):
                 diffs.update(compare_quantized(path, LiteRTModel(path, content=data), model, images, quantization))
         atomic_write(path, lambda f: f.write(data))
         return diffs
-
-    @staticmethod
-    def _verify(path: str, model: nn.Module, data: bytes, size: Tuple[int, int], batch: int, atol: float
-                ) -> Dict[str, float]:
-        runtime = LiteRTModel(path, content=data)
-        x = random_batch(size, batch)
-        p = next(model.parameters())
-        with torch.inference_mode():
-            ref = model(x.to(device=p.device, dtype=p.dtype))
-        out = runtime.run(x)
-        names = runtime.output_names
-        return compare_outputs(path, names, [out[n] for n in names], ref, atol, runtime.allowed)
 
     def load(self, path: str, threads: Optional[int] = None, device: str = 'cpu',
              providers: Optional[Sequence[str]] = None, half: bool = False) -> LiteRTModel:

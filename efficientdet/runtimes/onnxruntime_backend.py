@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import UserError
 from ..postprocess import PRE_NMS_TOPK
 from . import onnx_graph
-from .base import Runtime, SizeLike, Target, parse_meta, register_target
+from .base import Runtime, SizeLike, Target, parse_meta, register_target, require
 
 __all__ = ['OnnxRuntimeModel', 'TARGET']
 
@@ -36,10 +36,7 @@ class OnnxRuntimeModel(Runtime):
 
     def __init__(self, path: str, threads: Optional[int] = None, providers: Optional[Sequence[str]] = None,
                  spin: bool = False):
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise UserError('--backend onnxruntime needs the onnxruntime package: pip install onnxruntime') from None
+        ort = require('onnxruntime', '--backend onnxruntime', 'onnxruntime')
         if not os.path.isfile(path):
             raise UserError(f'{path}: no such ONNX file; export one with python -m efficientdet.export onnx ... -o {path}')
         so = ort.SessionOptions()

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..errors import UserError
 from . import onnx_graph
-from .base import Runtime, SizeLike, Target, parse_meta, register_target
+from .base import Runtime, SizeLike, Target, parse_meta, register_target, require
 from .quiet import quiet_output
 
 __all__ = ['OpenVINOModel', 'TARGET', 'require_openvino', 'require_nncf', 'quantize_int8', 'reduced_precision']
@@ -37,12 +37,7 @@ _META_SECTION = 'efficientdet'
 
 def require_openvino():
     """The ``openvino`` module, or UserError saying how to install it."""
-    try:
-        import openvino
-    except ImportError:
-        raise UserError('--backend openvino needs the openvino package: pip install openvino '
-                        '(or pip install .[openvino])') from None
-    return openvino
+    return require('openvino', '--backend openvino', 'openvino (or pip install .[openvino])')
 
 
 def _read_meta(ov_model, path: str) -> Dict[str, str]:
@@ -159,12 +154,7 @@ class OpenVINOModel(Runtime):
 def require_nncf():
     """The ``nncf`` module (OpenVINO's post-training quantization), or UserError saying how to
     install it."""
-    try:
-        import nncf
-    except ImportError:
-        raise UserError('export openvino --int8 needs the nncf package: pip install nncf (or pip install '
-                        '.[openvino])') from None
-    return nncf
+    return require('nncf', 'export openvino --int8', 'nncf (or pip install .[openvino])')
 
 
 def quantize_int8(ov_model, images: Iterable[torch.Tensor], count: int):

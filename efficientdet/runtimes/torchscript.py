@@ -17,8 +17,8 @@ from torch import nn
 
 from ..ckpt.files import atomic_write
 from ..errors import UserError
-from .base import (ExportWrapper, Runtime, SizeLike, Target, check_export_size, compare_outputs, export_metadata,
-                   add_head_argument, head_outputs, parse_meta, random_batch, register_target)
+from .base import (ExportWrapper, Runtime, SizeLike, Target, add_head_argument, check_export_size, export_metadata,
+                   head_outputs, parse_meta, register_target, verify_export)
 from .onnx_graph import quiet_export
 
 __all__ = ['TorchScriptModel', 'TARGET']
@@ -106,13 +106,7 @@ class _TorchScriptTarget(Target):
             atomic_write(path, lambda f: torch.jit.save(traced, f, _extra_files={'meta.json': json.dumps(meta)}))
         if not verify:
             return {}
-        ts = TorchScriptModel(path, device=str(p.device))
-        xv = random_batch(size).to(device=p.device, dtype=p.dtype)
-        with torch.inference_mode():
-            ref = model(xv)
-        out = ts.run(xv)
-        names = ts.output_names
-        return compare_outputs(path, names, [out[n] for n in names], ref, atol, ts.allowed)
+        return verify_export(path, TorchScriptModel(path, device=str(p.device)), model, size, atol)
 
     def export_to_run(self, model: nn.Module, path: str, image_size: SizeLike, device: torch.device,
                       fuse: bool = True, verify: bool = False, channels_last: bool = True,
