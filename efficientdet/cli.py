@@ -15,6 +15,7 @@ import argparse
 import os
 from typing import TYPE_CHECKING, Any, Optional
 
+from .ckpt.files import checkpoint_path_exists
 from .config import variant_tag
 from .devices import parse_device
 from .errors import UserError
@@ -55,11 +56,6 @@ def default_weights(project: str, variant) -> str:
     return path if os.path.exists(path) or not os.path.exists(beside) else beside
 
 
-def _is_checkpoint_path(path: str) -> bool:
-    """A file, a folder (official TF checkpoint) or an official TF checkpoint prefix."""
-    return os.path.exists(path) or os.path.isfile(path + '.index')
-
-
 def resolve_weights(args: argparse.Namespace, allow_random: bool = False) -> Optional[ResolvedWeights]:
     """The one weights check: ``-w`` (a path that exists, which always wins, or a released name,
     fetched and verified by ``efficientdet.zoo``) or the project's default weights → a
@@ -72,7 +68,7 @@ def resolve_weights(args: argparse.Namespace, allow_random: bool = False) -> Opt
     project = project_name(args)
     if spec is None:
         path = default_weights(project, variant)
-        if _is_checkpoint_path(path):
+        if checkpoint_path_exists(path):
             return ResolvedWeights(path)
         raise UserError(f'{path}: no such weights file (the default for -p {project} -c {variant}); train them with '
                         f'`python train.py -p {project} -c {variant}`, or pass -w PATH, -w NAME of released weights '

@@ -24,7 +24,7 @@ scripts (``-w FILE``), ``benchmark.py`` and ``Detector.from_exported`` read.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 from torch import nn
 
@@ -84,15 +84,6 @@ def build_parser() -> ScriptParser:
     return parser
 
 
-def project_metadata(project, model) -> Dict[str, Optional[Sequence]]:
-    """obj_list / mean / std an export records: the project's classes (None without a project) and
-    the normalisation the model's weights expect with the project's values
-    (``config.resolve_normalization``; e.g. 0.5 / 0.5 for AdvProp weights, with or without a project)."""
-    from .config import resolve_normalization
-    mean, std = resolve_normalization(model, project.mean if project else None, project.std if project else None)
-    return {'obj_list': list(project.obj_list) if project else None, 'mean': list(mean), 'std': list(std)}
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     target = target_for_format(args.format)
@@ -108,8 +99,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.num_classes is None:
         from .project import load_project
         project = load_project(project_name(args), args.projects_dir)
+    # the project's classes and normalisation; the target resolves the latter with what the weights
+    # expect (runtimes.base.export_metadata: e.g. 0.5 / 0.5 for AdvProp weights)
     options = dict(target.export_options(args), fuse=args.fuse, verify=args.verify, atol=args.atol,
-                   **project_metadata(project, model))
+                   obj_list=list(project.obj_list) if project else None, mean=project.mean if project else None,
+                   std=project.std if project else None)
     diffs = target.export(model, args.output, model.image_size, **options)
     hw = model.image_size
     print(f'wrote {args.output}: {model.config.name}, {model.num_classes} classes, input {hw[0]}x{hw[1]}, '

@@ -30,6 +30,12 @@ _BENCH_BUFFERS = {'anchors.boxes': 'effdet DetBench anchor buffer: anchors are r
 # command-line ``args`` as an argparse.Namespace (rebuilt from a plain dict, runs no code).
 _SAFE_GLOBALS = [argparse.Namespace]
 
+def checkpoint_path_exists(path: str) -> bool:
+    """A file, a folder (an official TF checkpoint folder) or an official TF checkpoint prefix
+    (``model.ckpt`` beside ``model.ckpt.index``): something a weights option can name."""
+    return os.path.exists(path) or os.path.isfile(path + '.index')
+
+
 def safe_load(path: str, map_location: Any = 'cpu') -> Any:
     """``torch.load(path, weights_only=True)``; a file that would need arbitrary unpickling
     (it could run code) is refused with a UserError naming the file, never executed."""

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..ckpt.files import checkpoint_path_exists
 from ..ckpt.layouts import ConversionError
 from ..ckpt.layouts.effdet import map_backbone_keys as _effdet_backbone_names
 from ..ckpt.layouts.tf import Mapper as _Mapper
@@ -61,7 +62,7 @@ def identify_backbone(sig: Signature) -> Optional[str]:
 def read_backbone_file(path: str) -> Tuple[str, Dict[str, torch.Tensor]]:
     """``('timm' | 'tf', tensors)`` of an ImageNet checkpoint. timm keys lose any ``backbone.`` /
     ``model.`` / ``module.`` prefix; TF names keep theirs (arrays as float32 tensors)."""
-    if not os.path.exists(path) and not os.path.exists(path + '.index'):
+    if not checkpoint_path_exists(path):
         raise UserError(f'--backbone_weights {path}: no such file or folder')
     if path.endswith('.npz') or os.path.isdir(path) or os.path.exists(path + '.index'):
         try:

@@ -22,6 +22,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
+from ..ckpt.files import checkpoint_path_exists
 from ..ckpt.layout import Checkpoint, describe_coef, read_checkpoint
 from ..config import Variant, get_config, resolve_variant
 from ..errors import UserError
@@ -53,11 +54,6 @@ class ResolvedWeights:
         return self.entry.variant if self.entry is not None else None
 
 
-def _exists(spec: str) -> bool:
-    """A file, a folder, or an official TF checkpoint prefix (``model.ckpt`` with ``model.ckpt.index``)."""
-    return os.path.exists(spec) or os.path.isfile(spec + '.index')
-
-
 def _variant(variant: Union[Variant, str, None]) -> Optional[Variant]:
     return None if variant is None else resolve_variant(variant)
 
@@ -68,7 +64,7 @@ def is_name(spec: object) -> bool:
     if not isinstance(spec, (str, os.PathLike)):
         return False
     spec = os.fspath(spec)
-    return not _exists(spec) and (spec == COCO or load_table().find(spec) is not None)
+    return not checkpoint_path_exists(spec) and (spec == COCO or load_table().find(spec) is not None)
 
 
 def variant_of(spec: object) -> Optional[Variant]:
@@ -85,7 +81,7 @@ def lookup(spec: Spec, variant: Union[Variant, str, None] = None) -> Optional[En
     touching the network; None when ``spec`` is an existing path. UserError for ``coco`` without a
     variant, a name of another variant than ``variant``, or a spec that is neither a path nor a name."""
     spec = os.fspath(spec)
-    if _exists(spec):
+    if checkpoint_path_exists(spec):
         return None
     key = _variant(variant)
     table = load_table()
