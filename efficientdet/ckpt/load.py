@@ -16,10 +16,8 @@ from torch import nn
 from ..config import get_config
 from ..errors import UserError
 from .files import StateDict
-from .layout import (YET_ANOTHER_FUSION, Checkpoint, Source, check_variant, describe_coef, infer_num_classes,
-                     read_checkpoint)
+from .layout import Checkpoint, Source, check_variant, describe_coef, infer_num_classes, read_checkpoint
 from .layouts import ConversionError, get_layout
-from .layouts.yet_another import REASON_PREFIX as _YET_ANOTHER_REASON
 
 _CLS_BIAS = 'classifier.header.pointwise_conv.conv.bias'
 _CLS_WEIGHT = 'classifier.header.pointwise_conv.conv.weight'
@@ -57,19 +55,14 @@ def _compact(keys: Sequence[str], limit: int = 6) -> str:
     return ', '.join(parts)
 
 
-def _summarise_dropped(dropped: Mapping[str, str]) -> str:
+def _summarise_dropped(dropped: Mapping[str, str], layout: str) -> str:
+    """The keys a layout's adapter left out, by reason, as that adapter names them."""
     by_reason: Dict[str, List[str]] = {}
     for k, r in dropped.items():
         by_reason.setdefault(r, []).append(k)
-    out = []
-    for reason, keys in by_reason.items():
-        if reason.startswith(_YET_ANOTHER_REASON):
-            values = sum(YET_ANOTHER_FUSION.get(k.rsplit('.', 1)[-1], 0) for k in keys)
-            out.append(f'dropped {len(keys)} Yet-Another BiFPN fusion weights bifpn.*.p{{3..7}}_w{{1,2}} '
-                       f'({values} values; {reason.split(": ", 1)[1]})')
-        else:
-            out.append(f'dropped {_compact(keys)} ({reason})')
-    return '; '.join(out)
+    adapter = get_layout(layout)
+    return '; '.join((adapter.describe_dropped(keys, reason) if adapter is not None else None)
+                     or f'dropped {_compact(keys)} ({reason})' for reason, keys in by_reason.items())
 
 
 def _num_anchors(model: nn.Module) -> int:
@@ -120,6 +113,7 @@ class LoadReport:
     skipped: Dict[str, str] = field(default_factory=dict)   # key → reason (kept the model's init)
     dropped: Dict[str, str] = field(default_factory=dict)   # file key → reason (not used on purpose)
     reinitialized: List[str] = field(default_factory=list)
+    layout: str = ''               # the file's key layout (names what its adapter dropped)
 
     def __str__(self) -> str:
         parts = [f'{self.mode} load: {len(self.loaded)}/{self.total} tensors from {self.source} ({self.file_holds})']
@@ -130,7 +124,7 @@ class LoadReport:
             parts.append(f'skipped {len(self.skipped)} keys: '
                          + '; '.join(f'{_compact(ks)} ({r})' for r, ks in by_reason.items()))
         if self.dropped:
-            parts.append(_summarise_dropped(self.dropped))
+            parts.append(_summarise_dropped(self.dropped, self.layout))
         if self.reinitialized:
             parts.append(f're-initialised {", ".join(self.reinitialized)}')
         return '; '.join(parts)
@@ -155,7 +149,8 @@ def _prepare(model: nn.Module, src: Union[Source, Checkpoint], mode: str
     own = model.state_dict()
     anchors = _num_anchors(model)
     file_anchors = _file_anchors(sd, anchors)
-    report = LoadReport(ck.name, mode, _holds(ck, sd, file_anchors), total=len(own), dropped=dropped)
+    report = LoadReport(ck.name, mode, _holds(ck, sd, file_anchors), total=len(own), dropped=dropped,
+                        layout=ck.layout)
     return ck, sd, own, anchors, file_anchors, report
 
 

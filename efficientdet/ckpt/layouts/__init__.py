@@ -73,6 +73,11 @@ class Layout(ABC):
         """Where a checkpoint of this layout comes from, in words (``inspect``)."""
         return self.title
 
+    def describe_dropped(self, keys: List[str], reason: str) -> Optional[str]:
+        """How a load report names the ``keys`` this adapter's :meth:`to_ours` left out for
+        ``reason``; None: listed as they are."""
+        return None
+
 
 LAYOUTS: Dict[str, Layout] = {}
 L = TypeVar('L', bound=Layout)

@@ -5,7 +5,7 @@ and load through :mod:`.ours`."""
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from ...config import Variant, get_config
 from ..files import StateDict
@@ -46,6 +46,13 @@ class YetAnother(Ours):
     def to_ours(self, sd: StateDict, variant: Variant) -> Tuple[StateDict, Dict[str, str]]:
         drop = unused_fusion(sd, variant)
         return {k: v for k, v in sd.items() if k not in drop}, drop
+
+    def describe_dropped(self, keys: List[str], reason: str) -> Optional[str]:
+        if not reason.startswith(REASON_PREFIX):
+            return None
+        values = sum(FUSION_INPUTS.get(k.rsplit('.', 1)[-1], 0) for k in keys)
+        return (f'dropped {len(keys)} Yet-Another BiFPN fusion weights bifpn.*.p{{3..7}}_w{{1,2}} ({values} values; '
+                f'{reason.split(": ", 1)[1]})')
 
     def origin(self, ck: CheckpointView) -> str:
         found = {k: s for c in ck.candidates for k, s in fusion_keys(c).items() if k in ck.state_dict}
