@@ -21,6 +21,7 @@ from .files import (WRAPPER_KEYS, StateDict, drop_bench_buffers, read_file, stri
 from .layouts import LAYOUTS, detect_layout, get_layout, layout_names
 from .layouts.yet_another import FUSION_INPUTS as YET_ANOTHER_FUSION
 from .layouts.yet_another import fusion_keys as yet_another_fusion_keys
+from .signature import classes_from_bias
 from .signature import describe_variants as describe_coef
 from .signature import expected_signature, matching_variants
 from .signature import shape_signature as _shape_signature
@@ -68,12 +69,7 @@ def infer_num_classes(sd: Mapping[str, Any], num_anchors: int = 9, layout: Optio
     """Class count from the classifier's last bias (num_anchors × num_classes channels); None if
     the state_dict has no classifier or its channel count is not a multiple of num_anchors."""
     found = get_layout(layout or detect_layout(sd))
-    if found is None:
-        return None
-    t = sd.get(found.class_bias, sd.get(found.class_bias + ':0'))
-    if t is None or t.dim() != 1 or t.shape[0] % num_anchors:
-        return None
-    return int(t.shape[0]) // num_anchors
+    return classes_from_bias(sd, found.class_bias, num_anchors) if found is not None else None
 
 
 def num_parameters(sd: Mapping[str, torch.Tensor]) -> int:

@@ -21,6 +21,16 @@ SignatureSpec = Mapping[str, Tuple[str, ...]]
 FEATURES = ('fpn_channels', 'cells', 'head_repeats', 'levels', 'stem', 'blocks', 'backbone_out', 'se')
 
 
+def classes_from_bias(sd: Mapping[str, Any], key: str, num_anchors: int = 9) -> Optional[int]:
+    """The class count a classifier's last bias ``key`` (or ``key:0``) gives: its length is
+    num_anchors x num_classes; None when ``sd`` has no such 1-d tensor or array of that length."""
+    t = sd.get(key, sd.get(key + ':0'))
+    shape = tuple(t.shape) if t is not None else ()
+    if len(shape) != 1 or shape[0] % num_anchors:
+        return None
+    return int(shape[0]) // num_anchors
+
+
 def _sort_key(group: str) -> Tuple[int, ...]:
     return tuple(int(x) for x in group.split('.'))
 

@@ -32,7 +32,7 @@ from ...config import Variant, get_config
 from ...layers import Conv2dStaticSamePadding, SeparableConvBlock
 from ...model import EfficientDetBackbone
 from ..files import StateDict
-from ..signature import describe_variants, matching_variants
+from ..signature import classes_from_bias, describe_variants, matching_variants
 from . import CheckpointView, ConversionError, Layout, register_layout
 from .tf import bifpn_nodes
 
@@ -143,8 +143,7 @@ def effdet_to_state_dict(theirs: Mapping[str, torch.Tensor], compound_coef: Unio
     ConversionError naming every missing, unused or mis-shaped key. ``model`` (optional, may live on
     the meta device) supplies the module structure; one is built when it is None."""
     cfg = get_config(compound_coef)
-    bias = theirs.get(_PREDICT_BIAS)
-    found = int(bias.shape[0]) // 9 if bias is not None and bias.dim() == 1 and bias.shape[0] % 9 == 0 else None
+    found = classes_from_bias(theirs, _PREDICT_BIAS)
     if found is None:
         raise ConversionError(f'no usable {_PREDICT_BIAS} (its length must be 9 × num_classes): '
                               'is this an effdet tf_efficientdet_* checkpoint?')

@@ -19,6 +19,7 @@ from ...config import Variant, get_config
 from ...model import EfficientDetBackbone
 from ...errors import UserError
 from ..files import StateDict
+from ..signature import classes_from_bias
 from . import CheckpointView, ConversionError, Layout, register_layout
 
 SCOPES = ('efficientnet-', 'fpn_cells', 'class_net', 'box_net', 'resample_p6')
@@ -175,10 +176,10 @@ def _map_heads(m: Mapper, model: EfficientDetBackbone) -> None:
 
 
 def infer_num_classes(tf_vars: Mapping[str, Array], num_anchors: int = 9) -> int:
-    for k, v in tf_vars.items():
-        if _strip(k) == 'class_net/class-predict/bias':
-            return int(np.asarray(v).shape[0]) // num_anchors
-    raise ConversionError('no class_net/class-predict/bias variable: is this an EfficientDet checkpoint?')
+    found = classes_from_bias(tf_vars, TF.class_bias, num_anchors)
+    if found is None:
+        raise ConversionError(f'no usable {TF.class_bias} variable: is this an EfficientDet checkpoint?')
+    return found
 
 
 def tf_to_state_dict(tf_vars: Mapping[str, Array], compound_coef: Union[int, str],
