@@ -100,7 +100,7 @@ def _ratios_of(proj: Optional[Project], compat: str):
     return None if compat == 'zylo117' and official else ratios
 
 
-def _backbone_of(asked: Optional[str], ck: Optional[Checkpoint], finetune: bool) -> Optional[str]:
+def backbone_of(asked: Optional[str], ck: Optional[Checkpoint], finetune: bool) -> Optional[str]:
     """The backbone spec to build: ``asked`` (``backbones.parse_backbone``), else the one ``ck``
     records (``backbone_net.spec``), else None (the variant's EfficientNet)."""
     from .backbones import parse_backbone, spec_of_state_dict
@@ -177,7 +177,7 @@ def build_model(variant: Union[Variant, str, None] = None, *, num_classes: Optio
     if n <= 0:
         raise UserError(f'num_classes={n}: must be at least 1')
 
-    spec = _backbone_of(backbone, ck, finetune)
+    spec = backbone_of(backbone, ck, finetune)
     model = EfficientDetBackbone(num_classes=n, compound_coef=key, ratios=ratios, scales=scales, compat=compat,
                                  backbone=spec)
     model.image_size = size

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from conftest import make_tiny_project
-from efficientdet.errors import UserError
+from efficientdet.errors import UserError, run_cli
 from efficientdet.model import EfficientDetBackbone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -218,6 +218,14 @@ def test_timm_backbone_trains_and_its_weights_load_without_the_option(fake_timm,
     assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
     with pytest.raises(UserError, match='its backbone is timm:tinynet, not efficientnet'):
         build_model(0, project=str(tiny / 'projects' / 'tiny.yml'), weights=str(best), backbone='efficientnet')
+    # resuming with another --backbone: the same one-line refusal (exit 2), not a shape mismatch
+    import train
+    argv = ['-p', 'tiny', '--projects_dir', str(tiny / 'projects'), '--data_path', str(tiny / 'data'), '-c', '0',
+            '--image_size', '128', '--batch_size', '2', '-n', '0', '--num_epochs', '2', '--saved_path',
+            str(tmp_path / 'o'), '--log_path', str(tmp_path / 'o' / 'logs'), '-w', 'last', '--backbone', 'efficientnet']
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: train.main(argv))
+    assert e.value.code == 2 and 'its backbone is timm:tinynet, not efficientnet' in capsys.readouterr().err
 
     # the scripts take the weights without --backbone
     import coco_eval

@@ -275,9 +275,10 @@ def build_run(cfg: TrainConfig, hooks: Sequence[Hook] = (), ctx: Optional[DistCo
 
     # the model; a resumed state's backbone is the one it records
     backbone = cfg.backbone
-    if state is not None and backbone is None and isinstance(state.get('model'), dict):
-        from ..backbones import spec_of_state_dict
-        backbone = spec_of_state_dict(state['model'])
+    if state is not None and isinstance(state.get('model'), dict):  # the one rule of build_model, on the state
+        from ..ckpt.layout import read_checkpoint
+        from ..factory import backbone_of
+        backbone = backbone_of(cfg.backbone, read_checkpoint(state['model'], name=resume_path), finetune=False)
     model = build_model(variant, project=project, weights=finetune_from, image_size=image_size, compat=cfg.compat,
                         finetune=True, verbose=is_main, backbone=backbone)
     _initial_backbone(model, cfg, log)
