@@ -129,8 +129,6 @@ def _create_timm(name: str, pretrained: Optional[str]) -> nn.Module:
     try:
         return timm.create_model(name, pretrained=pretrained is not None, features_only=True,
                                  out_indices=positions, **kw)
-    except UserError:
-        raise
     except Exception as e:  # e.g. no network for 'imagenet', a file of another model
         raise UserError(f'--backbone_weights {pretrained}: timm could not load the weights of {name} ({e})') from None
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -120,10 +120,16 @@ def broadcast_tensors(tensors: List[torch.Tensor], src: int = 0) -> None:
     if world <= 1:
         return
     nccl = dist.get_backend() == 'nccl'
-    for t in tensors:
-        if nccl and t.device.type != 'cuda':
-            buf = t.cuda()
-            dist.broadcast(buf, src)
-            t.copy_(buf.cpu())
-        else:
-            dist.broadcast(t, src)
+    groups: Dict[Tuple[torch.dtype, torch.device], List[torch.Tensor]] = {}
+    for t in tensors:  # one broadcast per dtype and device, not one per tensor
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    for (_, device), group in groups.items():
+        flat = torch.cat([t.detach().reshape(-1) for t in group])
+        if nccl and device.type != 'cuda':
+            flat = flat.cuda()
+        dist.broadcast(flat, src)
+        flat = flat.to(device)
+        start = 0
+        for t in group:
+            t.copy_(flat[start:start + t.numel()].view_as(t))
+            start += t.numel()

@@ -349,3 +349,31 @@ def test_torchrun_validation_and_coco_eval_equal_one_process(tmp_path):
     res = [sorted(json.loads((tmp_path / d / 'shape_val_bbox_results.json').read_text()), key=key)
            for d in ('one', 'two')]
     assert res[0] == res[1] and res[0]
+
+
+def _broadcast_worker(rank, world, init_file, out_file):
+    sys.path.insert(0, ROOT)
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
+    try:
+        from efficientdet.distributed import broadcast_tensors
+        g = torch.Generator().manual_seed(rank)
+        tensors = [torch.randn(3, 4, generator=g), torch.tensor(rank + 5), torch.randn(2, 3, 4, 5, generator=g)
+                   .contiguous(memory_format=torch.channels_last), torch.randint(0, 9, (7,), generator=g),
+                   torch.randn(6, generator=g).double()]
+        broadcast_tensors(tensors, 0)
+        torch.save(tensors, f'{out_file}.{rank}')
+    finally:
+        dist.destroy_process_group()
+
+
+def test_broadcast_tensors_gives_every_rank_rank_0s_values(tmp_path):
+    """Mixed dtypes, a 0-d tensor and a channels_last one, grouped into one broadcast per dtype."""
+    out = str(tmp_path / 'b')
+    mp.spawn(_broadcast_worker, args=(2, str(tmp_path / 'init'), out), nprocs=2, join=True)
+    a, b = torch.load(f'{out}.0'), torch.load(f'{out}.1')
+    g = torch.Generator().manual_seed(0)
+    want = [torch.randn(3, 4, generator=g), torch.tensor(5), torch.randn(2, 3, 4, 5, generator=g),
+            torch.randint(0, 9, (7,), generator=g), torch.randn(6, generator=g).double()]
+    for x, y, w in zip(a, b, want):
+        assert torch.equal(x, w) and torch.equal(y, w) and y.dtype == w.dtype and y.shape == w.shape
+    assert b[2].is_contiguous(memory_format=torch.channels_last)
