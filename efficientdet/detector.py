@@ -70,11 +70,6 @@ class Detections:
 
 
 
-def _refuse_compile(backend: str) -> None:
-    """``--compile`` is torch.compile of a PyTorch model: one message wherever an exported one is asked."""
-    raise UserError(f'--compile applies to the torch backend (a PyTorch model), not to {backend}')
-
-
 class Detector:
     """Run a detection model on images: the one inference path of every script, of evaluation
     (``evaluation.run_coco_eval``) and of training's validation and debug images.
@@ -126,7 +121,8 @@ class Detector:
             self.runner: ModelFn = TorchModel(model, self.device, half=half, fuse=fuse, image_size=self.image_size,
                                               compile=compile, allowed=self.allowed)
         elif compile:
-            _refuse_compile(getattr(model, 'name', 'an exported model'))
+            from .runtimes.base import refuse_compile
+            refuse_compile(getattr(model, 'name', 'an exported model'))
         else:
             self.runner = model  # an exported runtime: its precision was chosen when it was loaded
             _check_excluded(model, self.allowed)
@@ -230,7 +226,8 @@ class Detector:
         backend). Classes, mean/std and the input size come from the explicit arguments, then the
         project, then the file's metadata. ``options``: the constructor's."""
         if compile:
-            _refuse_compile(backend)
+            from .runtimes.base import refuse_compile
+            refuse_compile(backend)
         from .runtimes import load_runtime
         runtime = load_runtime(backend, path, threads=threads, device=device, providers=providers, half=half)
         meta = getattr(runtime, 'meta', {}) or {}

@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from ..errors import UserError
-from .base import _TARGETS, Runtime, Target, backend_names, export_formats, register_target
+from .base import _TARGETS, Runtime, Target, backend_names, export_formats, refuse_compile, register_target
 
 __all__ = ['register_target', 'backend_names', 'export_formats', 'get_target', 'target_for_format', 'load_runtime',
            'check_backend_options', 'Runtime', 'Target']
@@ -52,7 +52,7 @@ def check_backend_options(backend: str, providers: Optional[Sequence[str]] = Non
     if providers and backend != 'onnxruntime':
         raise UserError('--providers is for --backend onnxruntime')
     if compile and backend != 'torch':
-        raise UserError(f'--compile applies to the torch backend (a PyTorch model), not to {backend}')
+        refuse_compile(backend)
     if half and backend != 'torch' and not target.supports_half:
         half_ok = ', '.join(n for n, t in _TARGETS.items() if n == 'torch' or t.supports_half)
         raise UserError(f'--half: --backend {backend} runs the exported file in the precision it was exported with; '

@@ -33,7 +33,7 @@ from ..postprocess import BestClass, class_mask
 
 __all__ = ['Runtime', 'Target', 'Output', 'parse_meta', 'export_metadata', 'compare_outputs', 'head_outputs',
            'HEADS', 'INPUT_NAME', 'RAW_OUTPUTS', 'BEST_OUTPUTS', 'ExportWrapper', 'check_export_size',
-           'register_target', 'backend_names', 'export_formats', 'real_classes', 'best_real_class', 'verify_export', 'require']
+           'register_target', 'backend_names', 'export_formats', 'real_classes', 'best_real_class', 'verify_export', 'require', 'refuse_compile']
 
 INPUT_NAME = 'images'
 RAW_OUTPUTS = ('regression', 'classification', 'anchors')  # head='full'
@@ -207,6 +207,12 @@ def random_batch(image_size: SizeLike, batch: int = 2, seed: int = 0) -> torch.T
     """A fixed random normalised batch [batch, 3, H, W] for verifying exports."""
     h, w = as_hw(image_size)
     return torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def refuse_compile(backend: str) -> None:
+    """``--compile`` is torch.compile of a PyTorch model: the one refusal wherever another backend or
+    an exported model is asked for it."""
+    raise UserError(f'--compile applies to the torch backend (a PyTorch model), not to {backend}')
 
 
 def require(module: str, what: str, install: str, package: Optional[str] = None, quiet: bool = False) -> Any:
