@@ -361,3 +361,12 @@ def test_every_resume_error_exits_2_with_one_line(tiny, tmp_path, capsys):
     import train
     assert train.main(argv(old, 'v1', '--max_steps', '2', '--num_epochs', '2')) == 0
     assert torch.load(str(tmp_path / 'v1' / 'tiny' / 'last.ckpt'), weights_only=True)['step'] == 2
+
+
+def test_a_training_set_smaller_than_one_step_is_refused(tiny, tmp_path):
+    """6 images, batch 8 (or batch 4 with --accumulate 2 on them): one line naming the count, no run."""
+    with pytest.raises(UserError, match='the training set has 6 images per epoch, fewer than one step of 8'):
+        run_training(_cfg(tiny, tmp_path / 'a', batch_size=8), log=lambda *a, **k: None)
+    with pytest.raises(UserError, match='fewer than one step of 8'):
+        run_training(_cfg(tiny, tmp_path / 'b', batch_size=8, accumulate=2), log=lambda *a, **k: None)
+    assert not (tmp_path / 'a' / 'tiny' / 'last.ckpt').exists()

@@ -132,9 +132,6 @@ def build_data(cfg: TrainConfig, recipe: Recipe, project: Any, image_size: Tuple
         raise UserError(f'--examples_per_epoch {cfg.examples_per_epoch} is less than one batch of {cfg.batch_size}')
     sampler = EpochSampler(len(items), shuffle=True, seed=cfg.seed, rank=rank, world=world,
                            examples_per_epoch=cfg.examples_per_epoch, item_seeds=True)
-    if sampler.per_rank() < local_bs:
-        raise UserError(f'the training set has {len(items)} images, fewer than one batch of {local_bs} '
-                        f'per process; lower --batch_size')
     loader_kw = dict(num_workers=cfg.num_workers, collate_fn=_collate, pin_memory=torch.cuda.is_available())
     # own generator: the workers' base seed is drawn from it, not from the global RNG (whose state a
     # resumed run restores); the augmentation itself is seeded per item (SeededItems)

@@ -404,7 +404,7 @@ class Trainer:
             except StopIteration:
                 return
             except RuntimeError:
-                if any(h.wants_stop(self) for h in self.hooks):  # a data worker died of the same Ctrl+C
+                if self._wants_stop():  # a data worker died of the same Ctrl+C
                     return
                 raise
 
