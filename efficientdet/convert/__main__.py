@@ -14,12 +14,12 @@ import argparse
 from typing import List, Optional
 
 from ..errors import run_cli
+from ..options import ScriptParser
 from . import effdet, inspect_ckpt, tf
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='python -m efficientdet.convert', description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ScriptParser(prog='python -m efficientdet.convert', description=__doc__)  # plugins loaded (layouts)
     sub = parser.add_subparsers(dest='cmd', required=True)
     for command in (tf, effdet, inspect_ckpt):
         command.register(sub)

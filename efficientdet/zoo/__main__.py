@@ -14,7 +14,7 @@ import argparse
 import os
 from typing import List, Optional
 
-from ..options import variant_type
+from ..options import ScriptParser, variant_type
 from ..config import VARIANT_HELP
 from ..errors import UserError, run_cli
 from . import cache_dir, cache_path, fetch, load_table, lookup
@@ -77,8 +77,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='python -m efficientdet.zoo', description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ScriptParser(prog='python -m efficientdet.zoo', description=__doc__)  # plugins loaded (layouts)
     sub = parser.add_subparsers(dest='cmd', required=True)
     p = sub.add_parser('list', help='the table of released weights, and which are cached')
     p.add_argument('--dir', default=None, help='cache folder to look in (default: torch.hub checkpoints)')
