@@ -380,3 +380,17 @@ def test_map_of_every_precision_on_the_shapes_val_set(tmp_path):
         got = _map(_coco_eval(*common, '-w', argv[-1], '--backend', backend, '--threads', '2',
                               '--output_dir', str(tmp_path / name)))
         assert abs(got - torch_map) <= (0.001 if name == 'litert' else 0.03), (name, got, torch_map)
+
+
+def test_calibration_ranges_are_the_plain_mean_over_the_images():
+    """Each calibration image's min/max, averaged with equal weights (not the quantizer's moving
+    average, which the last images dominate); other entries pass through."""
+    from efficientdet.runtimes.litert_backend import RangeMean
+    ranges = RangeMean()
+    for lo, hi in ((-1.0, 2.0), (-3.0, 4.0), (-2.0, 9.0)):
+        ranges.add({'t': {'min': np.array([lo, 2 * lo]), 'max': np.array([hi, 2 * hi])}, 'other': 'x'})
+    got = ranges.mean()
+    assert ranges.count == 3 and got['other'] == 'x'
+    np.testing.assert_allclose(got['t']['min'], [-2.0, -4.0])
+    np.testing.assert_allclose(got['t']['max'], [5.0, 10.0])
+    assert got['t']['min'].dtype == np.float32 and 'n' not in got['t']

@@ -363,12 +363,12 @@ def head_scopes(data: bytes, box_outputs: Sequence[int], class_outputs: Sequence
 
 
 def quantize(data: bytes, quantization: str, calibration: Iterable[np.ndarray], threads: Optional[int] = None,
-             chunk: int = 16, float_heads: bool = True) -> bytes:
+             float_heads: bool = True) -> bytes:
     """``data`` (float .tflite) quantized post-training with ai-edge-quantizer: 'int8' (static int8
     weights and activations) or 'int16x8' (int8 weights, int16 activations), calibrated on
-    ``calibration`` (NHWC float32 batches of the file's input shape, read ``chunk`` at a time:
-    per-batch min/max, averaged over the batches). ``float_heads``: the heads (:func:`head_scopes`;
-    the file's first output is the regression, the others the class outputs) stay float32."""
+    ``calibration`` (NHWC float32 batches of the file's input shape: each batch's min/max, averaged
+    over the batches, :class:`RangeMean`). ``float_heads``: the heads (:func:`head_scopes`; the
+    file's first output is the regression, the others the class outputs) stay float32."""
     qz = _require('ai_edge_quantizer.quantizer', f'export tflite --{quantization}')
     import re
     from ai_edge_quantizer import algorithm_manager, calibrator, qtyping, recipe
@@ -384,24 +384,49 @@ def quantize(data: bytes, quantization: str, calibration: Iterable[np.ndarray], 
         for scope in head_scopes(data, [0], range(1, n_out)) if float_heads else ():
             q.update_quantization_recipe('^' + re.escape(scope) + '$', qtyping.TFLOperationName.ALL_SUPPORTED,
                                          algorithm_key=algorithm_manager.AlgorithmName.NO_QUANTIZE)
-        result = None
-        pending: List[Dict[str, np.ndarray]] = []
-        batches = iter(calibration)
-        while True:
-            b = next(batches, None)
-            if b is not None:
-                pending.append({input_name: np.ascontiguousarray(b, dtype=np.float32)})
-            if pending and (b is None or len(pending) == chunk):
-                result = q.calibrate({key: pending}, previous_calibration_result=result, num_threads=threads,
-                                     mode=calibrator.CalibrationMode.CALIBRATION_PROFILER_BASED)
-                pending = []
-            if b is None:
-                break
-        if result is None:
+        # each batch's ranges on their own, then their plain mean: the quantizer's own merge across
+        # samples is an exponential moving average (0.95), which the last few dozen images dominate
+        ranges = RangeMean()
+        for b in calibration:
+            ranges.add(q.calibrate({key: [{input_name: np.ascontiguousarray(b, dtype=np.float32)}]},
+                                   num_threads=threads, mode=calibrator.CalibrationMode.CALIBRATION_PROFILER_BASED))
+        if not ranges.count:
             raise UserError(f'--{quantization}: no calibration images')
-        quantized = bytes(q.quantize(_widen_constant_ranges(result), enable_progress_report=False).quantized_model)
+        quantized = bytes(q.quantize(_widen_constant_ranges(ranges.mean()), enable_progress_report=False)
+                          .quantized_model)
     _check_scales(quantized)
     return quantized
+
+
+class RangeMean:
+    """The plain mean over calibration batches of each tensor's range (``{tensor: {'min', 'max'}}``
+    as the quantizer's calibration gives it for one batch)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._sums: Dict[str, Dict[str, Any]] = {}
+
+    def add(self, qsvs: Dict[str, Dict[str, Any]]) -> None:
+        self.count += 1
+        for name, qsv in qsvs.items():
+            if isinstance(qsv, dict) and 'min' in qsv and 'max' in qsv:
+                lo, hi = np.asarray(qsv['min'], np.float64), np.asarray(qsv['max'], np.float64)
+                have = self._sums.get(name)
+                self._sums[name] = ({**qsv, 'min': lo, 'max': hi, 'n': 1} if have is None else
+                                    {**have, 'min': have['min'] + lo, 'max': have['max'] + hi, 'n': have['n'] + 1})
+            else:
+                self._sums[name] = qsv
+
+    def mean(self) -> Dict[str, Dict[str, Any]]:
+        out = {}
+        for name, qsv in self._sums.items():
+            if isinstance(qsv, dict) and 'n' in qsv:
+                n = qsv['n']
+                out[name] = {k: v for k, v in qsv.items() if k != 'n'}
+                out[name].update(min=(qsv['min'] / n).astype(np.float32), max=(qsv['max'] / n).astype(np.float32))
+            else:
+                out[name] = qsv
+        return out
 
 
 def _widen_constant_ranges(qsvs: Dict[str, Dict[str, Any]], eps: float = 1e-3) -> Dict[str, Dict[str, Any]]:
