@@ -370,7 +370,7 @@ def test_broadcast_tensors_gives_every_rank_rank_0s_values(tmp_path):
     """Mixed dtypes, a 0-d tensor and a channels_last one, grouped into one broadcast per dtype."""
     out = str(tmp_path / 'b')
     mp.spawn(_broadcast_worker, args=(2, str(tmp_path / 'init'), out), nprocs=2, join=True)
-    a, b = torch.load(f'{out}.0'), torch.load(f'{out}.1')
+    a, b = torch.load(f'{out}.0', weights_only=True), torch.load(f'{out}.1', weights_only=True)
     g = torch.Generator().manual_seed(0)
     want = [torch.randn(3, 4, generator=g), torch.tensor(5), torch.randn(2, 3, 4, 5, generator=g),
             torch.randint(0, 9, (7,), generator=g), torch.randn(6, generator=g).double()]

@@ -353,7 +353,8 @@ def test_int16x8_file_runs_with_its_16_bit_scales(shapes_data, tmp_path):
 
 @pytest.mark.slow
 def test_map_of_every_precision_on_the_shapes_val_set(tmp_path):
-    """``coco_eval.py --backend litert`` on 12 fresh 256-px shapes images with the shipped D0:
+    """``coco_eval.py --backend litert`` on 40 fresh 256-px shapes images with the shipped D0 (fewer
+    make the mAP of an int8 file swing by a few hundredths with the calibration's rounding):
     the float .tflite gives the torch mAP within 0.001; LiteRT int8 and OpenVINO int8, calibrated
     on 32 training images, stay within 0.03 (measured on 200 images at 512 px: docs/benchmark.md)."""
     pytest.importorskip('litert_torch')
@@ -364,7 +365,7 @@ def test_map_of_every_precision_on_the_shapes_val_set(tmp_path):
     from test_runtimes_map import _coco_eval, _map
     data = tmp_path / 'data'
     generate_split(str(data / 'shape'), 'train', 32, 256, seed=0)
-    generate_split(str(data / 'shape'), 'val', 12, 256, seed=7)
+    generate_split(str(data / 'shape'), 'val', 40, 256, seed=7)
     common = ['-p', 'shape', '-c', '0', '--data_path', str(data), '--image_size', '256', '--device', 'cpu',
               '--no_progress', '--projects_dir', PROJECTS]
     torch_map = _map(_coco_eval(*common, '-w', SHAPES_WEIGHTS, '--output_dir', str(tmp_path / 'torch')))
